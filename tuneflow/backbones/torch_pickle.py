@@ -157,5 +157,5 @@ def load_legacy_state_dict(path: str | Path) -> "collections.OrderedDict[str, np
         view = np.lib.stride_tricks.as_strided(
             buf[t.offset:], shape=t.size, strides=[s * item for s in t.stride], writeable=False
         )
-        out[name] = np.array(view, copy=True)
+        out[name] = np.array(view, copy=True, order="C")
     return out
