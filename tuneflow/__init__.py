@@ -7,3 +7,12 @@ from .backbones import BACKBONES, build_backbone, save_backbone  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["BACKBONES", "build_backbone", "save_backbone", "__version__"]
+
+
+def finetune(recipe, data, out=None, **kwargs):
+    """Train a recipe on data; see :func:`tuneflow.engine.train.finetune`."""
+    from .engine.train import finetune as _finetune
+    return _finetune(recipe, data, out, **kwargs)
+
+
+__all__ += ["finetune"]

@@ -1,0 +1,92 @@
+"""tf.data pipelines over decoded arrays: shuffled or class-balanced, weighted, augmented, batched."""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from .augment import make_augmenter
+from .sources import Split
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def class_weights(y: np.ndarray, n_classes: int, spec) -> np.ndarray | None:
+    """``"balanced"`` (n / (k * count_c), as scikit-learn), ``"none"``, or explicit weights."""
+    if spec in (None, "none", False):
+        return None
+    if spec == "balanced":
+        counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+        if (counts == 0).any():
+            missing = [int(i) for i in np.where(counts == 0)[0]]
+            raise ValueError(f"class_weight='balanced' but classes {missing} have no training images.")
+        return (len(y) / (n_classes * counts)).astype(np.float32)
+    if isinstance(spec, dict):
+        w = np.ones(n_classes, np.float32)
+        for k, v in spec.items():
+            w[int(k)] = float(v)
+        return w
+    w = np.asarray(spec, np.float32)
+    if w.shape != (n_classes,):
+        raise ValueError(f"class_weight has {w.size} values for {n_classes} classes.")
+    return w
+
+
+def _epoch_indices(y: np.ndarray, sampling: str, rng: np.random.Generator) -> np.ndarray:
+    if sampling == "balanced":  # oversample: each class equally likely, same epoch length
+        classes = np.unique(y)
+        per = int(np.ceil(len(y) / len(classes)))
+        idx = np.concatenate([rng.choice(np.where(y == c)[0], per, replace=True) for c in classes])
+        return rng.permutation(idx)[:len(y)]
+    return rng.permutation(len(y))
+
+
+def train_dataset(split: Split, batch_size: int, *, augment="none", backend: str = "keras",
+                  sampling: str = "shuffle", weights: np.ndarray | None = None, seed: int = 0,
+                  repeat: bool = False) -> tf.data.Dataset:
+    """Batches of ``(images float32 0..255, labels[, sample_weight])`` for training.
+
+    Indices are drawn per epoch in NumPy (shuffled or class-balanced), batches are
+    gathered from the in-memory array, then augmented in parallel. Sample weights are
+    attached per example, so class weights reach the loss whatever Keras path consumes it.
+    """
+    if sampling not in ("shuffle", "balanced"):
+        raise ValueError(f"sampling={sampling!r}: choose 'shuffle' or 'balanced'.")
+    x, y = split.x, split.y
+    rng = np.random.default_rng(seed)
+    n_batches = int(np.ceil(len(y) / batch_size))
+
+    def batches():
+        while True:
+            idx = _epoch_indices(y, sampling, rng)
+            for b in range(n_batches):
+                yield idx[b * batch_size:(b + 1) * batch_size]
+            if not repeat:
+                return
+
+    ds = tf.data.Dataset.from_generator(batches, output_signature=tf.TensorSpec([None], tf.int64))
+    s = x.shape[1]
+
+    def gather(idx):
+        imgs = tf.numpy_function(lambda i: x[i], [idx], tf.uint8, stateful=False)
+        imgs.set_shape([None, s, s, 3])
+        labels = tf.gather(tf.constant(y), idx)
+        return imgs, labels
+
+    ds = ds.map(gather, num_parallel_calls=AUTOTUNE)
+    fn = make_augmenter(augment, backend, s, seed)
+    if fn is not None:
+        ds = ds.map(lambda a, b: (fn(a), b), num_parallel_calls=AUTOTUNE)
+    else:
+        ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b))
+    if weights is not None:
+        w = tf.constant(weights)
+        ds = ds.map(lambda a, b: (a, b, tf.gather(w, b)))
+    if not repeat:
+        ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
+    return ds.prefetch(AUTOTUNE)
+
+
+def eval_dataset(split: Split, batch_size: int) -> tf.data.Dataset:
+    """Un-augmented, ordered batches of ``(images, labels)``."""
+    ds = tf.data.Dataset.from_tensor_slices((split.x, split.y)).batch(batch_size)
+    return ds.map(lambda a, b: (tf.cast(a, tf.float32), b)).prefetch(AUTOTUNE)

@@ -1,0 +1,59 @@
+"""TensorFlow Datasets by name: ``tfds:NAME`` or ``tfds:NAME:SPLIT``."""
+from __future__ import annotations
+
+import numpy as np
+
+from .sources import DataBundle, DataError, load_arrays
+
+
+def load_tfds(spec: str, size: int, val_fraction: float = 0.2) -> DataBundle:
+    import tensorflow_datasets as tfds
+
+    parts = spec.split(":")
+    name = parts[1] if len(parts) > 1 else ""
+    split = parts[2] if len(parts) > 2 else None
+    if not name:
+        raise DataError(f"{spec!r}: write tfds:NAME or tfds:NAME:SPLIT, e.g. tfds:tf_flowers.")
+    if name not in tfds.list_builders():
+        import difflib
+        close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
+        raise DataError(f"TFDS has no dataset {name!r}." + (
+            f" Did you mean {', '.join(close)}?" if close else " See `tfds.list_builders()`."))
+    try:
+        builder = tfds.builder(name)
+        available = list(builder.info.splits.keys()) or ["train"]
+        wanted = {"train": split or "train"}
+        if split is None:
+            for cand in ("validation", "val", "test"):
+                if cand in available and cand != "train":
+                    wanted["val"] = cand
+                    break
+        arrays = {}
+        for k, sp in wanted.items():
+            ds = tfds.load(name, split=sp, as_supervised=True, download=True)
+            xs, ys = [], []
+            for img, label in tfds.as_numpy(ds):
+                xs.append(np.asarray(_resize(img, size)))
+                ys.append(int(label))
+            arrays[k] = (np.stack(xs), np.asarray(ys))
+        label_feature = builder.info.features["label"] if "label" in builder.info.features else None
+        classes = list(label_feature.names) if label_feature is not None else None
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - offline, missing split, ...
+        raise DataError(
+            f"Could not load TFDS dataset {name!r} (split {split or 'train'}): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. TFDS downloads "
+            "on first use; offline, prepare it once elsewhere and point TFDS_DATA_DIR at its "
+            "folder, or export the images to class folders and pass that folder.") from None
+    bundle = load_arrays(arrays, size, val_fraction, classes)
+    bundle.source = spec
+    return bundle
+
+
+def _resize(img, size):
+    from PIL import Image
+    img = np.asarray(img)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    return Image.fromarray(img).convert("RGB").resize((size, size), Image.BILINEAR)

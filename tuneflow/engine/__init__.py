@@ -1,0 +1,1 @@
+"""The fine-tuning engine: stages, heads, optimizers, caches, checkpoints, reports."""

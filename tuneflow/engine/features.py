@@ -1,0 +1,76 @@
+"""Frozen-feature cache: run a frozen backbone once, train heads on the stored features.
+
+Keyed by backbone, weights (a hash of their values), input size, tap layer, augmented
+view count and the data fingerprint: change any one and the cache is recomputed.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("tuneflow")
+
+
+def cache_root() -> Path:
+    root = os.environ.get("TUNEFLOW_HOME") or os.path.join(
+        os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "tuneflow")
+    return Path(root) / "features"
+
+
+def weights_digest(model) -> str:
+    h = hashlib.sha256()
+    for w in model.weights:
+        h.update(np.asarray(w).tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(**parts) -> str:
+    text = "|".join(f"{k}={parts[k]}" for k in sorted(parts))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def compute_features(feature_model, images: np.ndarray, batch_size: int, augment_fn=None,
+                     views: int = 1) -> np.ndarray:
+    """Features for every image (and ``views`` augmented copies when ``augment_fn`` is given).
+
+    Returns float16 of shape (views, N, *feature_shape): half the memory, ample precision
+    for a head that sees them through dropout.
+    """
+    import tensorflow as tf
+    out = []
+    for v in range(views):
+        ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
+        ds = ds.map(lambda x: tf.cast(x, tf.float32))
+        if augment_fn is not None and v > 0:  # view 0 is always the plain image
+            ds = ds.map(augment_fn, num_parallel_calls=tf.data.AUTOTUNE)
+        feats = feature_model.predict(ds.prefetch(tf.data.AUTOTUNE), verbose=0)
+        out.append(np.asarray(feats, dtype=np.float16))
+    return np.stack(out)
+
+
+def cached(key: str, compute, *, enabled: bool = True) -> tuple[np.ndarray, bool]:
+    """Return (features, hit). Writes are atomic: a killed run never leaves half a cache file."""
+    if not enabled:
+        return compute(), False
+    path = cache_root() / f"{key}.npy"
+    if path.exists():
+        try:
+            return np.load(path), True
+        except (OSError, ValueError) as exc:
+            log.warning("feature cache %s unreadable (%s); recomputing", path, exc)
+    feats = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, feats)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return feats, False

@@ -1,0 +1,412 @@
+"""``finetune``: one code path behind the CLI, the Makefile and the Python API."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ..backbones import FreezeSpec, apply_freeze, build_backbone, get_spec, save_backbone
+from ..data import DataBundle, kfold, load_data
+from ..data.augment import make_augmenter
+from ..data.pipeline import class_weights, eval_dataset, train_dataset
+from ..recipe import Recipe
+from . import features as fcache
+from . import report as rep
+from .checkpoints import Checkpoints
+from .distribute import choose_precision, make_strategy
+from .heads import build_head, choose_norm, replace_batchnorm
+from .optim import current_lr, make_optimizer
+from .run import RunDir
+
+log = logging.getLogger("tuneflow")
+
+
+@dataclass
+class Result:
+    run_dir: Path
+    report: dict
+    model: keras.Model | None = field(default=None, repr=False)
+
+
+def resolve_recipe(recipe, overrides=()) -> Recipe:
+    if isinstance(recipe, str):
+        from .. import recipes as _recipes  # noqa: F401  (tuneflow.recipes)
+        import tuneflow.recipes as registry
+        recipe = registry.get(recipe)
+    if isinstance(overrides, dict):
+        return recipe.override(**overrides)
+    return recipe.override(*overrides)
+
+
+class _EpochHook(keras.callbacks.Callback):
+    """Per epoch: lr into the logs, a metrics.csv row, a checkpoint, the best model kept."""
+
+    def __init__(self, run: RunDir, ckpts: Checkpoints, stage_index: int, total_before: int):
+        super().__init__()
+        self.run, self.ckpts, self.stage_index, self.total_before = run, ckpts, stage_index, total_before
+        self.t0 = time.time()
+        self.epochs_run = 0
+        self.nan = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.t0 = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        lr = current_lr(self.model.optimizer)
+        logs["lr"] = lr
+        if not all(np.isfinite(float(v)) for k, v in logs.items() if k != "lr"):
+            self.nan = True
+            return
+        self.run.append_metrics({"stage": self.stage_index, "epoch": epoch + 1, "lr": lr,
+                                 "seconds": round(time.time() - self.t0, 3),
+                                 **{k: float(v) for k, v in logs.items() if k in rep_keys}})
+        self.ckpts.save(self.stage_index, epoch + 1, {k: float(v) for k, v in logs.items()})
+        self.epochs_run = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs and "loss" in logs and not np.isfinite(float(logs["loss"])):
+            self.nan = True
+
+
+rep_keys = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def finetune(recipe, data, out=None, *, overwrite: bool = False, resume: bool = False,
+             overrides=(), verbose: int = 1) -> Result:
+    """Train, evaluate, checkpoint and report a recipe on ``data``.
+
+    Args:
+      recipe: a :class:`Recipe` or a recipe name (``"small_similar"``).
+      data: a folder of class folders, ``"tfds:NAME[:SPLIT]"``, or ``(x, y)`` arrays.
+      out: the run folder (default ``runs/<recipe>-<timestamp>``).
+      overrides: ``["key=value", ...]`` or a dict, type-checked against the recipe.
+
+    >>> from tuneflow.recipes import small_similar                      # doctest: +SKIP
+    >>> result = finetune(small_similar, "data/digits", overrides={"head__epochs": 5})  # doctest: +SKIP
+    >>> result.report["val_accuracy"]                                    # doctest: +SKIP
+    """
+    t_start = time.time()
+    recipe = resolve_recipe(recipe, overrides)
+    spec = get_spec(recipe.backbone)
+    size = recipe.input_size or spec.default_size
+    strategy = make_strategy(recipe.strategy)
+    replicas = strategy.num_replicas_in_sync
+    precision = choose_precision(recipe.precision)
+    keras.mixed_precision.set_global_policy(precision)
+    # Data first: a bad folder is reported before any run folder exists.
+    bundle = load_data(data, size, recipe.val_fraction, recipe.fraction, recipe.classes, recipe.seed)
+    run = RunDir.open(out, recipe.name, overwrite=overwrite, resume=resume)
+    try:
+        run.write_json("recipe.json", recipe.to_dict())
+        run.status("running", recipe=recipe.name)
+        if recipe.folds:
+            report = _cross_validate(recipe, bundle, run, strategy, precision, verbose)
+            model = None
+        else:
+            report, model = _train(recipe, bundle, run, strategy, precision, verbose, resume)
+        report["wall_seconds"] = round(time.time() - t_start, 2)
+        run.write_json("report.json", report)
+        if not recipe.folds:
+            (run / "report.md").write_text(rep.markdown(report))
+        run.status("finished", val_accuracy=report["val_accuracy"])
+    except BaseException as exc:
+        if run.discard_if_fresh():
+            log.error("run failed before anything resumable was saved; removed %s", run.path)
+        else:
+            run.status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    if verbose:
+        _summary(report, run.path)
+    return Result(run.path, report, model)
+
+
+def _summary(report, path):
+    line = "-" * 64
+    print(line)
+    print(f"tuneflow {report['recipe']} on {report['data']}  ->  {path}")
+    if "folds" in report:
+        print(f"  {report['folds']}-fold val accuracy {report['val_accuracy']:.4f} "
+              f"± {report['val_accuracy_std']:.4f}")
+    else:
+        print(f"  val accuracy {report['val_accuracy']:.4f}   val loss {report['val_loss']:.4f}   "
+              f"({report['num_train']} train / {report['num_val']} val, {len(report['classes'])} classes)")
+        print(f"  verdict: {report['verdict']}")
+    print(f"  wall time {report['wall_seconds']:.1f} s; report: {path}/report.md")
+    print(line)
+
+
+def _cross_validate(recipe, bundle, run, strategy, precision, verbose):
+    folds = []
+    for i, fold in enumerate(kfold(bundle, recipe.folds, recipe.seed)):
+        sub = RunDir.open(run / f"fold-{i + 1}", recipe.name, overwrite=True)
+        report, _ = _train(recipe, fold, sub, strategy, precision, verbose, False)
+        sub.write_json("report.json", report)
+        (sub / "report.md").write_text(rep.markdown(report))
+        folds.append(report)
+    accs = np.array([f["val_accuracy"] for f in folds])
+    losses = np.array([f["val_loss"] for f in folds])
+    first = folds[0]
+    return {**{k: first[k] for k in ("recipe", "backbone", "weights", "input_size", "classes", "data")},
+            "folds": recipe.folds, "val_accuracy": float(accs.mean()), "val_accuracy_std": float(accs.std()),
+            "val_loss": float(losses.mean()), "val_loss_std": float(losses.std()),
+            "fold_val_accuracy": accs.tolist(), "num_train": first["num_train"], "num_val": first["num_val"]}
+
+
+def _taps(recipe, spec) -> list[str]:
+    if not recipe.taps:
+        return [None]
+    if list(recipe.taps) == ["auto"]:
+        return list(spec.taps)
+    return list(recipe.taps)
+
+
+def _train(recipe: Recipe, bundle: DataBundle, run: RunDir, strategy, precision, verbose, resume):
+    spec = get_spec(recipe.backbone)
+    size = recipe.input_size or spec.default_size
+    replicas = strategy.num_replicas_in_sync
+    gbatch = recipe.batch_size * replicas
+    norm = choose_norm(recipe.norm, recipe.batch_size)
+    n_classes = len(bundle.classes)
+    cw = class_weights(bundle.train.y, n_classes, recipe.class_weight)
+    keras.utils.set_random_seed(recipe.seed)
+    freeze_bn = recipe.freeze_bn if recipe.weights is not None else False  # from scratch: BN must learn
+    with strategy.scope():
+        backbone = build_backbone(recipe.backbone, weights=recipe.weights, input_size=size,
+                                  freeze_bn=freeze_bn)
+        if recipe.replace_backbone_bn:
+            backbone = replace_batchnorm(backbone, recipe.replace_backbone_bn)
+            freeze_bn = False
+    taps = _taps(recipe, spec)
+    tap_scores = {}
+    if len(taps) > 1:
+        tap = _probe_taps(recipe, bundle, backbone, taps, gbatch, norm, cw, strategy, tap_scores)
+    else:
+        tap = taps[0]
+    feat_out = backbone.output if tap is None else backbone.get_layer(tap).output
+    with strategy.scope():
+        feature_model = keras.Model(backbone.input, feat_out, name="features")
+        head = build_head(tuple(feat_out.shape[1:]), n_classes, recipe, norm)
+        model = keras.Model(backbone.input, head(feature_model.output), name=f"tuneflow_{recipe.name}")
+        model.tuneflow_backbone = spec.name
+    ckpts = Checkpoints(run / "checkpoints", model)
+
+    start_stage, start_epoch = 0, 0
+    if resume:
+        prefix = ckpts.latest_good()
+        if prefix is not None:
+            start_stage, start_epoch = _peek(prefix)
+            log.info("resuming from %s (stage %d, epoch %d)", prefix, start_stage, start_epoch)
+            run.truncate_metrics(lambda s, e: s < start_stage or (s == start_stage and e <= start_epoch))
+        else:
+            run.truncate_metrics(lambda s, e: False)
+
+    stage_log, nan_note, train_images, train_seconds = [], None, 0, 0.0
+    for si, stage in enumerate(recipe.stages):
+        fs = FreezeSpec.parse(stage.train)
+        use_cache = fs.kind == "frozen" or (fs.kind == "top" and fs.n == 0)
+        use_cache = use_cache and recipe.feature_cache and not (recipe.spatial_dropout and recipe.head == "conv")
+        epochs_done = 0
+        if si < start_stage:
+            stage_log.append(_stage_info(stage, "restored", use_cache))
+            continue
+        with strategy.scope():
+            apply_freeze(backbone, spec, stage.train, freeze_bn=freeze_bn)
+        if use_cache:
+            trainer = head
+            train_x, val_x, steps = _cached_inputs(recipe, bundle, feature_model, spec, size, tap, gbatch, cw)
+        else:
+            trainer = model
+            steps = math.ceil(len(bundle.train) / gbatch)
+            train_x = train_dataset(bundle.train, gbatch, augment=recipe.augment,
+                                    backend=recipe.augment_backend, sampling=recipe.sampling,
+                                    weights=cw, seed=recipe.seed + si)
+            val_x = eval_dataset(bundle.val, gbatch)
+        lr = stage.lr * (gbatch / recipe.batch_size if recipe.scale_lr else 1.0)
+        with strategy.scope():
+            opt = make_optimizer(stage, lr, steps, recipe.clipnorm)
+            trainer.compile(optimizer=opt,
+                            loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing)
+                            if recipe.label_smoothing else keras.losses.SparseCategoricalCrossentropy(),
+                            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+                            if not recipe.label_smoothing else [keras.metrics.CategoricalAccuracy(name="accuracy")])
+            if recipe.label_smoothing:
+                train_x, val_x = _one_hot(train_x, n_classes), _one_hot(val_x, n_classes)
+            opt.build(trainer.trainable_variables)
+        ckpts = Checkpoints(run / "checkpoints", model, opt)
+        initial = 0
+        if si == start_stage and start_epoch:
+            prefix = ckpts.latest_good()
+            ckpts.restore(prefix, with_optimizer=True)
+            initial = start_epoch
+        hook = _EpochHook(run, ckpts, si, 0)
+        callbacks = [hook, keras.callbacks.TerminateOnNaN()]
+        if stage.patience:
+            callbacks.append(keras.callbacks.EarlyStopping("val_accuracy", patience=stage.patience,
+                                                           restore_best_weights=True,
+                                                           start_from_epoch=0))
+        if stage.schedule == "plateau":
+            callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.1,
+                                                               patience=max(1, stage.patience // 2 or 2)))
+        if not use_cache:
+            callbacks.append(keras.callbacks.TensorBoard(str(run / "tensorboard" / stage.name),
+                                                         write_graph=False, update_freq="epoch"))
+        if initial < stage.epochs:
+            t0 = time.time()
+            trainer.fit(train_x, validation_data=val_x, epochs=stage.epochs, initial_epoch=initial,
+                        callbacks=callbacks, verbose=1 if verbose and not use_cache else 0)
+            if not use_cache:
+                train_seconds += time.time() - t0
+                train_images += (hook.epochs_run - initial) * len(bundle.train)
+        epochs_done = max(hook.epochs_run, initial)
+        if hook.nan:
+            nan_note = (f"Stage {stage.name!r} produced a NaN/inf loss and was stopped. Likely cause: "
+                        + rep.nan_diagnosis(recipe, lr, (float(bundle.train.x.min()), float(bundle.train.x.max()))))
+            stage_log.append(_stage_info(stage, epochs_done, use_cache))
+            break
+        ckpts.save(si + 1, 0)  # stage complete: a resume starts the next one
+        stage_log.append(_stage_info(stage, epochs_done, use_cache))
+
+    ckpts.restore_best()  # the best validated weights across all stages, never a worse one
+    return _evaluate(recipe, bundle, run, model, backbone, spec, size, gbatch, replicas, strategy,
+                     precision, norm, stage_log, tap, tap_scores, nan_note, train_images, train_seconds), model
+
+
+def _peek(prefix):
+    reader = tf.train.load_checkpoint(prefix)
+    names = {n for n, _ in tf.train.list_variables(prefix)}
+    def val(key):
+        k = next(n for n in names if n.startswith(key + "/"))
+        return int(reader.get_tensor(k))
+    return val("stage"), val("epoch")
+
+
+def _stage_info(stage, epochs_run, cache):
+    return {"name": stage.name, "train": stage.train, "epochs_run": epochs_run,
+            "optimizer": stage.optimizer, "lr": stage.lr, "schedule": stage.schedule, "cache": bool(cache)}
+
+
+def _one_hot(ds, n):
+    def f(*t):
+        return (t[0], tf.one_hot(t[1], n)) + tuple(t[2:])
+    return ds.map(f)
+
+
+def _features_for(recipe, bundle, feature_model, spec, size, tap, gbatch):
+    aug = make_augmenter(recipe.augment, recipe.augment_backend, size, recipe.seed) \
+        if recipe.cache_views > 1 else None
+    base = dict(backbone=spec.name, weights=fcache.weights_digest(feature_model), size=size,
+                tap=tap, precision=keras.mixed_precision.global_policy().name)
+    tr_key = fcache.cache_key(**base, data=bundle.fingerprint(), split="train", views=recipe.cache_views,
+                              augment=f"{recipe.augment}/{recipe.augment_backend}")
+    va_key = fcache.cache_key(**base, data=bundle.fingerprint(), split="val", views=1)
+    ftr, _ = fcache.cached(tr_key, lambda: fcache.compute_features(
+        feature_model, bundle.train.x, gbatch, aug, recipe.cache_views))
+    fva, _ = fcache.cached(va_key, lambda: fcache.compute_features(feature_model, bundle.val.x, gbatch))
+    return ftr, fva[0]
+
+
+def _cached_inputs(recipe, bundle, feature_model, spec, size, tap, gbatch, cw):
+    ftr, fva = _features_for(recipe, bundle, feature_model, spec, size, tap, gbatch)
+    views = ftr.shape[0]
+    x = ftr.reshape((-1,) + ftr.shape[2:])
+    y = np.tile(bundle.train.y, views)
+    n = len(y)
+    idx = np.arange(n)
+    if recipe.sampling == "balanced":
+        rng = np.random.default_rng(recipe.seed)
+        per = int(np.ceil(n / len(np.unique(y))))
+        idx = np.concatenate([rng.choice(np.where(y == c)[0], per) for c in np.unique(y)])
+    parts = (x[idx], y[idx]) if cw is None else (x[idx], y[idx], cw[y[idx]])
+    ds = tf.data.Dataset.from_tensor_slices(parts).shuffle(len(idx), seed=recipe.seed,
+                                                           reshuffle_each_iteration=True)
+    ds = ds.batch(gbatch).prefetch(tf.data.AUTOTUNE)
+    val = tf.data.Dataset.from_tensor_slices((fva, bundle.val.y)).batch(gbatch)
+    return ds, val, math.ceil(len(idx) / gbatch)
+
+
+def _probe_taps(recipe, bundle, backbone, taps, gbatch, norm, cw, strategy, scores):
+    """One forward pass for all taps, one linear head per tap on the cache; keep the best depth."""
+    spec = get_spec(recipe.backbone)
+    size = recipe.input_size or spec.default_size
+    keys = [fcache.cache_key(backbone=spec.name, weights=fcache.weights_digest(backbone), size=size,
+                             tap=t, data=bundle.fingerprint(), split="probe",
+                             precision=keras.mixed_precision.global_policy().name) for t in taps]
+    computed = {}
+
+    def all_taps():  # runs at most once: every tap comes from the same forward pass
+        if not computed:
+            pooled = keras.Model(backbone.input, [keras.layers.GlobalAveragePooling2D()(
+                backbone.get_layer(t).output) for t in taps])
+            both = np.concatenate([bundle.train.x, bundle.val.x]).astype(np.float32)
+            outs = pooled.predict(both, batch_size=gbatch, verbose=0)
+            computed.update({t: np.asarray(o, np.float16) for t, o in zip(taps, outs)})
+        return computed
+
+    n_tr = len(bundle.train)
+    stage = recipe.stages[0]
+    for t, key in zip(taps, keys):
+        f, _ = fcache.cached(key, lambda t=t: all_taps()[t], enabled=recipe.feature_cache)
+        f = np.asarray(f, np.float32)
+        with strategy.scope():
+            probe = keras.Sequential([keras.Input(f.shape[1:]), keras.layers.Dropout(recipe.dropout),
+                                      keras.layers.Dense(len(bundle.classes), activation="softmax",
+                                                         kernel_regularizer=keras.regularizers.L2(recipe.l2),
+                                                         dtype="float32")])
+            probe.compile(keras.optimizers.Adam(stage.lr), "sparse_categorical_crossentropy", ["accuracy"])
+        hist = probe.fit(f[:n_tr], bundle.train.y, batch_size=gbatch, epochs=stage.epochs, verbose=0,
+                         validation_data=(f[n_tr:], bundle.val.y), shuffle=True,
+                         sample_weight=None if cw is None else cw[bundle.train.y])
+        scores[t] = float(max(hist.history["val_accuracy"]))
+    best = max(taps, key=lambda t: (scores[t], taps.index(t)))
+    log.info("depth probe: %s -> %s", ", ".join(f"{t} {a:.3f}" for t, a in scores.items()), best)
+    print("depth probe (val accuracy): " + ", ".join(f"{t} {a:.3f}" for t, a in scores.items())
+          + f" -> keeping {best}")
+    return best
+
+
+def _evaluate(recipe, bundle, run, model, backbone, spec, size, gbatch, replicas, strategy, precision,
+              norm, stage_log, tap, tap_scores, nan_note, train_images, train_seconds):
+    val_ds = eval_dataset(bundle.val, gbatch)
+    probs = model.predict(val_ds, verbose=0)
+    y_pred = probs.argmax(1)
+    eps = 1e-7
+    val_loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(probs)), bundle.val.y], eps, 1))))
+    val_acc = float(np.mean(y_pred == bundle.val.y))
+    table, cm = rep.per_class(bundle.val.y, y_pred, bundle.classes)
+    rows = run.metrics_rows()
+    verdict, advice = rep.verdict(rows)
+    test_acc = None
+    if bundle.test is not None and len(bundle.test):
+        tp = model.predict(eval_dataset(bundle.test, gbatch), verbose=0)
+        test_acc = float(np.mean(tp.argmax(1) == bundle.test.y))
+    if rows:
+        rep.plot_curves(rows, run / "curves.png", f"{recipe.name} · {spec.name}")
+    rep.plot_confusion(cm, bundle.classes, run / "confusion.png")
+    model.save(run / "model.keras")
+    save_backbone(backbone, run.path)
+    n_cached = sum(1 for s in stage_log if s["cache"])
+    return {
+        "recipe": recipe.name, "backbone": spec.name, "weights": str(recipe.weights),
+        "input_size": size, "tap": tap, "taps": tap_scores or None, "data": bundle.source,
+        "classes": bundle.classes, "num_train": len(bundle.train), "num_val": len(bundle.val),
+        "num_test": len(bundle.test) if bundle.test is not None else 0,
+        "val_accuracy": val_acc, "val_loss": val_loss, "test_accuracy": test_acc,
+        "per_class": table, "confusion_matrix": cm.tolist(),
+        "train_counts": bundle.counts("train"), "class_weight": recipe.class_weight,
+        "stages": stage_log, "epochs": len(rows), "cached_stages": n_cached,
+        "strategy": type(strategy).__name__, "replicas": replicas, "per_replica_batch": recipe.batch_size,
+        "global_batch": gbatch, "lr_scale": gbatch / recipe.batch_size if recipe.scale_lr else 1.0,
+        "precision": precision, "norm": norm, "verdict": verdict, "advice": advice,
+        "images_per_second": (train_images / train_seconds) if train_seconds else 0.0,
+        "skipped_files": bundle.skipped, "leaks": bundle.leaks, "nan": nan_note,
+        "selected_by": "best val_accuracy checkpoint across stages",
+    }
