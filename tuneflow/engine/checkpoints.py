@@ -39,7 +39,9 @@ def _files(prefix: str) -> list[Path]:
 
 
 def variable_shapes(model) -> dict[str, list[int]]:
-    return {v.path: [int(d) for d in v.shape] for v in model.weights}
+    """``layer/variable -> shape``. Keyed by the innermost layer's name (unique in a tuneflow model),
+    not ``v.path``, which differs between a freshly built model and a reloaded ``model.keras``."""
+    return {"/".join(v.path.split("/")[-2:]): [int(d) for d in v.shape] for v in model.weights}
 
 
 def _write_json_atomic(path: Path, obj) -> None:

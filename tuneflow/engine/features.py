@@ -35,11 +35,11 @@ def cache_key(**parts) -> str:
 
 
 def compute_features(feature_model, images: np.ndarray, batch_size: int, augment_fn=None,
-                     views: int = 1) -> np.ndarray:
+                     views: int = 1, dtype=np.float16) -> np.ndarray:
     """Features for every image (and ``views`` augmented copies when ``augment_fn`` is given).
 
-    Returns float16 of shape (views, N, *feature_shape): half the memory, ample precision
-    for a head that sees them through dropout.
+    Returns ``dtype`` of shape (views, N, *feature_shape): float16 for feature maps (half
+    the memory, ample for a head behind dropout), float32 for pooled vectors (exact).
     """
     import tensorflow as tf
     out = []
@@ -49,7 +49,7 @@ def compute_features(feature_model, images: np.ndarray, batch_size: int, augment
         if augment_fn is not None and v > 0:  # view 0 is always the plain image
             ds = ds.map(augment_fn, num_parallel_calls=tf.data.AUTOTUNE)
         feats = feature_model.predict(ds.prefetch(tf.data.AUTOTUNE), verbose=0)
-        out.append(np.asarray(feats, dtype=np.float16))
+        out.append(np.asarray(feats, dtype=dtype))
     return np.stack(out)
 
 

@@ -21,6 +21,28 @@ def choose_norm(norm: str, per_replica_batch: int) -> str:
     return chosen
 
 
+@keras.saving.register_keras_serializable(package="tuneflow")
+class MaskTolerantGroupNormalization(keras.layers.GroupNormalization):
+    """GroupNormalization that accepts (and ignores) ``mask``, so it can stand in for BN in a clone."""
+
+    def call(self, inputs, mask=None):
+        return super().call(inputs)
+
+
+@keras.saving.register_keras_serializable(package="tuneflow")
+class MaskTolerantLayerNormalization(keras.layers.LayerNormalization):
+    def call(self, inputs, mask=None):
+        return super().call(inputs)
+
+
+def replacement_norm(kind: str, name: str):
+    if kind == "instance":
+        return MaskTolerantGroupNormalization(groups=-1, name=name)
+    if kind == "group":
+        return MaskTolerantGroupNormalization(groups=8, name=name)
+    return MaskTolerantLayerNormalization(name=name)
+
+
 def norm_layer(kind: str, name: str):
     L = keras.layers
     if kind == "batch":
@@ -63,7 +85,7 @@ def replace_batchnorm(model: keras.Model, kind: str) -> keras.Model:
     """Clone ``model`` with each BatchNormalization swapped for ``kind`` normalisation (opt-in)."""
     def clone(layer):
         if isinstance(layer, keras.layers.BatchNormalization):
-            return norm_layer(kind, layer.name)
+            return replacement_norm(kind, layer.name)
         return layer.__class__.from_config(layer.get_config())
 
     new = keras.models.clone_model(model, clone_function=clone)

@@ -99,7 +99,12 @@ def markdown(report: dict) -> str:
              ]
     if report.get("test_accuracy") is not None:
         lines.append(f"- test accuracy {report['test_accuracy']:.4f} (test split used once, at the end)")
-    lines += [f"- wall time {report['wall_seconds']:.1f} s, {report['images_per_second']:.1f} images/s in training",
+    speed = []
+    if report["images_per_second"]:
+        speed.append(f"{report['images_per_second']:.1f} images/s training the backbone")
+    if report.get("feature_images_per_second"):
+        speed.append(f"{report['feature_images_per_second']:.1f} images/s filling the feature cache")
+    lines += [f"- wall time {report['wall_seconds']:.1f} s" + (f", {', '.join(speed)}" if speed else ""),
               f"- strategy {report['strategy']} ({report['replicas']} replicas), global batch "
               f"{report['global_batch']}, precision {report['precision']}, norm {report['norm']}",
               f"- verdict: **{report['verdict']}** — {report['advice']}", "", "## Stages", "",

@@ -1,0 +1,242 @@
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import tuneflow.recipes as registry
+from conftest import make_image_folder
+from tuneflow import build_backbone, finetune, save_backbone
+from tuneflow.engine import features as fcache
+from tuneflow.engine.distribute import choose_precision
+from tuneflow.engine.heads import choose_norm
+from tuneflow.engine.run import RunExistsError
+
+FAST = {"input_size": 32, "weights": None, "batch_size": 8, "precision": "float32"}
+
+
+def _fast(recipe_name, **extra):
+    r = registry.get(recipe_name)
+    kw = dict(FAST)
+    for s in r.stages:
+        kw[f"{s.name}__epochs"] = 1
+    kw.update(extra)
+    return kw
+
+
+@pytest.mark.parametrize("name", registry.NAMES)
+def test_every_recipe_runs_each_stage_and_writes_a_readable_run(tmp_path, tiny_folder, name):
+    res = finetune(name, tiny_folder, tmp_path / "run", overrides=_fast(name), verbose=0)
+    run = res.run_dir
+    for f in ("recipe.json", "metrics.csv", "curves.png", "confusion.png", "report.json",
+              "report.md", "model.keras", "backbone.weights.h5", "run.json"):
+        assert (run / f).exists(), f
+    rep = json.loads((run / "report.json").read_text())
+    for k in ("val_accuracy", "val_loss", "wall_seconds", "recipe", "backbone", "num_train",
+              "num_val", "classes", "per_class", "verdict", "global_batch"):
+        assert k in rep
+    assert [s["name"] for s in rep["stages"]] == [s.name for s in registry.get(name).stages]
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("stage,epoch,loss,accuracy,val_loss,val_accuracy,lr")
+    assert len(rows) - 1 == len(registry.get(name).stages)
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    # the saved model takes raw pixels and reproduces the reported accuracy's predictions
+    model = keras.saving.load_model(run / "model.keras")
+    assert model.predict(np.zeros((1, 32, 32, 3), np.uint8), verbose=0).shape == (1, 2)
+
+
+def test_small_different_probes_every_tap(tmp_path, tiny_folder):
+    res = finetune("small_different", tiny_folder, tmp_path / "r", overrides=_fast("small_different"),
+                   verbose=0)
+    from tuneflow.backbones import get_spec
+    assert set(res.report["taps"]) == set(get_spec("efficientnet_lite0").taps)
+    assert res.report["tap"] in res.report["taps"]
+
+
+def test_batchnorm_statistics_stay_frozen_while_fine_tuning(tmp_path, tiny_folder):
+    # pretrained-style weights from a file, so that freeze_bn applies (from scratch BN must learn)
+    src = build_backbone("efficientnet_lite0", weights=None, input_size=32)
+    for layer in src.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(np.random.default_rng(0).normal(size=layer.moving_mean.shape))
+    save_backbone(src, tmp_path / "w")
+    res = finetune("large_similar", tiny_folder, tmp_path / "r", verbose=0,
+                   overrides={**_fast("large_similar"), "weights": str(tmp_path / "w"), "finetune__lr": 0.05})
+    # the last checkpoint is the end of fine-tuning (the final model may be the head stage's best)
+    from tuneflow.engine.checkpoints import restore_model
+    after = keras.saving.load_model(res.run_dir / "model.keras")
+    restore_model(after, res.run_dir / "checkpoints" / "last")
+    changed_conv = False
+    after_layers = {layer.name: layer for layer in after.layers}
+    for a in src.layers:
+        b = after_layers.get(a.name)
+        if b is None:
+            continue
+        if isinstance(a, keras.layers.BatchNormalization):
+            for va, vb in zip(a.weights, b.weights):
+                np.testing.assert_array_equal(np.asarray(va), np.asarray(vb), err_msg=a.name)
+        elif a.name.startswith("top_conv"):
+            changed_conv = not np.array_equal(np.asarray(a.kernel), np.asarray(b.kernel))
+    assert changed_conv, "the unfrozen top block should have trained"
+
+
+def test_class_weights_reach_the_loss():
+    from tuneflow.data import Split
+    from tuneflow.data.pipeline import class_weights, train_dataset
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 18 + [1] * 2)
+    x = rng.integers(0, 3, (20, 4, 4, 3)).astype(np.uint8)  # small inputs: no saturated softmax
+    w = class_weights(y, 2, "balanced")
+    model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(2, activation="softmax")])
+    model.compile(keras.optimizers.SGD(0.0), "sparse_categorical_crossentropy")
+    probs = model.predict(x.astype(np.float32), verbose=0)
+    per = -np.log(probs[np.arange(20), y])
+    ds = train_dataset(Split(x, y), 20, weights=w)
+    weighted = model.fit(ds, epochs=1, verbose=0).history["loss"][0]
+    plain = model.fit(train_dataset(Split(x, y), 20), epochs=1, verbose=0).history["loss"][0]
+    np.testing.assert_allclose(weighted, np.sum(w[y] * per) / 20, rtol=1e-4)
+    np.testing.assert_allclose(plain, per.mean(), rtol=1e-4)
+    assert abs(weighted - plain) > 1e-3
+
+
+def test_imbalanced_run_reports_per_class_metrics(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class={"a": 24, "b": 6})
+    res = finetune("small_similar", root, tmp_path / "r", verbose=0,
+                   overrides={**_fast("small_similar"), "class_weight": "balanced"})
+    assert set(res.report["per_class"]) == {"a", "b"}
+    assert res.report["train_counts"]["a"] > res.report["train_counts"]["b"]
+
+
+def test_feature_cache_is_reused_and_invalidated(tmp_path, tiny_folder):
+    ov = _fast("small_similar")
+    finetune("small_similar", tiny_folder, tmp_path / "r1", overrides=ov, verbose=0)
+    n = len(list(fcache.cache_root().glob("*.npy")))
+    finetune("small_similar", tiny_folder, tmp_path / "r2", overrides=ov, verbose=0)
+    assert len(list(fcache.cache_root().glob("*.npy"))) == n  # reused
+    finetune("small_similar", tiny_folder, tmp_path / "r3", overrides={**ov, "input_size": 40}, verbose=0)
+    assert len(list(fcache.cache_root().glob("*.npy"))) == n + 2  # new size -> new train+val entries
+    base = dict(backbone="b", weights="w", size=32, tap=None, data="d")
+    k = fcache.cache_key(**base)
+    for field, value in [("backbone", "c"), ("weights", "v"), ("size", 40), ("tap", "x"), ("data", "e")]:
+        assert fcache.cache_key(**{**base, field: value}) != k
+    from tuneflow.data import load_data
+    b = load_data(tiny_folder, 32)
+    f0 = b.fingerprint()
+    b.train.x[0, 0, 0, 0] ^= 1
+    assert b.fingerprint() != f0
+
+
+def test_existing_run_is_refused_unless_overwrite(tmp_path, tiny_folder):
+    ov = _fast("small_similar")
+    finetune("small_similar", tiny_folder, tmp_path / "r", overrides=ov, verbose=0)
+    with pytest.raises(RunExistsError, match="--resume .*--overwrite"):
+        finetune("small_similar", tiny_folder, tmp_path / "r", overrides=ov, verbose=0)
+    finetune("small_similar", tiny_folder, tmp_path / "r", overrides=ov, verbose=0, overwrite=True)
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "thesis.tex").write_text("precious")
+    with pytest.raises(RunExistsError, match="not a tuneflow run"):
+        finetune("small_similar", tiny_folder, other, overrides=ov, verbose=0, overwrite=True)
+    assert (other / "thesis.tex").exists()
+
+
+def test_failed_fresh_run_leaves_nothing_behind(tmp_path, tiny_folder, monkeypatch):
+    from tuneflow.engine import train
+    boom = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))  # noqa: E731
+    monkeypatch.setattr(train, "_cached_inputs", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        finetune("small_similar", tiny_folder, tmp_path / "r", overrides=_fast("small_similar"), verbose=0)
+    assert not (tmp_path / "r").exists()
+
+
+def test_failure_after_a_checkpoint_keeps_the_run_for_resume(tmp_path, tiny_folder, monkeypatch):
+    from tuneflow.engine import train
+    monkeypatch.setattr(train, "_evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        finetune("small_similar", tiny_folder, tmp_path / "r", overrides=_fast("small_similar"), verbose=0)
+    status = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert status["status"] == "failed" and "boom" in status["error"]
+
+
+def test_bad_data_fails_before_a_run_folder_exists(tmp_path):
+    from tuneflow.data import DataError
+    with pytest.raises(DataError, match="does not exist"):
+        finetune("small_similar", tmp_path / "nope", tmp_path / "r", overrides=FAST, verbose=0)
+    assert not (tmp_path / "r").exists()
+
+
+def test_nan_loss_stops_training_with_a_diagnosis(tmp_path, tiny_folder):
+    ov = {**_fast("large_different"), "finetune__lr": 5.0, "finetune__optimizer": "sgd",
+          "clipnorm": 0.0, "finetune__epochs": 2, "head__lr": 5.0, "head__optimizer": "sgd"}
+    res = finetune("large_different", tiny_folder, tmp_path / "r", overrides=ov, verbose=0)
+    if res.report["nan"] is None:
+        pytest.skip("this seed did not diverge")
+    assert "learning rate 5 is high" in res.report["nan"] and "clipnorm" in res.report["nan"]
+
+
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw"])
+@pytest.mark.parametrize("schedule", ["constant", "step", "exponential", "inverse_time", "cosine", "warmup_cosine", "plateau"])
+def test_optimizer_and_schedule_registry(opt, schedule):
+    from tuneflow.engine.optim import current_lr, make_optimizer
+    from tuneflow.recipe import Stage
+    stage = Stage("s", epochs=4, optimizer=opt, lr=0.1, schedule=schedule, warmup_epochs=1)
+    o = make_optimizer(stage, 0.1, steps_per_epoch=10, clipnorm=5.0)
+    assert o.global_clipnorm == 5.0
+    lr0 = current_lr(o)
+    assert 0 < lr0 <= 0.1 + 1e-6
+    if schedule == "warmup_cosine":
+        assert lr0 == pytest.approx(0.001)
+
+
+def test_norm_and_precision_choices():
+    assert choose_norm("auto", 32) == "batch" and choose_norm("auto", 4) == "instance"
+    assert choose_norm("group", 32) == "group"
+    assert choose_precision("float32") == "float32"
+    assert choose_precision("auto") in ("float32", "mixed_bfloat16")
+
+
+@pytest.mark.parametrize("head, norm", [("conv", "instance"), ("mlp", "batch"), ("conv", "group")])
+def test_heads_and_norms_train(tmp_path, tiny_folder, head, norm):
+    res = finetune("small_similar", tiny_folder, tmp_path / "r", verbose=0,
+                   overrides={**_fast("small_similar"), "head": head, "norm": norm, "spatial_dropout": 0.1})
+    assert res.report["norm"] == norm
+
+
+def test_replace_backbone_bn_with_instance_norm(tmp_path, tiny_folder):
+    res = finetune("large_different", tiny_folder, tmp_path / "r", verbose=0,
+                   overrides={**_fast("large_different"), "replace_backbone_bn": "instance"})
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in res.model.layers)
+    assert any(isinstance(layer, keras.layers.GroupNormalization) for layer in res.model.layers)
+    assert res.report["val_accuracy"] >= 0
+
+
+def test_kfold_reports_mean_and_spread(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=6)
+    res = finetune("small_similar", root, tmp_path / "r", verbose=0, overrides={**_fast("small_similar"), "folds": 3})
+    assert len(res.report["fold_val_accuracy"]) == 3 and "val_accuracy_std" in res.report
+    assert (tmp_path / "r" / "fold-3" / "report.md").exists()
+
+
+def test_numpy_arrays_in_a_notebook(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (40, 32, 32, 3)).astype(np.uint8)
+    y = np.arange(40) % 2
+    x[y == 1, 8:24, 8:24] = 255
+    res = finetune(registry.get("small_similar"), (x, y), tmp_path / "r", overrides=_fast("small_similar"), verbose=0)
+    assert res.report["data"] == "arrays"
+
+
+def test_suggest_reads_size_and_similarity(tmp_path, monkeypatch):
+    from tuneflow import suggest as sg
+    small = make_image_folder(tmp_path / "s", per_class=10, size=48)
+    big = make_image_folder(tmp_path / "b", per_class=30, size=48, seed=3)
+    monkeypatch.setattr(sg, "LARGE_PER_CLASS", 20)
+    a = sg.suggest(small, input_size=64)
+    b = sg.suggest(big, input_size=64)
+    assert a["recipe"].startswith("small_") and b["recipe"].startswith("large_")
+    for r in (a, b):
+        final, early = r["probe_accuracy"][r["final_tap"]], max(
+            v for k, v in r["probe_accuracy"].items() if k != r["final_tap"])
+        assert r["similar"] == (final >= early - sg.MARGIN)
+        assert r["recipe"].endswith("similar" if r["similar"] else "different")
