@@ -42,11 +42,13 @@ def _epoch_indices(y: np.ndarray, sampling: str, rng: np.random.Generator) -> np
 
 def train_dataset(split: Split, batch_size: int, *, augment="none", backend: str = "keras",
                   sampling: str = "shuffle", weights: np.ndarray | None = None, seed: int = 0,
-                  repeat: bool = False) -> tf.data.Dataset:
+                  repeat: bool = False, whole_batches: bool = False) -> tf.data.Dataset:
     """Batches of ``(images float32 0..255, labels[, sample_weight])`` for training.
 
     Indices are drawn per epoch in NumPy (shuffled or class-balanced), batches are
-    gathered from the in-memory array, then augmented in parallel. Sample weights are
+    gathered from the in-memory array, then augmented in parallel. ``whole_batches`` pads each
+    epoch with a few random repeats so every batch is full: with several replicas, a short last
+    batch would leave a replica an empty slice (oneDNN's BatchNorm fails on those). Sample weights are
     attached per example, so class weights reach the loss whatever Keras path consumes it.
     """
     if sampling not in ("shuffle", "balanced"):
@@ -58,6 +60,9 @@ def train_dataset(split: Split, batch_size: int, *, augment="none", backend: str
     def batches():
         while True:
             idx = _epoch_indices(y, sampling, rng)
+            short = (-len(idx)) % batch_size
+            if whole_batches and short:
+                idx = np.concatenate([idx, rng.choice(len(y), short, replace=len(y) < short)])
             for b in range(n_batches):
                 yield idx[b * batch_size:(b + 1) * batch_size]
             if not repeat:

@@ -78,14 +78,11 @@ def check_compatible(prefix: str, model) -> None:
     """Raise a readable error naming every variable whose presence or shape differs."""
     manifest = json.loads(Path(prefix + ".manifest.json").read_text())
     saved, ours = manifest["variables"], variable_shapes(model)
-    problems = []
-    for k in sorted(set(saved) | set(ours)):
-        if k not in ours:
-            problems.append(f"  {k}: in the checkpoint {saved[k]}, not in this model")
-        elif k not in saved:
-            problems.append(f"  {k}: in this model {ours[k]}, not in the checkpoint")
-        elif saved[k] != ours[k]:
-            problems.append(f"  {k}: checkpoint {saved[k]} vs model {ours[k]}")
+    # shape mismatches first: they say most about what differs
+    problems = [f"  {k}: checkpoint {saved[k]} vs model {ours[k]}"
+                for k in sorted(set(saved) & set(ours)) if saved[k] != ours[k]]
+    problems += [f"  {k}: in this model {ours[k]}, not in the checkpoint" for k in sorted(set(ours) - set(saved))]
+    problems += [f"  {k}: in the checkpoint {saved[k]}, not in this model" for k in sorted(set(saved) - set(ours))]
     if problems:
         shown = problems[:20] + ([f"  ... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise CheckpointMismatchError(

@@ -239,7 +239,7 @@ def _train(recipe: Recipe, bundle: DataBundle, run: RunDir, strategy, precision,
             steps = math.ceil(len(bundle.train) / gbatch)
             train_x = train_dataset(bundle.train, gbatch, augment=recipe.augment,
                                     backend=recipe.augment_backend, sampling=recipe.sampling,
-                                    weights=cw, seed=recipe.seed + si)
+                                    weights=cw, seed=recipe.seed + si, whole_batches=replicas > 1)
             val_x = eval_dataset(bundle.val, gbatch)
         lr = stage.lr * (gbatch / recipe.batch_size if recipe.scale_lr else 1.0)
         with strategy.scope():
