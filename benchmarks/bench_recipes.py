@@ -33,7 +33,8 @@ def baseline(data: Path) -> dict:
     x = keras.layers.Dropout(0.2)(x)
     outputs = keras.layers.Dense(2, activation="softmax")(x)
     model = keras.Model(inputs, outputs)
-    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", ["accuracy"])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
     hist = model.fit(train, validation_data=val, epochs=10, verbose=2)
     return {"val_accuracy": float(hist.history["val_accuracy"][-1]), "wall_seconds": time.time() - t0}
 
