@@ -4,6 +4,11 @@ from tuneflow.recipe import Recipe, Stage
 recipe = Recipe(
     name="large_similar",
     description="Head on cached features, then the top 2 blocks fine-tuned with warm-up + cosine.",
+    # 288 px, not the 224 of ImageNet training: the backbone was trained on random-resized crops,
+    # which show objects larger than a centre crop at the same size does; testing at a higher
+    # resolution matches the apparent object size ("FixRes", Touvron et al. 2019). Measured with
+    # a Lite0 linear probe: ants_bees 94.8% -> 95.4%, cats_dogs 99.0% -> 99.3%, for 1.65x compute.
+    input_size=288,
     augment="light",
     dropout=0.2,
     l2=1e-4,

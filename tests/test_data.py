@@ -36,6 +36,22 @@ def test_mixed_folder_corrupt_gray_rgba_nonimage(tmp_path):
     assert raw[0, 15, 0] > 150 and raw[19, 15, 2] > 150  # red ends on top after the turn
 
 
+def test_resize_crop_keeps_the_aspect_ratio_and_squash_keeps_the_frame(tmp_path):
+    from tuneflow.data import decode_image
+    im = np.zeros((10, 30, 3), np.uint8)  # a wide image: red | green | blue thirds
+    im[:, :10, 0] = im[:, 10:20, 1] = im[:, 20:, 2] = 255
+    Image.fromarray(im).save(tmp_path / "wide.png")
+    crop = decode_image(tmp_path / "wide.png", 10, "crop")
+    squash = decode_image(tmp_path / "wide.png", 10, "squash")
+    assert crop.shape == squash.shape == (10, 10, 3)
+    assert (crop[:, 1:-1, 1] > 200).all() and crop[:, 1:-1, [0, 2]].max() < 60  # only the centre
+    assert squash[5, 0, 0] > 200 and squash[5, 5, 1] > 200 and squash[5, 9, 2] > 200  # all thirds
+    arrays = load_data((np.stack([im] * 4), np.array([0, 1, 0, 1])), 10, resize="squash")
+    assert arrays.train.x.shape[1:] == (10, 10, 3)
+    with pytest.raises(DataError, match="resize='zoom' is not a resize mode; choose one of crop, squash"):
+        load_data(tmp_path, 10, resize="zoom")
+
+
 def test_hash_split_is_deterministic_and_stable_when_files_are_added(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=20)
     first = load_data(root, 16)

@@ -33,6 +33,7 @@ def test_overrides_are_type_checked():
     ("batch_size=abc", "expected an integer"),
     ("batch_size=0", "out of range"),
     ("augment=extreme", "choose one of none, light, medium, heavy"),
+    ("resize=zoom", "resize=.zoom. is not valid; choose one of crop, squash"),
     ("backbone=resnet9", "choose one of densenet121, efficientnet_lite0, resnet50, vgg16"),
     ("head.optimizer=lbfgs", "choose one of sgd, momentum"),
     ("head.train=middle", "Bad freeze spec"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw")
 SCHEDULES = ("constant", "step", "plateau", "exponential", "inverse_time", "cosine", "warmup_cosine")
@@ -46,6 +46,7 @@ class Recipe:
     backbone: str = "efficientnet_lite0"  # Lite0: ImageNet weights offline, ~10x cheaper than ResNet50 on CPU
     weights: str | None = "imagenet"  # imagenet | None (from scratch) | path
     input_size: int = 0  # pixels; 0 = the backbone's default (224)
+    resize: str = "crop"  # crop (shorter side to input_size, centre square) | squash (stretch)
     batch_size: int = 32  # per replica; the global batch is this x replicas
     scale_lr: bool = False  # multiply lr by global_batch / batch_size (linear scaling rule)
     val_fraction: float = 0.2  # share held out when the data has no val/ split
@@ -87,6 +88,7 @@ class Recipe:
         choose("augment", self.augment, list(PRESETS))
         choose("augment_backend", self.augment_backend, BACKENDS)
         choose("sampling", self.sampling, SAMPLINGS)
+        choose("resize", self.resize, ("crop", "squash"))
         choose("class_weight", self.class_weight, ("none", "balanced"))
         choose("head", self.head, HEADS)
         choose("norm", self.norm, NORMS)

@@ -3,28 +3,31 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sources import (DataBundle, DataError, Split, decode_image, find_leaks, load_arrays,
-                      load_folder, split_fraction)
+from .sources import (RESIZE_MODES, DataBundle, DataError, Split, check_resize, decode_image, find_leaks,
+                      load_arrays, load_folder, split_fraction, to_square)
 
-__all__ = ["DataBundle", "DataError", "Split", "decode_image", "find_leaks", "kfold",
+__all__ = ["RESIZE_MODES", "DataBundle", "DataError", "Split", "decode_image", "find_leaks", "kfold", "to_square",
            "load_data", "split_fraction", "subsample"]
 
 
 def load_data(data, size: int, val_fraction: float = 0.2, fraction: float = 1.0,
-              classes: tuple[str, ...] | list[str] | None = None, seed: int = 0) -> DataBundle:
+              classes: tuple[str, ...] | list[str] | None = None, seed: int = 0,
+              resize: str = "crop") -> DataBundle:
     """Load any supported source at ``size`` pixels, then subsample if asked.
 
     ``data``: a folder path, ``"tfds:NAME[:SPLIT]"``, ``(x, y)`` arrays or a dict of them.
+    ``resize``: ``"crop"`` (shorter side to ``size``, centre square) or ``"squash"``.
     """
+    check_resize(resize)
     if not 0 < fraction <= 1:
         raise DataError(f"fraction={fraction} must be in (0, 1]: it is the share of images kept.")
     if isinstance(data, (tuple, list, dict)) and not isinstance(data, str):
-        bundle = load_arrays(data, size, val_fraction)
+        bundle = load_arrays(data, size, val_fraction, resize=resize)
     elif str(data).startswith("tfds:"):
         from .tfds_source import load_tfds
-        bundle = load_tfds(str(data), size, val_fraction)
+        bundle = load_tfds(str(data), size, val_fraction, resize)
     else:
-        bundle = load_folder(data, size, val_fraction)
+        bundle = load_folder(data, size, val_fraction, resize)
     return subsample(bundle, fraction, classes, seed)
 
 

@@ -22,6 +22,11 @@ from tqdm.auto import tqdm
 log = logging.getLogger("tuneflow.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+# How a W x H image becomes size x size. "crop": shorter side to size, then the centre square
+# (the backbones' own ImageNet evaluation; keeps the aspect ratio: measured +0.7 points on
+# ants_bees and +0.1 on cats_dogs for a Lite0 linear probe). "squash": stretch to the square
+# (keeps everything in the frame, distorts shapes).
+RESIZE_MODES = ("crop", "squash")
 SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"),
                "test": ("test", "testing")}
 
@@ -87,7 +92,24 @@ def _class_dirs(root: Path) -> dict[str, list[Path]]:
     return out
 
 
-def decode_image(path: str | Path, size: int) -> np.ndarray:
+def check_resize(resize: str) -> None:
+    if resize not in RESIZE_MODES:
+        raise DataError(f"resize={resize!r} is not a resize mode; choose one of {', '.join(RESIZE_MODES)}.")
+
+
+def to_square(im: Image.Image, size: int, resize: str = "crop") -> Image.Image:
+    """An RGB PIL image as size x size (see RESIZE_MODES)."""
+    if resize == "squash" or im.size[0] == im.size[1]:
+        return im.resize((size, size), Image.BILINEAR) if im.size != (size, size) else im
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    im = im.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def decode_image(path: str | Path, size: int, resize: str = "crop") -> np.ndarray:
     """Decode any supported file to (size, size, 3) uint8 RGB, EXIF orientation applied."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
@@ -95,11 +117,10 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
             im = im.convert("RGBA")
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent -> white
             im = Image.alpha_composite(bg, im)
-        im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+        return np.asarray(to_square(im.convert("RGB"), size, resize), dtype=np.uint8)
 
 
-def _decode_all(files: list[Path], size: int, desc: str):
+def _decode_all(files: list[Path], size: int, desc: str, resize: str = "crop"):
     x = np.zeros((len(files), size, size, 3), np.uint8)
     ok = np.ones(len(files), bool)
     skipped = []
@@ -108,7 +129,7 @@ def _decode_all(files: list[Path], size: int, desc: str):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                x[i] = decode_image(files[i], size)
+                x[i] = decode_image(files[i], size, resize)
         except Exception as exc:  # noqa: BLE001 - any decoder failure means "unreadable"
             ok[i] = False
             skipped.append(f"{files[i]} ({type(exc).__name__}: {exc})")
@@ -122,13 +143,14 @@ def _decode_all(files: list[Path], size: int, desc: str):
     return x, ok, sorted(skipped)
 
 
-def _load_split(named: dict[str, list[Path]], classes: list[str], size: int, desc: str):
+def _load_split(named: dict[str, list[Path]], classes: list[str], size: int, desc: str,
+                resize: str = "crop"):
     files, labels = [], []
     for ci, c in enumerate(classes):
         for f in named.get(c, []):
             files.append(f)
             labels.append(ci)
-    x, ok, skipped = _decode_all(files, size, desc)
+    x, ok, skipped = _decode_all(files, size, desc, resize)
     y = np.asarray(labels, np.int32)
     return Split(x[ok], y[ok], [str(f) for f, k in zip(files, ok) if k]), skipped
 
@@ -143,7 +165,8 @@ def _find_splits(root: Path) -> dict[str, Path]:
     return found
 
 
-def load_folder(root: str | Path, size: int, val_fraction: float = 0.2) -> DataBundle:
+def load_folder(root: str | Path, size: int, val_fraction: float = 0.2, resize: str = "crop") -> DataBundle:
+    check_resize(resize)
     root = Path(root)
     if not root.exists():
         raise DataError(f"Data folder {root} does not exist. Pass a folder of class folders "
@@ -175,7 +198,7 @@ def load_folder(root: str | Path, size: int, val_fraction: float = 0.2) -> DataB
     parts = {}
     for k in ("train", "val", "test"):
         if k in named:
-            parts[k], sk = _load_split(named[k], classes, size, f"decode {k}")
+            parts[k], sk = _load_split(named[k], classes, size, f"decode {k}", resize)
             skipped += sk
     if len(parts["train"]) == 0:
         raise DataError(f"No readable training images in {root}.")
@@ -253,7 +276,7 @@ def find_leaks(bundle: DataBundle) -> list[tuple[str, str, str]]:
     return leaks
 
 
-def _resize_array(x: np.ndarray, size: int) -> np.ndarray:
+def _resize_array(x: np.ndarray, size: int, resize: str = "crop") -> np.ndarray:
     x = np.asarray(x)
     if x.ndim == 3:
         x = np.repeat(x[..., None], 3, axis=-1)
@@ -270,11 +293,12 @@ def _resize_array(x: np.ndarray, size: int) -> np.ndarray:
         x = np.clip(x, 0, 255).round().astype(np.uint8)
     if x.shape[1:3] == (size, size):
         return x
-    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in x])
+    return np.stack([np.asarray(to_square(Image.fromarray(im), size, resize)) for im in x])
 
 
-def load_arrays(data, size: int, val_fraction: float = 0.2, classes=None) -> DataBundle:
+def load_arrays(data, size: int, val_fraction: float = 0.2, classes=None, resize: str = "crop") -> DataBundle:
     """``(x, y)`` or ``{"train": (x, y), "val": (x, y)[, "test": ...]}`` in, a bundle out."""
+    check_resize(resize)
     parts = data if isinstance(data, dict) else {"train": data}
     if "train" not in parts:
         raise DataError("Array data as a dict needs a 'train' entry: {'train': (x, y), 'val': (x, y)}.")
@@ -283,7 +307,7 @@ def load_arrays(data, size: int, val_fraction: float = 0.2, classes=None) -> Dat
         y = np.asarray(y).reshape(-1).astype(np.int32)
         if len(x) != len(y):
             raise DataError(f"{k}: {len(x)} images but {len(y)} labels.")
-        out[k] = Split(_resize_array(x, size), y)
+        out[k] = Split(_resize_array(x, size, resize), y)
     n_classes = int(max(s.y.max() for s in out.values())) + 1
     classes = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
     if len(np.unique(out["train"].y)) < 2:

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sources import DataBundle, DataError, load_arrays
+from .sources import DataBundle, DataError, check_resize, load_arrays, to_square
 
 
-def load_tfds(spec: str, size: int, val_fraction: float = 0.2) -> DataBundle:
+def load_tfds(spec: str, size: int, val_fraction: float = 0.2, resize: str = "crop") -> DataBundle:
     import tensorflow_datasets as tfds
 
+    check_resize(resize)
     parts = spec.split(":")
     name = parts[1] if len(parts) > 1 else ""
     split = parts[2] if len(parts) > 2 else None
@@ -33,7 +34,7 @@ def load_tfds(spec: str, size: int, val_fraction: float = 0.2) -> DataBundle:
             ds = tfds.load(name, split=sp, as_supervised=True, download=True)
             xs, ys = [], []
             for img, label in tfds.as_numpy(ds):
-                xs.append(np.asarray(_resize(img, size)))
+                xs.append(np.asarray(_resize(img, size, resize)))
                 ys.append(int(label))
             arrays[k] = (np.stack(xs), np.asarray(ys))
         label_feature = builder.info.features["label"] if "label" in builder.info.features else None
@@ -46,14 +47,14 @@ def load_tfds(spec: str, size: int, val_fraction: float = 0.2) -> DataBundle:
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. TFDS downloads "
             "on first use; offline, prepare it once elsewhere and point TFDS_DATA_DIR at its "
             "folder, or export the images to class folders and pass that folder.") from None
-    bundle = load_arrays(arrays, size, val_fraction, classes)
+    bundle = load_arrays(arrays, size, val_fraction, classes, resize)
     bundle.source = spec
     return bundle
 
 
-def _resize(img, size):
+def _resize(img, size, resize):
     from PIL import Image
     img = np.asarray(img)
     if img.ndim == 3 and img.shape[-1] == 1:
         img = img[..., 0]
-    return Image.fromarray(img).convert("RGB").resize((size, size), Image.BILINEAR)
+    return to_square(Image.fromarray(img).convert("RGB"), size, resize)

@@ -94,28 +94,67 @@ def check_compatible(prefix: str, model) -> None:
 class Checkpoints:
     """Last-N and best checkpoints of one run."""
 
-    def __init__(self, folder: str | Path, model, optimizer=None, max_to_keep: int = 2):
+    def __init__(self, folder: str | Path, model, optimizer=None, max_to_keep: int = 2,
+                 read_folder: str | Path | None = None):
         self.folder = Path(folder)
+        # Where resumes read from: the run's own folder, or the chief's for another worker.
+        self.read_folder = Path(read_folder) if read_folder is not None else self.folder
         self.model = model
+        self.max_to_keep = max_to_keep
         self.stage = tf.Variable(0, dtype=tf.int64, trainable=False, name="stage")
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        objs = {"model": model, "stage": self.stage, "epoch": self.epoch}
-        if optimizer is not None:
-            objs["optimizer"] = optimizer
-        self.ckpt = tf.train.Checkpoint(**objs)
-        self.last = tf.train.CheckpointManager(self.ckpt, self.folder / "last", max_to_keep=max_to_keep)
+        self.bind_optimizer(optimizer)
         self.best = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), self.folder / "best",
                                                max_to_keep=1)
         self.best_json = self.folder / "best" / "best.json"
+        # The best epoch of the running stage, for early stopping's restore after a resume.
+        self.stage_best = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
+                                                     self.folder / "stage_best", max_to_keep=1)
+        if self.read_folder != self.folder:
+            self._read_last = tf.train.CheckpointManager(tf.train.Checkpoint(), self.read_folder / "last", 100)
+            self._read_stage_best = tf.train.CheckpointManager(tf.train.Checkpoint(),
+                                                               self.read_folder / "stage_best", 1)
+        else:
+            self._read_last = self._read_stage_best = None
 
-    def save(self, stage: int, epoch: int, metrics: dict | None = None) -> str:
+    def bind_optimizer(self, optimizer) -> None:
+        """Each stage has its own optimizer: checkpoints from now on carry this one's state."""
+        objs = {"model": self.model, "stage": self.stage, "epoch": self.epoch}
+        if optimizer is not None:
+            objs["optimizer"] = optimizer
+        self.ckpt = tf.train.Checkpoint(**objs)
+        self.last = tf.train.CheckpointManager(self.ckpt, self.folder / "last", max_to_keep=self.max_to_keep)
+
+    def save(self, stage: int, epoch: int, metrics: dict | None = None,
+             early_stopping: dict | None = None) -> str:
+        """A training checkpoint: (stage, epoch) means "epoch epochs of stage done"."""
         self.stage.assign(stage)
         self.epoch.assign(epoch)
         prefix = self.last.save()
-        write_manifest(prefix, self.model, {"stage": stage, "epoch": epoch})
+        extra = {"stage": stage, "epoch": epoch}
+        if early_stopping is not None:
+            extra["early_stopping"] = early_stopping
+        write_manifest(prefix, self.model, extra)
         if metrics is not None:
             self.maybe_save_best(stage, epoch, metrics)
         return prefix
+
+    @staticmethod
+    def manifest(prefix: str) -> dict:
+        return json.loads(Path(prefix + ".manifest.json").read_text())
+
+    def save_stage_best(self, stage: int, epoch: int) -> str:
+        prefix = self.stage_best.save()
+        write_manifest(prefix, self.model, {"stage": stage, "epoch": epoch})
+        return prefix
+
+    def restore_stage_best(self, stage: int) -> bool:
+        prefix = self.latest_good(self._read_stage_best or self.stage_best)
+        if prefix is None or self.manifest(prefix).get("stage") != stage:
+            return False
+        check_compatible(prefix, self.model)
+        tf.train.Checkpoint(model=self.model).restore(prefix).expect_partial()
+        return True
 
     def best_record(self) -> dict | None:
         return json.loads(self.best_json.read_text()) if self.best_json.exists() else None
@@ -136,7 +175,7 @@ class Checkpoints:
 
     def latest_good(self, manager=None) -> str | None:
         """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
-        manager = manager or self.last
+        manager = manager or self._read_last or self.last
         for prefix in reversed(manager.checkpoints):
             problem = verify(prefix)
             if problem is None:

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import types
 
+import numpy as np
 import tensorflow as tf
 
 log = logging.getLogger("tuneflow")
@@ -12,6 +15,17 @@ log = logging.getLogger("tuneflow")
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
     """``auto``: MirroredStrategy over all GPUs when there are several, else the default strategy."""
+    if name == "multiworker":
+        # Created before anything else touches the TensorFlow runtime (listing devices would):
+        # collective ops must be configured at start-up.
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError("strategy=multiworker needs TF_CONFIG (cluster and task) in the "
+                             "environment of every worker; see the README's multi-machine section.")
+        try:
+            json.loads(os.environ["TF_CONFIG"])
+        except ValueError as exc:
+            raise ValueError(f"TF_CONFIG is not valid JSON ({exc}): {os.environ['TF_CONFIG'][:200]}") from None
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "default"
@@ -20,13 +34,19 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name == "mirrored":
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices)
-    if name == "multiworker":
-        if "TF_CONFIG" not in os.environ:
-            raise ValueError("strategy=multiworker needs TF_CONFIG (cluster and task) in the "
-                             "environment of every worker; see the README's multi-machine section.")
-        json.loads(os.environ["TF_CONFIG"])
-        return tf.distribute.MultiWorkerMirroredStrategy()
     raise ValueError(f"Unknown strategy {name!r}; choose auto, default, mirrored or multiworker.")
+
+
+def worker_role(strategy) -> tuple[bool, int]:
+    """(is_chief, task index). Only the chief writes the run folder; the other workers of a
+    MultiWorkerMirroredStrategy write theirs to a temporary folder (they must still save, since
+    saving is collective) and read checkpoints from the chief's folder when resuming."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True, 0
+    kind, index = resolver.task_type, int(resolver.task_id or 0)
+    has_chief = "chief" in (resolver.cluster_spec().as_dict() or {})
+    return (kind == "chief") or (kind == "worker" and index == 0 and not has_chief) or kind is None, index
 
 
 def cpu_supports_bf16() -> bool:
@@ -46,3 +66,74 @@ def choose_precision(precision: str) -> str:
         cc = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
         return "mixed_float16" if cc and cc[0] >= 7 else "float32"
     return "mixed_bfloat16" if cpu_supports_bf16() else "float32"
+
+
+def predict(model, x, batch_size: int, verbose: int = 0, map_fn=None):
+    """``model.predict`` over an array, correct under every strategy.
+
+    Under several replicas every batch is made whole (padded with copies of the first example,
+    whose outputs are dropped): Keras 3 reduces the first batch across replicas before building
+    (a short first batch fails with an AddN shape error) and an empty per-replica slice fails in
+    BatchNormalization, so uneven batches are avoided rather than handled.
+    """
+    replicas = model.distribute_strategy.num_replicas_in_sync
+    batch = int(math.ceil(batch_size / replicas) * replicas)
+    n = len(x)
+    ds = tf.data.Dataset.from_tensor_slices(x)
+    pad = (-n) % batch if replicas > 1 else 0
+    if pad:
+        ds = ds.concatenate(tf.data.Dataset.from_tensor_slices(np.repeat(x[:1], pad, axis=0)))
+    ds = ds.batch(batch).map(lambda a: tf.cast(a, tf.float32))
+    if map_fn is not None:  # e.g. augmentation of the batch
+        ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    out = model.predict(ds, verbose=verbose)
+    return [o[:n] for o in out] if isinstance(out, (list, tuple)) else out[:n]
+
+
+def patch_symbolic_build(model) -> None:
+    """Work around keras-team/keras#20585 (Keras 3 + MultiWorkerMirroredStrategy: ``fit`` fails in
+    ``_maybe_symbolic_build``, which all-reduces the first input batch across workers only to learn
+    its shapes, and cannot reduce a PerReplica there; it also fails on an uneven first batch under
+    MirroredStrategy). The shapes are taken from the first local replica's slice instead; nothing
+    else changes. Only for several replicas, only on this model instance."""
+    strategy = model.distribute_strategy
+    if strategy.num_replicas_in_sync < 2 or not hasattr(model, "_symbolic_build"):
+        return
+
+    def first_local(v):
+        return strategy.experimental_local_results(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = tf.nest.map_structure(first_local, next(it))
+                break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = types.MethodType(_maybe_symbolic_build, model)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        _patch_multiworker_reduce()
+
+
+_PATCHED = []
+
+
+def _patch_multiworker_reduce() -> None:
+    """Same issue, second failure: each step's logged loss/metrics are reduced across workers with
+    ``strategy.reduce("MEAN", v, axis=0)``, which fails on scalars. For MultiWorkerMirroredStrategy
+    only, scalars are averaged over all workers with ``axis=None`` (what was meant); every other
+    call goes to Keras's own function untouched."""
+    if _PATCHED:
+        return
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+    original = tf_trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return original(values, strategy, reduction)
+
+    tf_trainer.reduce_per_replica = reduce_per_replica
+    _PATCHED.append(original)

@@ -41,15 +41,16 @@ def compute_features(feature_model, images: np.ndarray, batch_size: int, augment
     Returns ``dtype`` of shape (views, N, *feature_shape): float16 for feature maps (half
     the memory, ample for a head behind dropout), float32 for pooled vectors (exact).
     """
-    import tensorflow as tf
+    import keras
+
+    from .distribute import predict
+    # A local (non-distributed) model over the same layers: features are computed on each
+    # worker without collective ops, because whether the cache hits may differ between workers.
+    local = keras.Model(feature_model.input, feature_model.output)
     out = []
-    for v in range(views):
-        ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
-        ds = ds.map(lambda x: tf.cast(x, tf.float32))
-        if augment_fn is not None and v > 0:  # view 0 is always the plain image
-            ds = ds.map(augment_fn, num_parallel_calls=tf.data.AUTOTUNE)
-        feats = feature_model.predict(ds.prefetch(tf.data.AUTOTUNE), verbose=0)
-        out.append(np.asarray(feats, dtype=dtype))
+    for v in range(views):  # view 0 is always the plain image
+        fn = augment_fn if (augment_fn is not None and v > 0) else None
+        out.append(np.asarray(predict(local, images, batch_size, map_fn=fn), dtype=dtype))
     return np.stack(out)
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,12 +16,13 @@ import tensorflow as tf
 from ..backbones import FreezeSpec, apply_freeze, build_backbone, get_spec, save_backbone
 from ..data import DataBundle, kfold, load_data
 from ..data.augment import make_augmenter
-from ..data.pipeline import class_weights, eval_dataset, train_dataset
+from ..data.pipeline import class_weights, train_dataset
 from ..recipe import Recipe
 from . import features as fcache
 from . import report as rep
 from .checkpoints import Checkpoints
-from .distribute import choose_precision, make_strategy
+from .distribute import choose_precision, make_strategy, patch_symbolic_build, worker_role
+from .distribute import predict as dist_predict
 from .heads import build_head, choose_norm, replace_batchnorm
 from .optim import current_lr, make_optimizer
 from .run import RunDir
@@ -36,7 +39,6 @@ class Result:
 
 def resolve_recipe(recipe, overrides=()) -> Recipe:
     if isinstance(recipe, str):
-        from .. import recipes as _recipes  # noqa: F401  (tuneflow.recipes)
         import tuneflow.recipes as registry
         recipe = registry.get(recipe)
     if isinstance(overrides, dict):
@@ -44,16 +46,45 @@ def resolve_recipe(recipe, overrides=()) -> Recipe:
     return recipe.override(*overrides)
 
 
-class _EpochHook(keras.callbacks.Callback):
-    """Per epoch: lr into the logs, a metrics.csv row, a checkpoint, the best model kept."""
+REP_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+INFER_BATCH = 64  # images per forward pass without gradients: ~30% faster than 32 on 2 CPU cores
 
-    def __init__(self, run: RunDir, ckpts: Checkpoints, stage_index: int, every_epoch: bool):
+
+def _val_metrics(probs: np.ndarray, y: np.ndarray) -> dict:
+    """Validation loss (mean negative log-likelihood, no regularisation or smoothing terms) and
+    accuracy over exactly the validation examples, computed from predictions so that it is the
+    same number under every strategy (no padded or dropped examples)."""
+    p = np.clip(probs[np.arange(len(y)), y].astype(np.float64), 1e-7, 1.0)
+    return {"val_loss": float(-np.mean(np.log(p))), "val_accuracy": float(np.mean(probs.argmax(1) == y))}
+
+
+class _EpochHook(keras.callbacks.Callback):
+    """Per epoch: validation, lr into the logs, a metrics.csv row, a checkpoint, the best model
+    kept, and early stopping on val_accuracy whose state (best, wait) is checkpointed too, so a
+    resumed stage stops where an uninterrupted one would have.
+
+    Runs before Keras's own callbacks (progress bar, TensorBoard, ReduceLROnPlateau), which then
+    see ``val_loss``/``val_accuracy`` in the logs as if Keras had computed them.
+    """
+
+    def __init__(self, run: RunDir, ckpts: Checkpoints, stage_index: int, every_epoch: bool,
+                 validate, patience: int = 0, state: dict | None = None):
         super().__init__()
         self.run, self.ckpts, self.stage_index = run, ckpts, stage_index
         # Cached-feature stages take milliseconds an epoch: checkpointing the whole model each
         # epoch would cost more than the training; they are checkpointed when the stage ends.
         self.every_epoch = every_epoch
+        self.validate, self.patience = validate, patience
+        state = state or {}
+        self.best = state.get("best", -np.inf)
+        self.wait = state.get("wait", 0)
+        self.best_epoch = state.get("best_epoch", 0)
+        self.best_weights = None
+        self.best_metrics = self.last_metrics = None  # val metrics of the best / latest epoch
+        self.restored = False
+        self.stopped_at = 0
         self.t0 = time.time()
+        self.val_seconds = 0.0
         self.epochs_run = 0
         self.nan = False
 
@@ -61,27 +92,57 @@ class _EpochHook(keras.callbacks.Callback):
         self.t0 = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
+        if logs is None:
+            logs = {}
+        t = time.time()
+        logs.update(self.validate())
+        self.val_seconds += time.time() - t
         lr = current_lr(self.model.optimizer)
         logs["lr"] = lr
         if not all(np.isfinite(float(v)) for k, v in logs.items() if k != "lr"):
             self.nan = True
+            self.model.stop_training = True
             return
         self.run.append_metrics({"stage": self.stage_index, "epoch": epoch + 1, "lr": lr,
                                  "seconds": round(time.time() - self.t0, 3),
-                                 **{k: float(v) for k, v in logs.items() if k in rep_keys}})
-        if self.every_epoch:
-            self.ckpts.save(self.stage_index, epoch + 1, {k: float(v) for k, v in logs.items()})
+                                 **{k: float(v) for k, v in logs.items() if k in REP_KEYS}})
+        self.last_metrics = {k: float(logs[k]) for k in ("val_loss", "val_accuracy")}
+        if logs["val_accuracy"] > self.best:
+            self.best, self.best_epoch, self.wait = float(logs["val_accuracy"]), epoch + 1, 0
+            self.best_metrics = dict(self.last_metrics)
+            if self.patience:
+                self.best_weights = self.model.get_weights()
+                if self.every_epoch:
+                    self.ckpts.save_stage_best(self.stage_index, epoch + 1)
+        else:
+            self.wait += 1
         self.epochs_run = epoch + 1
+        if self.every_epoch:
+            self.ckpts.save(self.stage_index, epoch + 1, {k: float(v) for k, v in logs.items()},
+                            early_stopping=self.state())
+        if self.patience and self.wait >= self.patience and epoch + 1 < self.params.get("epochs", 0):
+            self.stopped_at = epoch + 1
+            self.model.stop_training = True
+
+    def state(self) -> dict:
+        return {"best": self.best, "wait": self.wait, "best_epoch": self.best_epoch}
+
+    def on_train_end(self, logs=None):
+        if not self.patience or self.nan or not self.best_epoch or self.best_epoch == self.epochs_run:
+            return
+        # The stage ends on its best epoch (from memory, or from disk after a resume).
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+        elif not self.ckpts.restore_stage_best(self.stage_index):
+            return
+        self.restored = True
+        log.info("%s; restored the stage's best epoch %d (val_accuracy %.4f)",
+                 f"early stopping at epoch {self.stopped_at}" if self.stopped_at else "stage done",
+                 self.best_epoch, self.best)
 
     def on_train_batch_end(self, batch, logs=None):
         if logs and "loss" in logs and not np.isfinite(float(logs["loss"])):
             self.nan = True
-
-
-rep_keys = ("loss", "accuracy", "val_loss", "val_accuracy")
-INFER_BATCH = 64  # images per forward pass without gradients: ~30% faster than 32 on 2 CPU cores
-FEATURE_STATS: list[tuple[int, float]] = []  # (images, seconds) of backbone passes for the cache
 
 
 def finetune(recipe, data, out=None, *, overwrite: bool = False, resume: bool = False,
@@ -103,12 +164,23 @@ def finetune(recipe, data, out=None, *, overwrite: bool = False, resume: bool = 
     spec = get_spec(recipe.backbone)
     size = recipe.input_size or spec.default_size
     strategy = make_strategy(recipe.strategy)
-    replicas = strategy.num_replicas_in_sync
     precision = choose_precision(recipe.precision)
     keras.mixed_precision.set_global_policy(precision)
     # Data first: a bad folder is reported before any run folder exists.
-    bundle = load_data(data, size, recipe.val_fraction, recipe.fraction, recipe.classes, recipe.seed)
-    run = RunDir.open(out, recipe.name, overwrite=overwrite, resume=resume)
+    bundle = load_data(data, size, recipe.val_fraction, recipe.fraction, recipe.classes, recipe.seed,
+                       recipe.resize)
+    chief, task = worker_role(strategy)
+    shared_dir = None
+    if not chief:  # another worker: same computation, its writes go to a scratch folder
+        if resume and out is None:
+            raise ValueError("--resume with strategy=multiworker needs --out: every worker reads "
+                             "the chief's checkpoints from that (shared) folder.")
+        shared_dir = Path(out) if out is not None else None
+        out, overwrite, resume_here = Path(tempfile.mkdtemp(prefix=f"tuneflow-worker{task}-")) / "run", False, False
+        verbose = 0
+    else:
+        resume_here = resume
+    run = RunDir.open(out, recipe.name, overwrite=overwrite, resume=resume_here)
     try:
         run.write_json("recipe.json", recipe.to_dict())
         run.status("running", recipe=recipe.name)
@@ -116,7 +188,8 @@ def finetune(recipe, data, out=None, *, overwrite: bool = False, resume: bool = 
             report = _cross_validate(recipe, bundle, run, strategy, precision, verbose)
             model = None
         else:
-            report, model = _train(recipe, bundle, run, strategy, precision, verbose, resume)
+            report, model = _train(recipe, bundle, run, strategy, precision, verbose, resume,
+                                   read_dir=shared_dir if resume else None)
         report["wall_seconds"] = round(time.time() - t_start, 2)
         run.write_json("report.json", report)
         if not recipe.folds:
@@ -130,6 +203,8 @@ def finetune(recipe, data, out=None, *, overwrite: bool = False, resume: bool = 
         raise
     finally:
         keras.mixed_precision.set_global_policy("float32")
+        if not chief:
+            shutil.rmtree(run.path.parent, ignore_errors=True)
     if verbose:
         _summary(report, run.path)
     return Result(run.path, report, model)
@@ -177,7 +252,8 @@ def _taps(recipe, spec) -> list[str]:
     return list(recipe.taps)
 
 
-def _train(recipe: Recipe, bundle: DataBundle, run: RunDir, strategy, precision, verbose, resume):
+def _train(recipe: Recipe, bundle: DataBundle, run: RunDir, strategy, precision, verbose, resume,
+           read_dir=None):
     spec = get_spec(recipe.backbone)
     size = recipe.input_size or spec.default_size
     replicas = strategy.num_replicas_in_sync
@@ -205,26 +281,28 @@ def _train(recipe: Recipe, bundle: DataBundle, run: RunDir, strategy, precision,
         head = build_head(tuple(feat_out.shape[1:]), n_classes, recipe, norm)
         model = keras.Model(backbone.input, head(feature_model.output), name=f"tuneflow_{recipe.name}")
         model.tuneflow_backbone = spec.name
-    ckpts = Checkpoints(run / "checkpoints", model)
+    ckpts = Checkpoints(run / "checkpoints", model,
+                        read_folder=Path(read_dir) / "checkpoints" if read_dir is not None else None)
 
-    start_stage, start_epoch = 0, 0
+    # Resume: the newest checkpoint that verifies says where to continue. (stage, epoch) means
+    # "epoch epochs of stage done"; (stage + 1, 0) is written when a stage completes.
+    start_stage, start_epoch, resume_from, es_state = 0, 0, None, None
     if resume:
-        prefix = ckpts.latest_good()
-        if prefix is not None:
-            start_stage, start_epoch = _peek(prefix)
-            log.info("resuming from %s (stage %d, epoch %d)", prefix, start_stage, start_epoch)
-            run.truncate_metrics(lambda s, e: s < start_stage or (s == start_stage and e <= start_epoch))
-        else:
-            run.truncate_metrics(lambda s, e: False)
+        resume_from = ckpts.latest_good()
+        if resume_from is not None:
+            info = Checkpoints.manifest(resume_from)
+            start_stage, start_epoch = int(info["stage"]), int(info["epoch"])
+            es_state = info.get("early_stopping")
+            log.info("resuming from %s (stage %d, epoch %d)", resume_from, start_stage, start_epoch)
+        run.truncate_metrics(lambda s, e: s < start_stage or (s == start_stage and e <= start_epoch))
 
     stage_log, nan_note, train_images, train_seconds = [], None, 0, 0.0
+    feature_stats: list[tuple[int, float]] = []  # (images, seconds) of backbone passes for the cache
     last_cached = None  # (head trainer, val features) when the final stage trained on the cache
-    FEATURE_STATS.clear()
     for si, stage in enumerate(recipe.stages):
         fs = FreezeSpec.parse(stage.train)
         use_cache = fs.kind == "frozen" or (fs.kind == "top" and fs.n == 0)
         use_cache = use_cache and recipe.feature_cache and not (recipe.spatial_dropout and recipe.head == "conv")
-        epochs_done = 0
         if si < start_stage:
             stage_log.append(_stage_info(stage, "restored", use_cache))
             continue
@@ -232,50 +310,55 @@ def _train(recipe: Recipe, bundle: DataBundle, run: RunDir, strategy, precision,
             apply_freeze(backbone, spec, stage.train, freeze_bn=freeze_bn)
         if use_cache:
             trainer, cache_model = _cache_trainer(recipe, head, feature_model)
-            train_x, val_x, steps = _cached_inputs(recipe, bundle, cache_model, spec, size, tap, gbatch, cw)
-            last_cached = (trainer, val_x)
+            train_x, val_feats, steps = _cached_inputs(recipe, bundle, cache_model, spec, size, tap, gbatch,
+                                                       cw, replicas, feature_stats)
+            last_cached = (trainer, val_feats)
+            def validate(trainer=trainer, val_feats=val_feats):
+                return _val_metrics(dist_predict(trainer, val_feats, gbatch), bundle.val.y)
         else:
             trainer, last_cached = model, None
             steps = math.ceil(len(bundle.train) / gbatch)
             train_x = train_dataset(bundle.train, gbatch, augment=recipe.augment,
                                     backend=recipe.augment_backend, sampling=recipe.sampling,
                                     weights=cw, seed=recipe.seed + si, whole_batches=replicas > 1)
-            val_x = eval_dataset(bundle.val, gbatch)
+            def validate():
+                return _val_metrics(dist_predict(model, bundle.val.x, max(gbatch, INFER_BATCH)), bundle.val.y)
         lr = stage.lr * (gbatch / recipe.batch_size if recipe.scale_lr else 1.0)
         with strategy.scope():
             opt = make_optimizer(stage, lr, steps, recipe.clipnorm)
-            trainer.compile(optimizer=opt,
-                            loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing)
-                            if recipe.label_smoothing else keras.losses.SparseCategoricalCrossentropy(),
-                            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
-                            if not recipe.label_smoothing else [keras.metrics.CategoricalAccuracy(name="accuracy")])
             if recipe.label_smoothing:
-                train_x, val_x = _one_hot(train_x, n_classes), _one_hot(val_x, n_classes)
+                loss = keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing)
+                acc = keras.metrics.CategoricalAccuracy(name="accuracy")
+                train_x = _one_hot(train_x, n_classes)
+            else:
+                loss = keras.losses.SparseCategoricalCrossentropy()
+                acc = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+            trainer.compile(optimizer=opt, loss=loss, metrics=[acc])
+            patch_symbolic_build(trainer)
             opt.build(trainer.trainable_variables)
-        ckpts = Checkpoints(run / "checkpoints", model, opt)
-        initial = 0
-        if si == start_stage and start_epoch:
-            prefix = ckpts.latest_good()
-            ckpts.restore(prefix, with_optimizer=True)
-            initial = start_epoch
-        hook = _EpochHook(run, ckpts, si, every_epoch=not use_cache)
+        ckpts.bind_optimizer(opt)
+        initial, state = 0, None
+        if si == start_stage and resume_from is not None:
+            # Mid-stage: weights and this stage's optimizer state. At a stage boundary: weights only
+            # (the next stage starts a fresh optimizer).
+            ckpts.restore(resume_from, with_optimizer=start_epoch > 0)
+            initial, state = start_epoch, es_state
+        hook = _EpochHook(run, ckpts, si, every_epoch=not use_cache, validate=validate,
+                          patience=stage.patience, state=state)
         callbacks = [hook, keras.callbacks.TerminateOnNaN()]
-        if stage.patience:
-            callbacks.append(keras.callbacks.EarlyStopping("val_accuracy", patience=stage.patience,
-                                                           restore_best_weights=True,
-                                                           start_from_epoch=0))
         if stage.schedule == "plateau":
             callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.1,
                                                                patience=max(1, stage.patience // 2 or 2)))
         if not use_cache:
             callbacks.append(keras.callbacks.TensorBoard(str(run / "tensorboard" / stage.name),
                                                          write_graph=False, update_freq="epoch"))
-        if initial < stage.epochs:
+        stopped_before = bool(state and stage.patience and state.get("wait", 0) >= stage.patience)
+        if initial < stage.epochs and not stopped_before:
             t0 = time.time()
-            trainer.fit(train_x, validation_data=val_x, epochs=stage.epochs, initial_epoch=initial,
-                        callbacks=callbacks, verbose=1 if verbose and not use_cache else 0)
+            trainer.fit(train_x, epochs=stage.epochs, initial_epoch=initial, callbacks=callbacks,
+                        verbose=1 if verbose and not use_cache else 0)
             if not use_cache:
-                train_seconds += time.time() - t0
+                train_seconds += time.time() - t0 - hook.val_seconds
                 train_images += (hook.epochs_run - initial) * len(bundle.train)
         epochs_done = max(hook.epochs_run, initial)
         if hook.nan:
@@ -283,14 +366,15 @@ def _train(recipe: Recipe, bundle: DataBundle, run: RunDir, strategy, precision,
                         + rep.nan_diagnosis(recipe, lr, (float(bundle.train.x.min()), float(bundle.train.x.max()))))
             stage_log.append(_stage_info(stage, epochs_done, use_cache))
             break
-        final = dict(zip(["val_loss", "val_accuracy"], trainer.evaluate(val_x, verbose=0)[:2]))
-        ckpts.save(si + 1, 0, final)  # stage complete: a resume starts the next one
+        # Stage complete (a resume starts the next one), with the metrics of the weights it ends on.
+        known = hook.best_metrics if hook.restored else hook.last_metrics
+        ckpts.save(si + 1, 0, known if known is not None and hook.epochs_run else validate())
         stage_log.append(_stage_info(stage, epochs_done, use_cache))
 
     ckpts.restore_best()  # the best validated weights across all stages, never a worse one
     return _evaluate(recipe, bundle, run, model, backbone, spec, size, gbatch, replicas, strategy,
                      precision, norm, stage_log, tap, tap_scores, nan_note, train_images, train_seconds,
-                     last_cached), model
+                     last_cached, feature_stats), model
 
 
 def _cache_trainer(recipe, head, feature_model):
@@ -305,15 +389,6 @@ def _cache_trainer(recipe, head, feature_model):
     return trainer, cache_model
 
 
-def _peek(prefix):
-    reader = tf.train.load_checkpoint(prefix)
-    names = {n for n, _ in tf.train.list_variables(prefix)}
-    def val(key):
-        k = next(n for n in names if n.startswith(key + "/"))
-        return int(reader.get_tensor(k))
-    return val("stage"), val("epoch")
-
-
 def _stage_info(stage, epochs_run, cache):
     return {"name": stage.name, "train": stage.train, "epochs_run": epochs_run,
             "optimizer": stage.optimizer, "lr": stage.lr, "schedule": stage.schedule, "cache": bool(cache)}
@@ -325,7 +400,7 @@ def _one_hot(ds, n):
     return ds.map(f)
 
 
-def _features_for(recipe, bundle, feature_model, spec, size, tap, gbatch):
+def _features_for(recipe, bundle, feature_model, spec, size, tap, stats):
     aug = make_augmenter(recipe.augment, recipe.augment_backend, size, recipe.seed) \
         if recipe.cache_views > 1 else None
     pooled = len(feature_model.output.shape) == 2
@@ -342,15 +417,16 @@ def _features_for(recipe, bundle, feature_model, spec, size, tap, gbatch):
         feature_model, bundle.val.x, INFER_BATCH, dtype=dtype))
     n = (0 if hit_tr else len(bundle.train) * recipe.cache_views) + (0 if hit_va else len(bundle.val))
     if n:
-        FEATURE_STATS.append((n, time.time() - t0))
+        stats.append((n, time.time() - t0))
         log.info("feature cache: %d images through %s in %.1f s", n, spec.name, time.time() - t0)
     else:
         log.info("feature cache: reused (same backbone, weights, size, tap and data)")
     return ftr, fva[0]
 
 
-def _cached_inputs(recipe, bundle, feature_model, spec, size, tap, gbatch, cw):
-    ftr, fva = _features_for(recipe, bundle, feature_model, spec, size, tap, gbatch)
+def _cached_inputs(recipe, bundle, feature_model, spec, size, tap, gbatch, cw, replicas, stats):
+    """Batches of cached training features (and the validation features, as an array)."""
+    ftr, fva = _features_for(recipe, bundle, feature_model, spec, size, tap, stats)
     views = ftr.shape[0]
     x = ftr.reshape((-1,) + ftr.shape[2:])
     y = np.tile(bundle.train.y, views)
@@ -360,12 +436,14 @@ def _cached_inputs(recipe, bundle, feature_model, spec, size, tap, gbatch, cw):
         rng = np.random.default_rng(recipe.seed)
         per = int(np.ceil(n / len(np.unique(y))))
         idx = np.concatenate([rng.choice(np.where(y == c)[0], per) for c in np.unique(y)])
+    short = (-len(idx)) % gbatch
+    if replicas > 1 and short:  # whole batches only: see distribute.predict for why
+        idx = np.concatenate([idx, np.random.default_rng(recipe.seed).choice(idx, short)])
     parts = (x[idx], y[idx]) if cw is None else (x[idx], y[idx], cw[y[idx]])
     ds = tf.data.Dataset.from_tensor_slices(parts).shuffle(len(idx), seed=recipe.seed,
                                                            reshuffle_each_iteration=True)
     ds = ds.batch(gbatch).prefetch(tf.data.AUTOTUNE)
-    val = tf.data.Dataset.from_tensor_slices((fva, bundle.val.y)).batch(gbatch)
-    return ds, val, math.ceil(len(idx) / gbatch)
+    return ds, fva, math.ceil(len(idx) / gbatch)
 
 
 def _probe_taps(recipe, bundle, backbone, taps, gbatch, norm, cw, strategy, scores):
@@ -381,8 +459,8 @@ def _probe_taps(recipe, bundle, backbone, taps, gbatch, norm, cw, strategy, scor
         if not computed:
             pooled = keras.Model(backbone.input, [keras.layers.GlobalAveragePooling2D()(
                 backbone.get_layer(t).output) for t in taps])
-            both = np.concatenate([bundle.train.x, bundle.val.x]).astype(np.float32)
-            outs = pooled.predict(both, batch_size=INFER_BATCH, verbose=0)
+            both = np.concatenate([bundle.train.x, bundle.val.x])
+            outs = dist_predict(pooled, both, INFER_BATCH)
             computed.update({t: np.asarray(o, np.float32) for t, o in zip(taps, outs)})
         return computed
 
@@ -391,7 +469,8 @@ def _probe_taps(recipe, bundle, backbone, taps, gbatch, norm, cw, strategy, scor
     for t, key in zip(taps, keys):
         f, _ = fcache.cached(key, lambda t=t: all_taps()[t], enabled=recipe.feature_cache)
         f = np.asarray(f, np.float32)
-        with strategy.scope():
+        # A linear probe on a few thousand vectors: no distribution needed (or wanted).
+        with tf.distribute.get_strategy().scope():
             probe = keras.Sequential([keras.Input(f.shape[1:]), keras.layers.Dropout(recipe.dropout),
                                       keras.layers.Dense(len(bundle.classes), activation="softmax",
                                                          kernel_regularizer=keras.regularizers.L2(recipe.l2),
@@ -410,24 +489,23 @@ def _probe_taps(recipe, bundle, backbone, taps, gbatch, norm, cw, strategy, scor
 
 
 def _evaluate(recipe, bundle, run, model, backbone, spec, size, gbatch, replicas, strategy, precision,
-              norm, stage_log, tap, tap_scores, nan_note, train_images, train_seconds, last_cached):
+              norm, stage_log, tap, tap_scores, nan_note, train_images, train_seconds, last_cached,
+              feature_stats):
     if last_cached is not None and recipe.head != "conv":
         # The backbone did not change since the cache was filled: the head on the cached val
         # vectors is the same computation as the whole model on the val images.
-        trainer, val_x = last_cached
-        probs = trainer.predict(val_x, verbose=0)
+        trainer, val_feats = last_cached
+        probs = dist_predict(trainer, val_feats, gbatch)
     else:
-        probs = model.predict(eval_dataset(bundle.val, INFER_BATCH), verbose=0)
+        probs = dist_predict(model, bundle.val.x, max(gbatch, INFER_BATCH))
     y_pred = probs.argmax(1)
-    eps = 1e-7
-    val_loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(probs)), bundle.val.y], eps, 1))))
-    val_acc = float(np.mean(y_pred == bundle.val.y))
+    val_loss, val_acc = _val_metrics(probs, bundle.val.y).values()
     table, cm = rep.per_class(bundle.val.y, y_pred, bundle.classes)
     rows = run.metrics_rows()
     verdict, advice = rep.verdict(rows)
     test_acc = None
     if bundle.test is not None and len(bundle.test):
-        tp = model.predict(eval_dataset(bundle.test, INFER_BATCH), verbose=0)
+        tp = dist_predict(model, bundle.test.x, max(gbatch, INFER_BATCH))
         test_acc = float(np.mean(tp.argmax(1) == bundle.test.y))
     if rows:
         rep.plot_curves(rows, run / "curves.png", f"{recipe.name} · {spec.name}")
@@ -448,8 +526,8 @@ def _evaluate(recipe, bundle, run, model, backbone, spec, size, gbatch, replicas
         "global_batch": gbatch, "lr_scale": gbatch / recipe.batch_size if recipe.scale_lr else 1.0,
         "precision": precision, "norm": norm, "verdict": verdict, "advice": advice,
         "images_per_second": (train_images / train_seconds) if train_seconds else 0.0,
-        "feature_images_per_second": (sum(n for n, _ in FEATURE_STATS) / sum(t for _, t in FEATURE_STATS))
-        if FEATURE_STATS else None,
+        "feature_images_per_second": (sum(n for n, _ in feature_stats) / sum(t for _, t in feature_stats))
+        if feature_stats else None,
         "skipped_files": bundle.skipped, "leaks": bundle.leaks, "nan": nan_note,
         "selected_by": "best val_accuracy checkpoint across stages",
     }
