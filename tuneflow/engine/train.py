@@ -278,6 +278,9 @@ def _train(recipe: Recipe, bundle: DataBundle, run: RunDir, strategy, precision,
     feat_out = backbone.output if tap is None else backbone.get_layer(tap).output
     with strategy.scope():
         feature_model = keras.Model(backbone.input, feat_out, name="features")
+        # Seeded again here: building the backbone may or may not convert weights first (it
+        # draws random numbers only on a cold cache), and the head must not depend on that.
+        keras.utils.set_random_seed(recipe.seed)
         head = build_head(tuple(feat_out.shape[1:]), n_classes, recipe, norm)
         model = keras.Model(backbone.input, head(feature_model.output), name=f"tuneflow_{recipe.name}")
         model.tuneflow_backbone = spec.name
