@@ -30,7 +30,7 @@ STAGES = (
     (5, 2, 6, 192, 4),
     (3, 1, 6, 320, 1),
 )
-CACHE_NAME = "efficientnet_lite0_imagenet_v1.weights.h5"
+CACHE_NAME = "efficientnet_lite0_imagenet_v2.npz"  # {layer/index: array}, no model needed to read
 
 
 def _bn(name):
@@ -128,19 +128,20 @@ def cache_dir() -> Path:
 
 
 def converted_weights_path() -> Path:
-    """Convert the PyTorch weights once (about 2 s) and return the cached Keras file."""
+    """Convert the PyTorch weights once (about 2 s) and return the cached file of arrays."""
     target = cache_dir() / CACHE_NAME
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    model = build_lite0(include_top=True)
-    for name, values in _torch_to_keras(load_legacy_state_dict(source_file())).items():
-        model.get_layer(name).set_weights(values)
+    arrays = {f"{name}/{i}": np.ascontiguousarray(v, dtype=np.float32)
+              for name, values in _torch_to_keras(load_legacy_state_dict(source_file())).items()
+              for i, v in enumerate(values)}
     # Write next to the target and rename: a killed conversion never leaves half a file.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".weights.h5")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".npz")
     os.close(fd)
     try:
-        model.save_weights(tmp, overwrite=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -150,8 +151,14 @@ def converted_weights_path() -> Path:
 
 def load_imagenet(model: keras.Model) -> None:
     """Load the converted ImageNet weights into a Lite0 model of any input size, top or not."""
-    full = build_lite0(include_top=True)
-    full.load_weights(converted_weights_path())
+    with np.load(converted_weights_path()) as f:
+        per_layer: dict[str, list] = {}
+        for key in f.files:
+            name, i = key.rsplit("/", 1)
+            per_layer.setdefault(name, []).append((int(i), f[key]))
     for layer in model.layers:
         if layer.weights:
-            layer.set_weights(full.get_layer(layer.name).get_weights())
+            if layer.name not in per_layer:
+                raise ValueError(f"No ImageNet weights for Lite0 layer {layer.name!r}; delete "
+                                 f"{converted_weights_path()} to convert them again.")
+            layer.set_weights([v for _, v in sorted(per_layer[layer.name], key=lambda t: t[0])])

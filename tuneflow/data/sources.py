@@ -240,9 +240,11 @@ def _hash_split(named: dict[str, list[Path]], val_fraction: float):
 def _average_hash(x: np.ndarray) -> np.ndarray:
     """8x8 mean-threshold hash per image: equal for byte-identical and near-identical images."""
     n, s = x.shape[:2][0], x.shape[1]
-    g = x.astype(np.float32).mean(-1)
     k = s // 8
-    g = g[:, :k * 8, :k * 8].reshape(n, 8, k, 8, k).mean((2, 4)).reshape(n, 64)
+    step = max(1, k // 4)  # 4x4 samples per cell are plenty for a mean: ~100x less work at 288 px
+    g = x[:, :k * 8:step, :k * 8:step].astype(np.float32).mean(-1)
+    m = g.shape[1] // 8
+    g = g[:, :m * 8, :m * 8].reshape(n, 8, m, 8, m).mean((2, 4)).reshape(n, 64)
     return np.packbits(g > g.mean(1, keepdims=True), axis=1)
 
 
