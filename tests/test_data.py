@@ -186,3 +186,16 @@ def test_tfds_by_name_with_mocked_local_data():
 def test_tfds_unknown_name():
     with pytest.raises(DataError, match="TFDS has no dataset 'tf_flowerz'.*tf_flowers"):
         load_data("tfds:tf_flowerz", 32)
+
+
+def test_random_affine_is_one_exact_resampling():
+    from tuneflow.data.augment import _random_affine_layer
+    x = np.zeros((4, 32, 32, 3), np.float32)
+    x[:, 8:24, 8:24] = 255.0
+    Affine = _random_affine_layer()
+    np.testing.assert_array_equal(np.asarray(Affine()(x)), x)  # no parameters: the identity
+    z = np.asarray(Affine(zoom=0.5, seed=3)(x))
+    assert z.shape == x.shape and (z[:, 16, 16] == 255).all()  # zooming in keeps the centre
+    assert (z[:, 8:24, 8:24] >= x[:, 8:24, 8:24] - 1e-3).all()  # and only enlarges the square
+    r = np.asarray(Affine(rotate=np.pi / 2 * 0.999, seed=4)(x))
+    assert not np.allclose(r, x) and r.min() >= 0 and r.max() <= 255.0

@@ -33,6 +33,57 @@ def check_preset(preset) -> None:
                          f"{', '.join(PRESETS)}, or pass your own albumentations Compose or Keras layers.")
 
 
+def _random_affine_layer():
+    import keras
+    import tensorflow as tf
+
+    class RandomAffine(keras.layers.Layer):
+        """Zoom-in, rotation, translation and shear as ONE resampling per image.
+
+        Keras has a layer per geometric operation and each resamples the whole image, so a
+        preset with zoom + rotation pays (and blurs) twice; composing the matrices first and
+        calling ``ImageProjectiveTransformV3`` once is about twice as fast on CPU. Output pixel
+        (x, y) samples input ``c + s R(theta) Shear (p - c) + t`` with reflect padding.
+        """
+
+        def __init__(self, zoom=0.0, rotate=0.0, translate=0.0, shear=0.0, seed=None, **kw):
+            super().__init__(**kw)
+            self.zoom, self.rotate, self.translate, self.shear, self.seed = zoom, rotate, translate, shear, seed
+
+        def call(self, images, training=True):
+            images = tf.convert_to_tensor(images, tf.float32)
+            shape = tf.shape(images)
+            n, h, w = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+
+            def u(lo, hi, salt):
+                return tf.random.uniform([n], lo, hi, seed=None if self.seed is None else self.seed + salt)
+
+            s = 1.0 - u(0.0, self.zoom, 1) if self.zoom else tf.ones([n])
+            th = u(-self.rotate, self.rotate, 2) if self.rotate else tf.zeros([n])
+            sh = u(-self.shear, self.shear, 3) if self.shear else tf.zeros([n])
+            tx = u(-self.translate, self.translate, 4) * w if self.translate else tf.zeros([n])
+            ty = u(-self.translate, self.translate, 5) * h if self.translate else tf.zeros([n])
+            cos, sin = tf.cos(th), tf.sin(th)
+            # M = s * R(theta) @ [[1, sh], [0, 1]]
+            m00, m01 = s * cos, s * (cos * sh - sin)
+            m10, m11 = s * sin, s * (sin * sh + cos)
+            cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
+            ox = cx - (m00 * cx + m01 * cy) + tx
+            oy = cy - (m10 * cx + m11 * cy) + ty
+            zeros = tf.zeros([n])
+            transforms = tf.stack([m00, m01, ox, m10, m11, oy, zeros, zeros], axis=1)
+            out = tf.raw_ops.ImageProjectiveTransformV3(
+                images=images, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
+                interpolation="BILINEAR", fill_mode="REFLECT")
+            out.set_shape(images.shape)  # keep the static shape for the layers that follow
+            return out
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+    return RandomAffine
+
+
 def keras_augmenter(preset, size: int, seed: int | None = None):
     """A callable on uint8/float batches (N, S, S, 3) in 0..255 -> float32 batches, or None."""
     import keras
@@ -47,16 +98,11 @@ def keras_augmenter(preset, size: int, seed: int | None = None):
     layers = []
     if p.get("flip"):
         layers.append(L.RandomFlip("horizontal", seed=seed))
-    if p.get("crop_scale"):
-        zoom = 1 - float(np.sqrt(p["crop_scale"]))  # area scale -> side zoom-in factor
-        layers.append(L.RandomZoom((-zoom, 0.0), fill_mode="reflect", seed=seed))
-    if p.get("rotate_deg"):
-        layers.append(L.RandomRotation(p["rotate_deg"] / 360.0, fill_mode="reflect", seed=seed))
-    if p.get("translate"):
-        layers.append(L.RandomTranslation(p["translate"], p["translate"], fill_mode="reflect", seed=seed))
-    if p.get("shear_deg"):
-        s = float(np.tan(np.radians(p["shear_deg"])))
-        layers.append(L.RandomShear(x_factor=s, y_factor=s, fill_mode="reflect", seed=seed))
+    geo = dict(zoom=1 - float(np.sqrt(p.get("crop_scale", 1.0))),  # area scale -> side zoom-in
+               rotate=float(np.radians(p.get("rotate_deg", 0.0))), translate=float(p.get("translate", 0.0)),
+               shear=float(np.tan(np.radians(p.get("shear_deg", 0.0)))))
+    if any(geo.values()):
+        layers.append(_random_affine_layer()(**geo, seed=seed, name="random_affine"))
     if p.get("perspective"):
         layers.append(L.RandomPerspective(factor=1.0, scale=p["perspective"], seed=seed))
     if p.get("contrast"):
