@@ -69,7 +69,8 @@ def choose_precision(precision: str) -> str:
 
 
 def predict(model, x, batch_size: int, verbose: int = 0, map_fn=None):
-    """``model.predict`` over an array, correct under every strategy.
+    """``model.predict`` over an array (or a list of arrays, as if concatenated), correct under
+    every strategy.
 
     Under several replicas every batch is made whole (padded with copies of the first example,
     whose outputs are dropped): Keras 3 reduces the first batch across replicas before building
@@ -78,11 +79,14 @@ def predict(model, x, batch_size: int, verbose: int = 0, map_fn=None):
     """
     replicas = model.distribute_strategy.num_replicas_in_sync
     batch = int(math.ceil(batch_size / replicas) * replicas)
-    n = len(x)
-    ds = tf.data.Dataset.from_tensor_slices(x)
+    parts = list(x) if isinstance(x, (list, tuple)) else [x]  # several arrays: one pass, no copy
+    n = sum(len(p) for p in parts)
+    ds = tf.data.Dataset.from_tensor_slices(parts[0])
+    for p in parts[1:]:
+        ds = ds.concatenate(tf.data.Dataset.from_tensor_slices(p))
     pad = (-n) % batch if replicas > 1 else 0
     if pad:
-        ds = ds.concatenate(tf.data.Dataset.from_tensor_slices(np.repeat(x[:1], pad, axis=0)))
+        ds = ds.concatenate(tf.data.Dataset.from_tensor_slices(np.repeat(parts[0][:1], pad, axis=0)))
     ds = ds.batch(batch).map(lambda a: tf.cast(a, tf.float32))
     if map_fn is not None:  # e.g. augmentation of the batch
         ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE)

@@ -34,9 +34,14 @@ def cache_key(**parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def compute_features(feature_model, images: np.ndarray, batch_size: int, augment_fn=None,
+def exists(key: str) -> bool:
+    return (cache_root() / f"{key}.npy").exists()
+
+
+def compute_features(feature_model, images, batch_size: int, augment_fn=None,
                      views: int = 1, dtype=np.float16) -> np.ndarray:
     """Features for every image (and ``views`` augmented copies when ``augment_fn`` is given).
+    ``images``: an array, or a list of arrays computed in one pass as if concatenated.
 
     Returns ``dtype`` of shape (views, N, *feature_shape): float16 for feature maps (half
     the memory, ample for a head behind dropout), float32 for pooled vectors (exact).
@@ -46,7 +51,11 @@ def compute_features(feature_model, images: np.ndarray, batch_size: int, augment
     from .distribute import predict
     # A local (non-distributed) model over the same layers: features are computed on each
     # worker without collective ops, because whether the cache hits may differ between workers.
-    local = keras.Model(feature_model.input, feature_model.output)
+    # Kept on the feature model, so that train and val share one traced predict function.
+    local = getattr(feature_model, "_tuneflow_local", None)
+    if local is None:
+        local = keras.Model(feature_model.input, feature_model.output)
+        feature_model._tuneflow_local = local
     out = []
     for v in range(views):  # view 0 is always the plain image
         fn = augment_fn if (augment_fn is not None and v > 0) else None

@@ -421,11 +421,20 @@ def _features_for(recipe, bundle, feature_model, spec, size, tap, stats):
                               augment=f"{recipe.augment}/{recipe.augment_backend}")
     va_key = fcache.cache_key(**base, data=bundle.fingerprint(), split="val", views=1)
     t0 = time.time()
+    joint = recipe.cache_views == 1 and not fcache.exists(tr_key) and not fcache.exists(va_key)
+    if joint:
+        # Both missing (a new dataset): one pass over train + val, one traced function.
+        both = fcache.compute_features(feature_model, [bundle.train.x, bundle.val.x], INFER_BATCH,
+                                       dtype=dtype)
+        n_tr = len(bundle.train)
+        fcache.cached(tr_key, lambda: both[:, :n_tr])
+        fcache.cached(va_key, lambda: both[:, n_tr:])
     ftr, hit_tr = fcache.cached(tr_key, lambda: fcache.compute_features(
         feature_model, bundle.train.x, INFER_BATCH, aug, recipe.cache_views, dtype))
     fva, hit_va = fcache.cached(va_key, lambda: fcache.compute_features(
         feature_model, bundle.val.x, INFER_BATCH, dtype=dtype))
-    n = (0 if hit_tr else len(bundle.train) * recipe.cache_views) + (0 if hit_va else len(bundle.val))
+    n = len(bundle.train) + len(bundle.val) if joint else (
+        (0 if hit_tr else len(bundle.train) * recipe.cache_views) + (0 if hit_va else len(bundle.val)))
     if n:
         stats.append((n, time.time() - t0))
         log.info("feature cache: %d images through %s in %.1f s", n, spec.name, time.time() - t0)
