@@ -86,7 +86,7 @@ STRATEGY_SCRIPT = textwrap.dedent("""
     from tuneflow.engine.checkpoints import restore_model
     data, out, train_strategy, restore_strategy = sys.argv[1:5]
     ov = dict(input_size=32, weights=None, batch_size=4, precision="float32", strategy=train_strategy,
-              head__epochs=1, finetune__epochs=1)
+              head__epochs=1, finetune__epochs=1, scale_lr=True, head__schedule="constant")
     res = finetune("large_similar", data, out, overrides=ov, verbose=0)
     x = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3)).astype(np.float32)
     from tuneflow.engine.distribute import make_strategy
@@ -97,7 +97,12 @@ STRATEGY_SCRIPT = textwrap.dedent("""
             w.assign(tf.zeros(w.shape, w.dtype))
         restore_model(model, out)
     a, b = res.model.predict(x, verbose=0), model.predict(x, verbose=0)
+    import csv
+    first_lr = float(next(csv.DictReader(open(f"{out}/metrics.csv")))["lr"])
+    auto = make_strategy("auto")  # no GPUs: the default strategy, even with two logical CPUs
     print(json.dumps({"replicas": res.report["replicas"], "global_batch": res.report["global_batch"],
+                      "lr_scale": res.report["lr_scale"], "first_lr": first_lr,
+                      "auto": type(auto).__name__, "auto_replicas": auto.num_replicas_in_sync,
                       "restored_replicas": strategy.num_replicas_in_sync,
                       "maxdiff": float(np.abs(a - b).max())}))
 """)
@@ -115,6 +120,10 @@ def test_checkpoints_restore_across_strategies(tmp_path, train_s, restore_s):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["replicas"] == (2 if train_s == "mirrored" else 1)
     assert result["global_batch"] == 4 * result["replicas"]
+    # linear LR scaling with the global batch: head lr 1e-3 x replicas, in the report and in use
+    assert result["lr_scale"] == result["replicas"]
+    assert result["first_lr"] == pytest.approx(1e-3 * result["replicas"])
+    assert result["auto_replicas"] == 1
     assert result["restored_replicas"] == (2 if restore_s == "mirrored" else 1)
     assert result["maxdiff"] < 1e-5
 
