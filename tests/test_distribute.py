@@ -98,3 +98,45 @@ def test_multiworker_without_tf_config_says_what_to_set(tmp_path, monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         make_strategy("multiworker")
+
+
+RESUMING_WORKER = textwrap.dedent("""
+    import json, logging, os, sys, numpy as np
+    import tuneflow.engine.train as train
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    from tuneflow import finetune
+    data, out, dump, mode = sys.argv[1:5]
+    ov = dict(input_size=32, weights=None, batch_size=4, precision="float32", strategy="multiworker",
+              head__epochs=1, finetune__epochs=3, head__patience=0, finetune__patience=0)
+    index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    if mode == "crash":  # both workers stop after fine-tuning epoch 1, as a preempted job would
+        original = train._EpochHook.on_epoch_end
+        def crash(self, epoch, logs=None):
+            original(self, epoch, logs)
+            if self.stage_index == 1 and epoch + 1 == 1:
+                os._exit(17)
+        train._EpochHook.on_epoch_end = crash
+    res = finetune("large_similar", data, out, overrides=ov, verbose=0, resume=(mode == "resume"))
+    np.savez(f"{dump}/weights{index}.npz", *[np.asarray(w) for w in res.model.weights])
+""")
+
+
+@pytest.mark.slow
+def test_two_workers_resume_from_the_chiefs_checkpoints(tmp_path):
+    data = make_image_folder(tmp_path / "d", per_class=10)
+    out = tmp_path / "run"
+    script = tmp_path / "worker.py"
+    script.write_text(RESUMING_WORKER)
+    cmd = [sys.executable, str(script), str(data), str(out), str(tmp_path)]
+    codes, logs = _workers(cmd + ["crash"], _free_ports(2), tmp_path)
+    assert codes == [17, 17], "\n\n".join(log[-3000:] for log in logs)
+    rows = (out / "metrics.csv").read_text().strip().splitlines()[1:]
+    assert [r.split(",")[:2] for r in rows] == [["0", "1"], ["1", "1"]]
+    codes, logs = _workers(cmd + ["resume"], _free_ports(2), tmp_path)
+    assert codes == [0, 0], "\n\n".join(log[-3000:] for log in logs)
+    rows = (out / "metrics.csv").read_text().strip().splitlines()[1:]
+    assert [r.split(",")[:2] for r in rows] == [["0", "1"], ["1", "1"], ["1", "2"], ["1", "3"]]
+    assert "resuming from" in logs[0] and "resuming from" in logs[1]  # both continued, same point
+    w0, w1 = np.load(tmp_path / "weights0.npz"), np.load(tmp_path / "weights1.npz")
+    for k in w0.files:
+        np.testing.assert_allclose(w0[k], w1[k], atol=1e-6, err_msg=k)
