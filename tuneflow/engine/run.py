@@ -7,7 +7,8 @@ Layout (what the later embedding export / serving / workbench read):
   curves.png, confusion.png, report.json, report.md
   model.keras        the whole classifier (pixels 0..255 in, probabilities out)
   backbone.weights.h5, backbone.json
-  checkpoints/last, checkpoints/best, tensorboard/
+  checkpoints/last (newest 2: model, optimizer, stage, epoch; early-stopping state in the manifest),
+  checkpoints/best (best val accuracy across stages), checkpoints/stage_best, tensorboard/
 """
 from __future__ import annotations
 
