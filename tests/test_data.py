@@ -199,3 +199,18 @@ def test_random_affine_is_one_exact_resampling():
     assert (z[:, 8:24, 8:24] >= x[:, 8:24, 8:24] - 1e-3).all()  # and only enlarges the square
     r = np.asarray(Affine(rotate=np.pi / 2 * 0.999, seed=4)(x))
     assert not np.allclose(r, x) and r.min() >= 0 and r.max() <= 255.0
+
+
+@pytest.mark.parametrize("preset", ["light", "medium", "heavy"])
+def test_keras_augmentation_stays_float32_under_mixed_precision(preset):
+    """precision=auto picks mixed_bfloat16 on AVX512-BF16 CPUs: augmentation must not follow it."""
+    import keras
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        fn = make_augmenter(preset, "keras", 32, seed=0)
+        x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+        out = fn(x)
+        assert out.dtype == "float32" and out.shape == (4, 32, 32, 3)
+        assert np.isfinite(np.asarray(out)).all()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

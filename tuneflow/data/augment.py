@@ -25,6 +25,10 @@ PRESETS: dict[str, dict] = {
               "shear_deg": 8, "perspective": 0.05, "contrast": 0.35, "brightness": 0.3},
 }
 BACKENDS = ("keras", "albumentations")
+# Augmentation works on pixels in float32 whatever the model's mixed-precision policy: under
+# mixed_bfloat16 Keras layers would otherwise compute in bfloat16 (8 mantissa bits: pixel values
+# rounded by up to 1 grey level, and the layers' dtypes would disagree).
+F32 = "float32"
 
 
 def check_preset(preset) -> None:
@@ -51,7 +55,7 @@ def _random_affine_layer():
             self.zoom, self.rotate, self.translate, self.shear, self.seed = zoom, rotate, translate, shear, seed
 
         def call(self, images, training=True):
-            images = tf.convert_to_tensor(images, tf.float32)
+            images = tf.cast(images, tf.float32)
             shape = tf.shape(images)
             n, h, w = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
 
@@ -97,18 +101,18 @@ def keras_augmenter(preset, size: int, seed: int | None = None):
     L = keras.layers
     layers = []
     if p.get("flip"):
-        layers.append(L.RandomFlip("horizontal", seed=seed))
+        layers.append(L.RandomFlip("horizontal", seed=seed, dtype=F32))
     geo = dict(zoom=1 - float(np.sqrt(p.get("crop_scale", 1.0))),  # area scale -> side zoom-in
                rotate=float(np.radians(p.get("rotate_deg", 0.0))), translate=float(p.get("translate", 0.0)),
                shear=float(np.tan(np.radians(p.get("shear_deg", 0.0)))))
     if any(geo.values()):
-        layers.append(_random_affine_layer()(**geo, seed=seed, name="random_affine"))
+        layers.append(_random_affine_layer()(**geo, seed=seed, name="random_affine", dtype=F32))
     if p.get("perspective"):
-        layers.append(L.RandomPerspective(factor=1.0, scale=p["perspective"], seed=seed))
+        layers.append(L.RandomPerspective(factor=1.0, scale=p["perspective"], seed=seed, dtype=F32))
     if p.get("contrast"):
-        layers.append(L.RandomContrast(p["contrast"], value_range=(0, 255), seed=seed))
+        layers.append(L.RandomContrast(p["contrast"], value_range=(0, 255), seed=seed, dtype=F32))
     if p.get("brightness"):
-        layers.append(L.RandomBrightness(p["brightness"], value_range=(0, 255), seed=seed))
+        layers.append(L.RandomBrightness(p["brightness"], value_range=(0, 255), seed=seed, dtype=F32))
     return keras.Sequential(layers, name=f"augment_{preset}")
 
 
