@@ -84,6 +84,7 @@ class _EpochHook(keras.callbacks.Callback):
         self.validate, self.patience = validate, patience
         state = state or {}
         self.best = state.get("best", -np.inf)
+        self.best_loss = state.get("best_loss", np.inf)
         self.wait = state.get("wait", 0)
         self.best_epoch = state.get("best_epoch", 0)
         self.best_weights = None
@@ -114,8 +115,10 @@ class _EpochHook(keras.callbacks.Callback):
                                  "seconds": round(time.time() - self.t0, 3),
                                  **{k: float(v) for k, v in logs.items() if k in REP_KEYS}})
         self.last_metrics = {k: float(logs[k]) for k in ("val_loss", "val_accuracy")}
-        if logs["val_accuracy"] > self.best:
-            self.best, self.best_epoch, self.wait = float(logs["val_accuracy"]), epoch + 1, 0
+        acc, loss = float(logs["val_accuracy"]), float(logs["val_loss"])
+        # The same rule as the best checkpoint: higher accuracy, or equal accuracy and lower loss.
+        if acc > self.best or (acc == self.best and loss < self.best_loss):
+            self.best, self.best_loss, self.best_epoch, self.wait = acc, loss, epoch + 1, 0
             self.best_metrics = dict(self.last_metrics)
             if self.patience:
                 self.best_weights = self.model.get_weights()
@@ -132,7 +135,7 @@ class _EpochHook(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def state(self) -> dict:
-        return {"best": self.best, "wait": self.wait, "best_epoch": self.best_epoch}
+        return {"best": self.best, "best_loss": self.best_loss, "wait": self.wait, "best_epoch": self.best_epoch}
 
     def on_train_end(self, logs=None):
         if not self.patience or self.nan or not self.best_epoch or self.best_epoch == self.epochs_run:
