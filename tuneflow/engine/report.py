@@ -36,6 +36,9 @@ def nan_diagnosis(recipe, lr: float, x_range: tuple[float, float]) -> str:
     hints = []
     if lr >= 1e-2:
         hints.append(f"the learning rate {lr:g} is high: try 10x lower")
+    if max(recipe.l1, recipe.l2) >= 1.0:
+        hints.append(f"the L1/L2 penalty ({max(recipe.l1, recipe.l2):g}) times the learning rate "
+                     "overshoots: typical values are 1e-5..1e-3")
     if not recipe.clipnorm:
         hints.append("no gradient clipping: try --set clipnorm=10")
     if x_range[1] > 255.5 or x_range[0] < -0.5:
