@@ -57,15 +57,27 @@ WORKER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
-def test_two_workers_train_one_run_in_sync_and_only_the_chief_writes_it(tmp_path):
+def _worker_command(tmp_path, script_text):
+    """(data folder, run folder, command) for a worker script taking DATA OUT DUMP_DIR."""
     data = make_image_folder(tmp_path / "d", per_class=10)
     out = tmp_path / "run"
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(script_text)
+    return data, out, [sys.executable, str(script), str(data), str(out), str(tmp_path)]
+
+
+def _assert_same_weights(tmp_path):
+    w0, w1 = np.load(tmp_path / "weights0.npz"), np.load(tmp_path / "weights1.npz")
+    assert len(w0.files) == len(w1.files) > 100
+    for k in w0.files:
+        np.testing.assert_allclose(w0[k], w1[k], atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+def test_two_workers_train_one_run_in_sync_and_only_the_chief_writes_it(tmp_path):
+    data, out, cmd = _worker_command(tmp_path, WORKER)
     scratch_before = set(Path(tempfile.gettempdir()).glob("tuneflow-worker1-*"))
-    codes, logs = _workers([sys.executable, str(script), str(data), str(out), str(tmp_path)],
-                           _free_ports(2), tmp_path)
+    codes, logs = _workers(cmd, _free_ports(2), tmp_path)
     assert codes == [0, 0], "\n\n".join(log[-3000:] for log in logs)
     report = json.loads((out / "report.json").read_text())
     assert report["strategy"] in ("MultiWorkerMirroredStrategy", "CollectiveAllReduceStrategy")  # same class
@@ -76,10 +88,7 @@ def test_two_workers_train_one_run_in_sync_and_only_the_chief_writes_it(tmp_path
     assert set(Path(tempfile.gettempdir()).glob("tuneflow-worker1-*")) == scratch_before
     # Gradients were all-reduced: both workers end with the same weights (BN moving statistics
     # differ only by float rounding of their all-reduce).
-    w0, w1 = np.load(tmp_path / "weights0.npz"), np.load(tmp_path / "weights1.npz")
-    assert len(w0.files) == len(w1.files) > 100
-    for k in w0.files:
-        np.testing.assert_allclose(w0[k], w1[k], atol=1e-6, err_msg=k)
+    _assert_same_weights(tmp_path)
     # The chief's saved model reproduces the reported validation accuracy on one CPU.
     import keras
 
@@ -123,11 +132,7 @@ RESUMING_WORKER = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_two_workers_resume_from_the_chiefs_checkpoints(tmp_path):
-    data = make_image_folder(tmp_path / "d", per_class=10)
-    out = tmp_path / "run"
-    script = tmp_path / "worker.py"
-    script.write_text(RESUMING_WORKER)
-    cmd = [sys.executable, str(script), str(data), str(out), str(tmp_path)]
+    _, out, cmd = _worker_command(tmp_path, RESUMING_WORKER)
     codes, logs = _workers(cmd + ["crash"], _free_ports(2), tmp_path)
     assert codes == [17, 17], "\n\n".join(log[-3000:] for log in logs)
     rows = (out / "metrics.csv").read_text().strip().splitlines()[1:]
@@ -137,6 +142,4 @@ def test_two_workers_resume_from_the_chiefs_checkpoints(tmp_path):
     rows = (out / "metrics.csv").read_text().strip().splitlines()[1:]
     assert [r.split(",")[:2] for r in rows] == [["0", "1"], ["1", "1"], ["1", "2"], ["1", "3"]]
     assert "resuming from" in logs[0] and "resuming from" in logs[1]  # both continued, same point
-    w0, w1 = np.load(tmp_path / "weights0.npz"), np.load(tmp_path / "weights1.npz")
-    for k in w0.files:
-        np.testing.assert_allclose(w0[k], w1[k], atol=1e-6, err_msg=k)
+    _assert_same_weights(tmp_path)

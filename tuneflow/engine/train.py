@@ -430,12 +430,13 @@ def _features_for(recipe, bundle, feature_model, spec, size, tap, stats):
         both = fcache.compute_features(feature_model, [bundle.train.x, bundle.val.x], INFER_BATCH,
                                        dtype=dtype)
         n_tr = len(bundle.train)
-        fcache.cached(tr_key, lambda: both[:, :n_tr])
-        fcache.cached(va_key, lambda: both[:, n_tr:])
-    ftr, hit_tr = fcache.cached(tr_key, lambda: fcache.compute_features(
-        feature_model, bundle.train.x, INFER_BATCH, aug, recipe.cache_views, dtype))
-    fva, hit_va = fcache.cached(va_key, lambda: fcache.compute_features(
-        feature_model, bundle.val.x, INFER_BATCH, dtype=dtype))
+        (ftr, hit_tr), (fva, hit_va) = (fcache.cached(tr_key, lambda: both[:, :n_tr]),
+                                        fcache.cached(va_key, lambda: both[:, n_tr:]))
+    else:
+        ftr, hit_tr = fcache.cached(tr_key, lambda: fcache.compute_features(
+            feature_model, bundle.train.x, INFER_BATCH, aug, recipe.cache_views, dtype))
+        fva, hit_va = fcache.cached(va_key, lambda: fcache.compute_features(
+            feature_model, bundle.val.x, INFER_BATCH, dtype=dtype))
     n = len(bundle.train) + len(bundle.val) if joint else (
         (0 if hit_tr else len(bundle.train) * recipe.cache_views) + (0 if hit_va else len(bundle.val)))
     if n:
@@ -481,8 +482,7 @@ def _probe_taps(recipe, bundle, backbone, taps, gbatch, norm, cw, strategy, scor
         if not computed:
             pooled = keras.Model(backbone.input, [keras.layers.GlobalAveragePooling2D()(
                 backbone.get_layer(t).output) for t in taps])
-            both = np.concatenate([bundle.train.x, bundle.val.x])
-            outs = dist_predict(pooled, both, INFER_BATCH)
+            outs = dist_predict(pooled, [bundle.train.x, bundle.val.x], INFER_BATCH)  # no copy
             computed.update({t: np.asarray(o, np.float32) for t, o in zip(taps, outs)})
         return computed
 
