@@ -10,7 +10,8 @@ recipe = Recipe(
     # 288 px, not the 224 of ImageNet training: the backbone was trained on random-resized crops,
     # which show objects larger than a centre crop at the same size does; testing at a higher
     # resolution matches the apparent object size ("FixRes", Touvron et al. 2019). Measured with
-    # a Lite0 linear probe: ants_bees 94.8% -> 95.4%, cats_dogs 99.0% -> 99.3%, for 1.65x compute.
+    # a Lite0 linear probe: ants_bees 94.8% -> 95.4%, cats_dogs 99.0% -> 99.3%, for 1.65x compute
+    # (benchmarks/bench_probe.py).
     input_size=288,
     augment="light",  # used only when cache_views > 1; the cache holds un-augmented features
     dropout=0.2,  # before the linear layer; little data overfits
