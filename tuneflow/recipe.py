@@ -19,6 +19,7 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 SAMPLINGS = ("shuffle", "balanced")
 BACKENDS = ("keras", "albumentations")
+FEATURE_ENGINES = ("auto", "tensorflow", "openvino")
 
 
 class RecipeError(ValueError):
@@ -71,6 +72,7 @@ class Recipe:
     taps: tuple[str, ...] = ()  # backbone layers to probe; () = the final feature map
     feature_cache: bool = True  # frozen stages train on cached backbone features
     cache_views: int = 1  # augmented views per image in the cache (1 = un-augmented)
+    feature_engine: str = "auto"  # auto | tensorflow | openvino: runs the frozen-feature pass (auto: OpenVINO on CPUs)
     precision: str = "auto"
     strategy: str = "auto"
     seed: int = 0
@@ -95,6 +97,7 @@ class Recipe:
         choose("replace_backbone_bn", self.replace_backbone_bn, ("", "instance", "group", "layer"))
         choose("precision", self.precision, PRECISIONS)
         choose("strategy", self.strategy, STRATEGIES)
+        choose("feature_engine", self.feature_engine, FEATURE_ENGINES)
         _range("batch_size", self.batch_size, 1, 65536)
         _range("input_size", self.input_size, 0, 2048)
         if self.input_size and self.input_size < 32:

@@ -39,16 +39,18 @@ def exists(key: str) -> bool:
 
 
 def compute_features(feature_model, images, batch_size: int, augment_fn=None,
-                     views: int = 1, dtype=np.float16) -> np.ndarray:
+                     views: int = 1, dtype=np.float16, engine: str = "tensorflow",
+                     weights_key: str | None = None) -> np.ndarray:
     """Features for every image (and ``views`` augmented copies when ``augment_fn`` is given).
     ``images``: an array, or a list of arrays computed in one pass as if concatenated.
+    ``engine``: ``tensorflow`` or ``openvino`` (see :mod:`tuneflow.engine.infer`).
 
     Returns ``dtype`` of shape (views, N, *feature_shape): float16 for feature maps (half
     the memory, ample for a head behind dropout), float32 for pooled vectors (exact).
     """
     import keras
 
-    from .distribute import predict
+    from . import infer
     # A local (non-distributed) model over the same layers: features are computed on each
     # worker without collective ops, because whether the cache hits may differ between workers.
     # Kept on the feature model, so that train and val share one traced predict function.
@@ -59,7 +61,10 @@ def compute_features(feature_model, images, batch_size: int, augment_fn=None,
     out = []
     for v in range(views):  # view 0 is always the plain image
         fn = augment_fn if (augment_fn is not None and v > 0) else None
-        out.append(np.asarray(predict(local, images, batch_size, map_fn=fn), dtype=dtype))
+        out.append(np.asarray(infer.run(local, images, batch_size, engine, map_fn=fn, weights_key=weights_key),
+                              dtype=dtype))
+    # What actually ran (OpenVINO falls back to TensorFlow for a graph it cannot convert).
+    feature_model._tuneflow_engine_used = infer.used_engine(local) if engine == "openvino" else engine
     return np.stack(out)
 
 

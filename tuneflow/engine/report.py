@@ -106,7 +106,8 @@ def markdown(report: dict) -> str:
     if report["images_per_second"]:
         speed.append(f"{report['images_per_second']:.1f} images/s training the backbone")
     if report.get("feature_images_per_second"):
-        speed.append(f"{report['feature_images_per_second']:.1f} images/s filling the feature cache")
+        speed.append(f"{report['feature_images_per_second']:.1f} images/s filling the feature cache"
+                     f" ({report.get('feature_engine')})")
     lines += [f"- wall time {report['wall_seconds']:.1f} s" + (f", {', '.join(speed)}" if speed else ""),
               f"- strategy {report['strategy']} ({report['replicas']} replicas), global batch "
               f"{report['global_batch']}, precision {report['precision']}, norm {report['norm']}",

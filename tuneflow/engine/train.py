@@ -19,6 +19,7 @@ from ..data.augment import make_augmenter
 from ..data.pipeline import class_weights, train_dataset
 from ..recipe import Recipe
 from . import features as fcache
+from . import infer
 from . import report as rep
 from .checkpoints import Checkpoints
 from .distribute import choose_precision, make_strategy, patch_symbolic_build, worker_role
@@ -310,7 +311,7 @@ def _train(recipe: Recipe, bundle: DataBundle, run: RunDir, strategy, precision,
         run.truncate_metrics(lambda s, e: s < start_stage or (s == start_stage and e <= start_epoch))
 
     stage_log, nan_note, train_images, train_seconds = [], None, 0, 0.0
-    feature_stats: list[tuple[int, float]] = []  # (images, seconds) of backbone passes for the cache
+    feature_stats: list[tuple[int, float, str]] = []  # (images, seconds, engine) of backbone passes
     last_cached = None  # (head trainer, val features) when the final stage trained on the cache
     for si, stage in enumerate(recipe.stages):
         fs = FreezeSpec.parse(stage.train)
@@ -418,8 +419,11 @@ def _features_for(recipe, bundle, feature_model, spec, size, tap, stats):
         if recipe.cache_views > 1 else None
     pooled = len(feature_model.output.shape) == 2
     dtype = np.float32 if pooled else np.float16  # maps are big: half precision; vectors: exact
-    base = dict(backbone=spec.name, weights=fcache.weights_digest(feature_model), size=size,
-                tap=tap, pooled=pooled, precision=keras.mixed_precision.global_policy().name)
+    engine = infer.resolve_engine(recipe.feature_engine)
+    digest = fcache.weights_digest(feature_model)
+    # The engine and its precision are in the key: another engine's features are never reused.
+    base = dict(backbone=spec.name, weights=digest, size=size, tap=tap, pooled=pooled,
+                engine=infer.describe(engine))
     tr_key = fcache.cache_key(**base, data=bundle.fingerprint(), split="train", views=recipe.cache_views,
                               augment=f"{recipe.augment}/{recipe.augment_backend}")
     va_key = fcache.cache_key(**base, data=bundle.fingerprint(), split="val", views=1)
@@ -428,20 +432,21 @@ def _features_for(recipe, bundle, feature_model, spec, size, tap, stats):
     if joint:
         # Both missing (a new dataset): one pass over train + val, one traced function.
         both = fcache.compute_features(feature_model, [bundle.train.x, bundle.val.x], INFER_BATCH,
-                                       dtype=dtype)
+                                       dtype=dtype, engine=engine, weights_key=digest)
         n_tr = len(bundle.train)
         (ftr, hit_tr), (fva, hit_va) = (fcache.cached(tr_key, lambda: both[:, :n_tr]),
                                         fcache.cached(va_key, lambda: both[:, n_tr:]))
     else:
         ftr, hit_tr = fcache.cached(tr_key, lambda: fcache.compute_features(
-            feature_model, bundle.train.x, INFER_BATCH, aug, recipe.cache_views, dtype))
+            feature_model, bundle.train.x, INFER_BATCH, aug, recipe.cache_views, dtype, engine, digest))
         fva, hit_va = fcache.cached(va_key, lambda: fcache.compute_features(
-            feature_model, bundle.val.x, INFER_BATCH, dtype=dtype))
+            feature_model, bundle.val.x, INFER_BATCH, dtype=dtype, engine=engine, weights_key=digest))
     n = len(bundle.train) + len(bundle.val) if joint else (
         (0 if hit_tr else len(bundle.train) * recipe.cache_views) + (0 if hit_va else len(bundle.val)))
     if n:
-        stats.append((n, time.time() - t0))
-        log.info("feature cache: %d images through %s in %.1f s", n, spec.name, time.time() - t0)
+        used = infer.describe(getattr(feature_model, "_tuneflow_engine_used", engine))
+        stats.append((n, time.time() - t0, used))
+        log.info("feature cache: %d images through %s (%s) in %.1f s", n, spec.name, used, time.time() - t0)
     else:
         log.info("feature cache: reused (same backbone, weights, size, tap and data)")
     return ftr, fva[0]
@@ -473,16 +478,18 @@ def _probe_taps(recipe, bundle, backbone, taps, gbatch, norm, cw, strategy, scor
     """One forward pass for all taps, one linear head per tap on the cache; keep the best depth."""
     spec = get_spec(recipe.backbone)
     size = recipe.input_size or spec.default_size
-    keys = [fcache.cache_key(backbone=spec.name, weights=fcache.weights_digest(backbone), size=size,
-                             tap=t, data=bundle.fingerprint(), split="probe",
-                             precision=keras.mixed_precision.global_policy().name) for t in taps]
+    engine = infer.resolve_engine(recipe.feature_engine)
+    digest = fcache.weights_digest(backbone)
+    keys = [fcache.cache_key(backbone=spec.name, weights=digest, size=size, tap=t, data=bundle.fingerprint(),
+                             split="probe", engine=infer.describe(engine)) for t in taps]
     computed = {}
 
     def all_taps():  # runs at most once: every tap comes from the same forward pass
         if not computed:
             pooled = keras.Model(backbone.input, [keras.layers.GlobalAveragePooling2D()(
                 backbone.get_layer(t).output) for t in taps])
-            outs = dist_predict(pooled, [bundle.train.x, bundle.val.x], INFER_BATCH)  # no copy
+            outs = infer.run(pooled, [bundle.train.x, bundle.val.x], INFER_BATCH, engine,
+                             weights_key=digest)  # one pass, no copy
             computed.update({t: np.asarray(o, np.float32) for t, o in zip(taps, outs)})
         return computed
 
@@ -548,7 +555,8 @@ def _evaluate(recipe, bundle, run, model, backbone, spec, size, gbatch, replicas
         "global_batch": gbatch, "lr_scale": gbatch / recipe.batch_size if recipe.scale_lr else 1.0,
         "precision": precision, "norm": norm, "verdict": verdict, "advice": advice,
         "images_per_second": (train_images / train_seconds) if train_seconds else 0.0,
-        "feature_images_per_second": (sum(n for n, _ in feature_stats) / sum(t for _, t in feature_stats))
+        "feature_engine": ", ".join(sorted({e for _, _, e in feature_stats})) if feature_stats else None,
+        "feature_images_per_second": (sum(n for n, _, _ in feature_stats) / sum(t for _, t, _ in feature_stats))
         if feature_stats else None,
         "skipped_files": bundle.skipped, "leaks": bundle.leaks, "nan": nan_note,
         "selected_by": "best val_accuracy checkpoint across stages",

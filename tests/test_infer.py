@@ -1,0 +1,188 @@
+"""The feature-pass engines: OpenVINO gives TensorFlow's numbers, for every backbone and shape of
+input, is converted again when the weights change, falls back when it cannot convert, and is
+part of the feature-cache key."""
+import json
+import logging
+
+import keras
+import numpy as np
+import pytest
+
+import tuneflow.recipes as registry
+from tuneflow import build_backbone, finetune
+from tuneflow.engine import features as fcache
+from tuneflow.engine import infer
+from tuneflow.engine.distribute import predict
+from tuneflow.recipe import RecipeError
+
+openvino = pytest.importorskip("openvino")
+
+
+def _pooled(name="efficientnet_lite0", size=48, taps=None):
+    bb = build_backbone(name, weights=None, input_size=size)
+    outs = [keras.layers.GlobalAveragePooling2D()(bb.get_layer(t).output if t else bb.output)
+            for t in (taps or [None])]
+    return keras.Model(bb.input, outs if taps else outs[0])
+
+
+def _images(n, size=48, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3)).astype(np.uint8)
+
+
+def _close(a, b):
+    scale = max(1.0, float(np.abs(b).max()))
+    np.testing.assert_allclose(a, b, atol=1e-4 * scale, rtol=1e-3)
+
+
+def test_openvino_matches_tensorflow_over_uneven_batches_of_several_arrays():
+    keras.utils.set_random_seed(0)
+    model = _pooled()
+    parts = [_images(7, seed=1), _images(6, seed=2)]
+    ref = predict(model, parts, 64)
+    got = infer.run(model, parts, 5, "openvino", weights_key="k")  # batches straddle the two arrays
+    assert got.shape == ref.shape == (13, model.output.shape[-1])
+    _close(got, ref)
+    assert infer.used_engine(model) == "openvino"
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet50", "densenet121"])
+def test_openvino_converts_every_backbone(name):
+    keras.utils.set_random_seed(0)
+    model = _pooled(name, size=32)
+    x = _images(3, size=32)
+    _close(infer.run(model, x, 2, "openvino"), predict(model, x, 8))
+    assert infer.used_engine(model) == "openvino"
+
+
+def test_openvino_several_outputs_and_a_batch_function():
+    from tuneflow.backbones import get_spec
+    taps = list(get_spec("efficientnet_lite0").taps)
+    model = _pooled(taps=taps)
+    x = _images(4)
+    outs = infer.run(model, x, 3, "openvino", map_fn=lambda b: b * 0.0)  # every image becomes black
+    ref = predict(model, np.zeros_like(x), 8)
+    assert isinstance(outs, list) and len(outs) == len(taps)
+    for o, r in zip(outs, ref):
+        _close(o, r)
+
+
+def test_openvino_model_is_rebuilt_when_the_weights_change_and_read_back_from_disk(monkeypatch):
+    keras.utils.set_random_seed(0)
+    model = _pooled()
+    x = _images(3)
+    key0 = fcache.weights_digest(model)
+    infer.run(model, x, 4, "openvino", weights_key=key0)
+    saved = list((fcache.cache_root().parent / "openvino").glob("*.xml"))
+    assert saved and all(p.with_suffix(".bin").exists() for p in saved)
+    bn = next(la for la in model.layers if isinstance(la, keras.layers.BatchNormalization))
+    gamma, *rest = bn.get_weights()
+    bn.set_weights([gamma * 3.0, *rest])
+    key1 = fcache.weights_digest(model)
+    assert key1 != key0
+    _close(infer.run(model, x, 4, "openvino", weights_key=key1), predict(model, x, 8))
+
+    # Same graph and weights in a new model object: read from disk, not converted again.
+    twin = keras.Model(model.input, model.output)
+    twin.set_weights(model.get_weights())
+
+    def no_conversion(*a, **k):
+        raise AssertionError("converted again although the model is on disk")
+
+    monkeypatch.setattr(openvino, "convert_model", no_conversion)
+    _close(infer.run(twin, x, 4, "openvino", weights_key=key1), predict(model, x, 8))
+
+
+def test_a_graph_openvino_cannot_convert_falls_back_to_tensorflow(monkeypatch, caplog):
+    model = _pooled()
+    x = _images(2)
+
+    def fails(*a, **k):
+        raise RuntimeError("unsupported operation Foo")
+
+    monkeypatch.setattr(openvino, "convert_model", fails)
+    with caplog.at_level(logging.WARNING, logger="tuneflow"):
+        got = infer.run(model, x, 4, "openvino", weights_key="never-converted")
+    _close(got, predict(model, x, 8))
+    assert infer.used_engine(model) == "tensorflow"
+    assert "could not convert" in caplog.text and "unsupported operation Foo" in caplog.text
+
+
+def test_a_conversion_that_computes_something_else_is_caught_and_falls_back(caplog):
+    # Real case: OpenVINO 2026.4 converts Keras 3's GroupNormalization (instance norm) into constants.
+    from tuneflow.engine.heads import replace_batchnorm
+    bb = replace_batchnorm(build_backbone("efficientnet_lite0", weights=None, input_size=32), "instance")
+    model = keras.Model(bb.input, keras.layers.GlobalAveragePooling2D()(bb.output))
+    x = _images(3, size=32)
+    saved = fcache.cache_root().parent / "openvino"
+    before = set(saved.glob("*.xml"))
+    with caplog.at_level(logging.WARNING, logger="tuneflow"):
+        got = infer.run(model, x, 2, "openvino", weights_key="gn")
+    _close(got, predict(model, x, 8))
+    assert infer.used_engine(model) == "tensorflow"
+    assert "ConversionMismatch: 50 outputs where TensorFlow has 1" in caplog.text
+    assert set(saved.glob("*.xml")) == before  # a wrong conversion is never kept on disk
+
+
+def test_a_conversion_with_wrong_numbers_is_caught(monkeypatch, caplog):
+    import tensorflow as tf
+    keras.utils.set_random_seed(0)
+    model, other = _pooled(size=32), _pooled(size=32)  # same graph, other weights
+    real = openvino.convert_model
+    spec = tf.TensorSpec((None, 32, 32, 3), tf.float32)
+    monkeypatch.setattr(openvino, "convert_model", lambda fn: real(tf.function(
+        lambda images: other(images, training=False), input_signature=[spec])))
+    x = _images(2, size=32)
+    with caplog.at_level(logging.WARNING, logger="tuneflow"):
+        got = infer.run(model, x, 2, "openvino", weights_key="wrong")
+    _close(got, predict(model, x, 8))
+    assert infer.used_engine(model) == "tensorflow"
+    assert "ConversionMismatch: output 0 differs from TensorFlow's by" in caplog.text
+
+
+def test_engine_choice_and_its_errors(monkeypatch):
+    assert infer.resolve_engine("tensorflow") == "tensorflow"
+    assert infer.resolve_engine("auto") == "openvino"  # a CPU-only machine with OpenVINO
+    with pytest.raises(ValueError, match="feature_engine='onnx' is not valid; choose one of auto, tensorflow, openvino"):
+        infer.resolve_engine("onnx")
+    with pytest.raises(RecipeError, match="feature_engine='onnx' is not valid"):
+        registry.get("small_similar").override("feature_engine=onnx")
+    monkeypatch.setattr(infer, "openvino_available", lambda: False)
+    assert infer.resolve_engine("auto") == "tensorflow"
+    with pytest.raises(ValueError, match="pip install openvino.*feature_engine=tensorflow"):
+        infer.resolve_engine("openvino")
+
+
+def test_the_engine_is_part_of_the_cache_key_and_named_in_the_report(tmp_path, tiny_folder, monkeypatch):
+    monkeypatch.setenv("TUNEFLOW_HOME", str(tmp_path / "home"))  # an empty cache: no other test's features
+    base = {"input_size": 32, "weights": None, "batch_size": 8, "precision": "float32", "head__epochs": 2}
+    before = set(fcache.cache_root().glob("*.npy")) if fcache.cache_root().exists() else set()
+    reports = {}
+    for engine in ("tensorflow", "openvino"):
+        res = finetune("small_similar", tiny_folder, tmp_path / engine, verbose=0,
+                       overrides={**base, "feature_engine": engine})
+        reports[engine] = json.loads((res.run_dir / "report.json").read_text())
+    new = set(fcache.cache_root().glob("*.npy")) - before
+    assert len(new) == 4  # train + val per engine: neither reused the other's features
+    assert reports["tensorflow"]["feature_engine"] == "tensorflow/float32"
+    assert reports["openvino"]["feature_engine"] == "openvino/f32"
+    assert "(openvino/f32)" in (tmp_path / "openvino" / "report.md").read_text()
+    by_size = {}
+    for p in new:
+        by_size.setdefault(np.load(p).shape, []).append(np.load(p))
+    for arrays in by_size.values():  # the two engines computed the same features
+        assert len(arrays) == 2
+        _close(arrays[0], arrays[1])
+
+
+@pytest.mark.parametrize("engine", ["tensorflow", "openvino"])
+def test_augmented_views_in_the_cache(tmp_path, tiny_folder, engine):
+    over = {"input_size": 32, "weights": None, "batch_size": 8, "precision": "float32", "head__epochs": 2,
+            "cache_views": 3, "augment": "medium", "feature_engine": engine}
+    before = set(fcache.cache_root().glob("*.npy")) if fcache.cache_root().exists() else set()
+    res = finetune("small_similar", tiny_folder, tmp_path / "r", verbose=0, overrides=over)
+    views = [np.load(p) for p in set(fcache.cache_root().glob("*.npy")) - before if np.load(p).shape[0] == 3]
+    assert len(views) == 1, "one train entry holding 3 views"
+    v = views[0]
+    assert v.shape[1] == res.report["num_train"]
+    differ = lambda a, b: np.abs(a - b).max() > 1e-2 * np.abs(a).max()  # noqa: E731 (untrained: tiny values)
+    assert differ(v[0], v[1]) and differ(v[1], v[2])  # augmented, differently
