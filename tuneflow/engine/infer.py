@@ -9,8 +9,10 @@ probe and ``suggest``. Two engines behind one function, :func:`run`:
   and has faster depthwise kernels. The feature pass is most of a cached recipe's wall time.
 
 ``auto`` picks OpenVINO when it is installed and no GPU is visible (on a GPU, TensorFlow is the
-fast one), TensorFlow otherwise. The engine and its numeric precision are part of the feature
-cache key, so features from one engine are never mixed with another's.
+fast one), TensorFlow otherwise. Every conversion is checked against TensorFlow on two images
+before it is used (a converter can return a graph that runs and computes something else); one
+that fails, or cannot be converted at all, runs on TensorFlow, with a warning. The engine and its
+numeric precision are part of the feature cache key and named in the report.
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..recipe import FEATURE_ENGINES as ENGINES
+
 log = logging.getLogger("tuneflow")
 
-from ..recipe import FEATURE_ENGINES as ENGINES
 # Keras dtype policy of the run -> OpenVINO's inference precision: the same arithmetic the
 # TensorFlow engine would do under that policy.
 OV_PRECISION = {"float32": "f32", "mixed_bfloat16": "bf16", "mixed_float16": "f16"}
