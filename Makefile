@@ -28,6 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_recipes.py
 	$(BIN)/python benchmarks/bench_features.py
+	$(BIN)/python benchmarks/bench_precision.py
 	$(BIN)/python benchmarks/bench_pipeline.py
 
 data: $(STAMP)
