@@ -13,6 +13,7 @@ import numpy as np
 
 from .backbones import build_backbone, get_spec
 from .engine import infer
+from .engine.features import weights_digest
 
 LARGE_PER_CLASS = 300  # images per class; below this, fine-tuning deep blocks overfits
 MARGIN = 0.02  # an earlier tap must beat the final one by 2 points to call the data "different"
@@ -41,8 +42,8 @@ def suggest(data, backbone: str = "efficientnet_lite0", input_size: int = 0, see
     taps = list(spec.taps)
     pooled = keras.Model(model.input, [keras.layers.GlobalAveragePooling2D()(model.get_layer(t).output)
                                        for t in taps])
-    engine = infer.resolve_engine("auto")
-    feats = infer.run(pooled, x, 32, engine)
+    engine = infer.resolve_engine("auto")  # keyed by the weights: a converted model is reused from disk
+    feats = infer.run(pooled, x, 32, engine, weights_key=weights_digest(pooled))
     k = int(min(5, np.bincount(y).min()))
     scores = {}
     for t, f in zip(taps, feats):
@@ -54,7 +55,7 @@ def suggest(data, backbone: str = "efficientnet_lite0", input_size: int = 0, see
     confidence = None
     if spec.name == "efficientnet_lite0" and size == 224:
         top = build_backbone(backbone, weights="imagenet", include_top=True)
-        confidence = float(infer.run(top, x, 32, engine).max(1).mean())
+        confidence = float(infer.run(top, x, 32, engine, weights_key=weights_digest(top)).max(1).mean())
     large = per_class >= LARGE_PER_CLASS
     recipe = f"{'large' if large else 'small'}_{'similar' if similar else 'different'}"
     return {"recipe": recipe, "images_per_class": per_class, "large_threshold": LARGE_PER_CLASS,
