@@ -72,7 +72,7 @@ def test_openvino_model_is_rebuilt_when_the_weights_change_and_read_back_from_di
     x = _images(3)
     key0 = fcache.weights_digest(model)
     infer.run(model, x, 4, "openvino", weights_key=key0)
-    saved = list((fcache.cache_root().parent / "openvino").glob("*.xml"))
+    saved = list(infer.openvino_dir().glob("*.xml"))
     assert saved and all(p.with_suffix(".bin").exists() for p in saved)
     bn = next(la for la in model.layers if isinstance(la, keras.layers.BatchNormalization))
     gamma, *rest = bn.get_weights()
@@ -113,7 +113,7 @@ def test_a_conversion_that_computes_something_else_is_caught_and_falls_back(capl
     bb = replace_batchnorm(build_backbone("efficientnet_lite0", weights=None, input_size=32), "instance")
     model = keras.Model(bb.input, keras.layers.GlobalAveragePooling2D()(bb.output))
     x = _images(3, size=32)
-    saved = fcache.cache_root().parent / "openvino"
+    saved = infer.openvino_dir()
     before = set(saved.glob("*.xml"))
     with caplog.at_level(logging.WARNING, logger="tuneflow"):
         got = infer.run(model, x, 2, "openvino", weights_key="gn")

@@ -15,6 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from ..home import tuneflow_home
 from .preprocess import Preprocess
 from .torch_pickle import load_legacy_state_dict
 
@@ -122,9 +123,7 @@ def source_file() -> Path:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("TUNEFLOW_HOME") or os.path.join(
-        os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "tuneflow")
-    return Path(root) / "weights"
+    return tuneflow_home() / "weights"
 
 
 def converted_weights_path() -> Path:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..home import tuneflow_home
+
 log = logging.getLogger("tuneflow")
 
 
 def cache_root() -> Path:
-    root = os.environ.get("TUNEFLOW_HOME") or os.path.join(
-        os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "tuneflow")
-    return Path(root) / "features"
+    return tuneflow_home() / "features"
 
 
 def weights_digest(model) -> str:

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from ..home import tuneflow_home
 from ..recipe import FEATURE_ENGINES as ENGINES
 
 log = logging.getLogger("tuneflow")
@@ -82,6 +86,11 @@ def used_engine(model) -> str:
     return "openvino" if memo is not None and memo[1] is not None else "tensorflow"
 
 
+def openvino_dir() -> Path:
+    """Checked conversions kept on disk."""
+    return tuneflow_home() / "openvino"
+
+
 def _graph_key(model, weights_key, hint) -> str:
     """What the converted graph depends on: weights, structure (layers, shapes), precision, version."""
     import hashlib
@@ -99,14 +108,12 @@ def _openvino_model(model, weights_key):
     import openvino as ov
     import tensorflow as tf
 
-    from .features import cache_root
     hint = OV_PRECISION.get(keras.mixed_precision.global_policy().name, "f32")
     memo = getattr(model, "_tuneflow_openvino", None)
     if memo is not None and memo[0] == (weights_key, hint) and weights_key is not None:
         return memo[1]
     core = ov.Core()
-    path = cache_root().parent / "openvino" / f"{_graph_key(model, weights_key, hint)}.xml" \
-        if weights_key is not None else None
+    path = openvino_dir() / f"{_graph_key(model, weights_key, hint)}.xml" if weights_key is not None else None
     ov_model = None
     if path is not None and path.exists():
         try:
@@ -165,8 +172,6 @@ def _check_conversion(core, ov_model, fn, spec, tolerance: float = 1e-3):
 def _save_atomic(ov, ov_model, path):
     """xml + bin written under temporary names and renamed, bin first: a reader that finds the
     xml finds its bin; a killed run leaves no half model."""
-    import os
-    import tempfile
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".part-"))
     try:
@@ -174,7 +179,6 @@ def _save_atomic(ov, ov_model, path):
         os.replace(tmp / "m.bin", path.with_suffix(".bin"))
         os.replace(tmp / "m.xml", path)
     finally:
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
 
 
