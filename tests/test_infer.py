@@ -90,6 +90,7 @@ def test_openvino_model_is_rebuilt_when_the_weights_change_and_read_back_from_di
 
     monkeypatch.setattr(openvino, "convert_model", no_conversion)
     _close(infer.run(twin, x, 4, "openvino", weights_key=key1), predict(model, x, 8))
+    assert infer.used_engine(twin) == "openvino"  # not the TensorFlow fallback
 
 
 def test_a_graph_openvino_cannot_convert_falls_back_to_tensorflow(monkeypatch, caplog):

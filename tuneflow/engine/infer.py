@@ -92,12 +92,13 @@ def openvino_dir() -> Path:
 
 
 def _graph_key(model, weights_key, hint) -> str:
-    """What the converted graph depends on: weights, structure (layers, shapes), precision, version."""
+    """What the converted graph depends on: weights, structure (layers; the layers and shapes of
+    the outputs, in order), precision, OpenVINO version. Not the model's own (generated) name."""
     import hashlib
 
     import openvino as ov
-    parts = [weights_key, hint, ov.__version__, model.name, str(model.inputs[0].shape),
-             str([tuple(o.shape) for o in model.outputs]),
+    parts = [weights_key, hint, ov.__version__, str(model.inputs[0].shape),
+             str([(o._keras_history.operation.name, tuple(o.shape)) for o in model.outputs]),
              ",".join(f"{type(la).__name__}:{la.name}" for la in model._flatten_layers(include_self=False))]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
