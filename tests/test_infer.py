@@ -64,6 +64,7 @@ def test_openvino_several_outputs_and_a_batch_function():
     assert isinstance(outs, list) and len(outs) == len(taps)
     for o, r in zip(outs, ref):
         _close(o, r)
+    assert infer.used_engine(model) == "openvino"
 
 
 def test_openvino_model_is_rebuilt_when_the_weights_change_and_read_back_from_disk(monkeypatch):
@@ -187,3 +188,4 @@ def test_augmented_views_in_the_cache(tmp_path, tiny_folder, engine):
     assert v.shape[1] == res.report["num_train"]
     differ = lambda a, b: np.abs(a - b).max() > 1e-2 * np.abs(a).max()  # noqa: E731 (untrained: tiny values)
     assert differ(v[0], v[1]) and differ(v[1], v[2])  # augmented, differently
+    assert res.report["feature_engine"] == f"{engine}/{'float32' if engine == 'tensorflow' else 'f32'}"

@@ -48,24 +48,26 @@ def compute_features(feature_model, images, batch_size: int, augment_fn=None,
     Returns ``dtype`` of shape (views, N, *feature_shape): float16 for feature maps (half
     the memory, ample for a head behind dropout), float32 for pooled vectors (exact).
     """
-    import keras
-
     from . import infer
-    # A local (non-distributed) model over the same layers: features are computed on each
-    # worker without collective ops, because whether the cache hits may differ between workers.
-    # Kept on the feature model, so that train and val share one traced predict function.
-    local = getattr(feature_model, "_tuneflow_local", None)
-    if local is None:
-        local = keras.Model(feature_model.input, feature_model.output)
-        feature_model._tuneflow_local = local
+    local = local_model(feature_model)
     out = []
     for v in range(views):  # view 0 is always the plain image
         fn = augment_fn if (augment_fn is not None and v > 0) else None
         out.append(np.asarray(infer.run(local, images, batch_size, engine, map_fn=fn, weights_key=weights_key),
                               dtype=dtype))
-    # What actually ran (OpenVINO falls back to TensorFlow for a graph it cannot convert).
-    feature_model._tuneflow_engine_used = infer.used_engine(local) if engine == "openvino" else engine
     return np.stack(out)
+
+
+def local_model(feature_model):
+    """A local (non-distributed) model over the same layers: features are computed on each
+    worker without collective ops, because whether the cache hits may differ between workers.
+    Kept on the feature model, so that train and val share one traced function (or conversion)."""
+    import keras
+    local = getattr(feature_model, "_tuneflow_local", None)
+    if local is None:
+        local = keras.Model(feature_model.input, feature_model.output)
+        feature_model._tuneflow_local = local
+    return local
 
 
 def cached(key: str, compute, *, enabled: bool = True) -> tuple[np.ndarray, bool]:

@@ -444,11 +444,13 @@ def _features_for(recipe, bundle, feature_model, spec, size, tap, stats):
     n = len(bundle.train) + len(bundle.val) if joint else (
         (0 if hit_tr else len(bundle.train) * recipe.cache_views) + (0 if hit_va else len(bundle.val)))
     if n:
-        used = infer.describe(getattr(feature_model, "_tuneflow_engine_used", engine))
+        # What actually ran: OpenVINO falls back to TensorFlow for a graph it cannot convert.
+        used = infer.describe(infer.used_engine(fcache.local_model(feature_model)) if engine == "openvino"
+                              else engine)
         stats.append((n, time.time() - t0, used))
         log.info("feature cache: %d images through %s (%s) in %.1f s", n, spec.name, used, time.time() - t0)
     else:
-        log.info("feature cache: reused (same backbone, weights, size, tap and data)")
+        log.info("feature cache: reused (same backbone, weights, size, tap, engine and data)")
     return ftr, fva[0]
 
 
