@@ -5,8 +5,7 @@ probe and ``suggest``. Two engines behind one function, :func:`run`:
 - ``openvino``: the same Keras model traced once, converted by OpenVINO and run by its CPU
   plugin. On a CPU it is 1.6-2.9x faster than TensorFlow once converted (Lite0 at 288 px on 2
   cores: 43 img/s in TensorFlow at float32, 74 in OpenVINO at float32, 127 at bfloat16;
-  ``benchmarks/bench_features.py``): it folds BatchNormalization into the convolutions and has
-  faster depthwise kernels. The feature pass is most of a cached recipe's wall time.
+  ``benchmarks/bench_features.py``). The feature pass is most of a cached recipe's wall time.
 
 ``auto`` picks OpenVINO when it is installed and no GPU is visible (on a GPU, TensorFlow is the
 fast one), TensorFlow otherwise. Every conversion is checked against TensorFlow on two images
