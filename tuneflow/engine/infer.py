@@ -3,8 +3,8 @@ probe and ``suggest``. Two engines behind one function, :func:`run`:
 
 - ``tensorflow``: ``model.predict`` through :func:`tuneflow.engine.distribute.predict`.
 - ``openvino``: the same Keras model traced once, converted by OpenVINO and run by its CPU
-  plugin. On a CPU it is 1.6-2.9x faster than TensorFlow once converted (Lite0 at 288 px on 2
-  cores: 43 img/s in TensorFlow at float32, 74 in OpenVINO at float32, 127 at bfloat16;
+  plugin. On a CPU, once converted, it is 1.5-1.7x faster than TensorFlow at float32 and
+  2.5-2.9x at bfloat16 (Lite0 at 224 and 288 px on 2 cores, two runs of
   ``benchmarks/bench_features.py``). The feature pass is most of a cached recipe's wall time.
 
 ``auto`` picks OpenVINO when it is installed and no GPU is visible (on a GPU, TensorFlow is the
