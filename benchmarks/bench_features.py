@@ -22,8 +22,8 @@ def one(engine: str, policy: str, size: int, n: int) -> dict:
     import numpy as np
 
     from tuneflow import build_backbone
-    from tuneflow.engine import infer
-    from tuneflow.engine.features import weights_digest
+    from tuneflow.features import infer
+    from tuneflow.features.cache import weights_digest
     keras.mixed_precision.set_global_policy(policy)
     bb = build_backbone("efficientnet_lite0", input_size=size)
     model = keras.Model(bb.input, keras.layers.GlobalAveragePooling2D()(bb.output))
@@ -48,7 +48,7 @@ def main():
     args = sys.argv[1:]
     n = int(args[0]) if args else 256
     sizes = [int(a) for a in args[1:]] or [224, 288]
-    from tuneflow.engine.distribute import cpu_supports_bf16
+    from tuneflow.training.distribute import cpu_supports_bf16
     policies = ["float32"] + (["mixed_bfloat16"] if cpu_supports_bf16() else [])
     rows = []
     with tempfile.TemporaryDirectory() as home:  # converted weights shared; each line converts anew

@@ -49,7 +49,7 @@ def main():
     # what the pipeline must feed: Lite0 training the top 2 blocks (large_similar's fine-tuning stage)
     import keras
     import tuneflow
-    from tuneflow.engine.heads import build_head
+    from tuneflow.training.heads import build_head
     from tuneflow.backbones import apply_freeze, get_spec
     from tuneflow.recipes import large_similar
     bb = tuneflow.build_backbone("efficientnet_lite0", input_size=SIZE)

@@ -20,7 +20,7 @@ def probe(data: Path, size: int, resize: str) -> dict:
 
     from tuneflow import build_backbone
     from tuneflow.data import load_data
-    from tuneflow.engine.distribute import predict
+    from tuneflow.training.distribute import predict
     b = load_data(data, size, resize=resize)
     bb = build_backbone("efficientnet_lite0", input_size=size)
     pooled = keras.Model(bb.input, keras.layers.GlobalAveragePooling2D()(bb.output))

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO, make_image_folder
 from tuneflow import finetune
-from tuneflow.engine.checkpoints import CheckpointMismatchError, Checkpoints, restore_model
+from tuneflow.runs.checkpoints import CheckpointMismatchError, Checkpoints, restore_model
 
 FT = {"input_size": 32, "weights": None, "batch_size": 4, "precision": "float32",
       "head__epochs": 1, "finetune__epochs": 3, "head__patience": 0, "finetune__patience": 0}
@@ -83,13 +83,13 @@ STRATEGY_SCRIPT = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     from tuneflow import finetune
-    from tuneflow.engine.checkpoints import restore_model
+    from tuneflow.runs.checkpoints import restore_model
     data, out, train_strategy, restore_strategy = sys.argv[1:5]
     ov = dict(input_size=32, weights=None, batch_size=4, precision="float32", strategy=train_strategy,
               head__epochs=1, finetune__epochs=1, scale_lr=True, head__schedule="constant")
     res = finetune("large_similar", data, out, overrides=ov, verbose=0)
     x = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3)).astype(np.float32)
-    from tuneflow.engine.distribute import make_strategy
+    from tuneflow.training.distribute import make_strategy
     strategy = make_strategy(restore_strategy)
     with strategy.scope():
         model = keras.saving.load_model(f"{out}/model.keras")
@@ -171,7 +171,7 @@ class _Crash(Exception):
 def test_early_stopping_state_survives_a_crash_and_resume(tmp_path, monkeypatch):
     """lr ~ 0 keeps val accuracy constant: epoch 1 is the best, patience 2 stops after epoch 3.
     Crash after epoch 2 (wait = 1): the resumed stage must stop at epoch 3 too, not restart its count."""
-    import tuneflow.engine.train as train
+    import tuneflow.training.finetune as train
     data = make_image_folder(tmp_path / "d", per_class=8)
     ov = {"input_size": 32, "batch_size": 4, "precision": "float32", "head__epochs": 1, "head__patience": 0,
           "finetune__epochs": 8, "finetune__patience": 2, "finetune__lr": 1e-12,

@@ -100,7 +100,7 @@ def test_two_workers_train_one_run_in_sync_and_only_the_chief_writes_it(tmp_path
 
 
 def test_multiworker_without_tf_config_says_what_to_set(tmp_path, monkeypatch):
-    from tuneflow.engine.distribute import make_strategy
+    from tuneflow.training.distribute import make_strategy
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(ValueError, match="TF_CONFIG"):
         make_strategy("multiworker")
@@ -111,7 +111,7 @@ def test_multiworker_without_tf_config_says_what_to_set(tmp_path, monkeypatch):
 
 RESUMING_WORKER = textwrap.dedent("""
     import json, logging, os, sys, numpy as np
-    import tuneflow.engine.train as train
+    import tuneflow.training.finetune as train
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     from tuneflow import finetune
     data, out, dump, mode = sys.argv[1:5]

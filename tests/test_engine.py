@@ -7,10 +7,10 @@ import pytest
 import tuneflow.recipes as registry
 from conftest import make_image_folder
 from tuneflow import build_backbone, finetune, save_backbone
-from tuneflow.engine import features as fcache
-from tuneflow.engine.distribute import choose_precision
-from tuneflow.engine.heads import choose_norm
-from tuneflow.engine.run import RunExistsError
+from tuneflow.features import cache as fcache
+from tuneflow.training.distribute import choose_precision
+from tuneflow.training.heads import choose_norm
+from tuneflow.runs.folder import RunExistsError
 
 FAST = {"input_size": 32, "weights": None, "batch_size": 8, "precision": "float32"}
 
@@ -63,7 +63,7 @@ def test_batchnorm_statistics_stay_frozen_while_fine_tuning(tmp_path, tiny_folde
     res = finetune("large_similar", tiny_folder, tmp_path / "r", verbose=0,
                    overrides={**_fast("large_similar"), "weights": str(tmp_path / "w"), "finetune__lr": 0.05})
     # the last checkpoint is the end of fine-tuning (the final model may be the head stage's best)
-    from tuneflow.engine.checkpoints import restore_model
+    from tuneflow.runs.checkpoints import restore_model
     after = keras.saving.load_model(res.run_dir / "model.keras")
     restore_model(after, res.run_dir / "checkpoints" / "last")
     changed_conv = False
@@ -186,7 +186,7 @@ def test_nan_loss_stops_training_with_a_diagnosis(tmp_path, tiny_folder, seed):
 @pytest.mark.parametrize("opt", ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw"])
 @pytest.mark.parametrize("schedule", ["constant", "step", "exponential", "inverse_time", "cosine", "warmup_cosine", "plateau"])
 def test_optimizer_and_schedule_registry(opt, schedule):
-    from tuneflow.engine.optim import current_lr, make_optimizer
+    from tuneflow.training.optim import current_lr, make_optimizer
     from tuneflow.recipe import Stage
     stage = Stage("s", epochs=4, optimizer=opt, lr=0.1, schedule=schedule, warmup_epochs=1)
     o = make_optimizer(stage, 0.1, steps_per_epoch=10, clipnorm=5.0)

@@ -10,9 +10,9 @@ import pytest
 
 import tuneflow.recipes as registry
 from tuneflow import build_backbone, finetune
-from tuneflow.engine import features as fcache
-from tuneflow.engine import infer
-from tuneflow.engine.distribute import predict
+from tuneflow.features import cache as fcache
+from tuneflow.features import infer
+from tuneflow.training.distribute import predict
 from tuneflow.recipe import RecipeError
 
 openvino = pytest.importorskip("openvino")
@@ -111,7 +111,7 @@ def test_a_graph_openvino_cannot_convert_falls_back_to_tensorflow(monkeypatch, c
 
 def test_a_conversion_that_computes_something_else_is_caught_and_falls_back(caplog):
     # Real case: OpenVINO 2026.4 converts Keras 3's GroupNormalization (instance norm) into constants.
-    from tuneflow.engine.heads import replace_batchnorm
+    from tuneflow.training.heads import replace_batchnorm
     bb = replace_batchnorm(build_backbone("efficientnet_lite0", weights=None, input_size=32), "instance")
     model = keras.Model(bb.input, keras.layers.GlobalAveragePooling2D()(bb.output))
     x = _images(3, size=32)

@@ -10,8 +10,8 @@ __all__ = ["BACKBONES", "build_backbone", "save_backbone", "__version__"]
 
 
 def finetune(recipe, data, out=None, **kwargs):
-    """Train a recipe on data; see :func:`tuneflow.engine.train.finetune`."""
-    from .engine.train import finetune as _finetune
+    """Train a recipe on data; see :func:`tuneflow.training.finetune.finetune`."""
+    from .training.finetune import finetune as _finetune
     return _finetune(recipe, data, out, **kwargs)
 
 

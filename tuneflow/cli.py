@@ -88,7 +88,7 @@ def _run(args) -> int:
         bundle = load_data(args.data, args.size)
         print(preview(bundle.train.x[::max(1, len(bundle.train) // 4)][:4], args.preset, args.backend, args.out))
         return 0
-    from .engine.train import finetune
+    from .training.finetune import finetune
     recipe = args.recipe
     if recipe == "auto":
         from .suggest import suggest

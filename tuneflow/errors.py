@@ -1,12 +1,27 @@
-"""Which exceptions are the user's to fix (printed as one line) rather than tuneflow bugs."""
+"""The exceptions tuneflow raises for people to act on: all derive from :class:`TuneflowError`.
+
+The CLI prints a ``TuneflowError`` as one line (what was wrong, the value, what to do) and
+lets anything else, a bug in tuneflow or its dependencies, show its whole traceback.
+"""
 from __future__ import annotations
 
 
+class TuneflowError(Exception):
+    """Base class: the user can fix this (bad data, recipe, run folder, weights or input)."""
+
+
+class DataError(TuneflowError, ValueError):
+    """The data cannot be trained on or read; the message says why and what to do."""
+
+
+class RecipeError(TuneflowError, ValueError):
+    """A bad recipe value or override; the message lists what is valid."""
+
+
+class RunError(TuneflowError):
+    """A run folder, checkpoint or artifact cannot be created, resumed or loaded as asked."""
+
+
 def is_user_error(exc: BaseException) -> bool:
-    from .backbones import WeightsUnavailableError
-    from .data import DataError
-    from .engine.checkpoints import CheckpointMismatchError
-    from .engine.run import RunExistsError
-    from .recipe import RecipeError
-    return isinstance(exc, (RecipeError, DataError, RunExistsError, WeightsUnavailableError,
-                            CheckpointMismatchError, FileNotFoundError, ValueError))
+    """True for the errors the CLI prints as one line."""
+    return isinstance(exc, TuneflowError)

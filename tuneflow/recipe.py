@@ -11,6 +11,8 @@ import json
 import typing
 from dataclasses import dataclass, fields, replace
 
+from .errors import RecipeError
+
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw")
 SCHEDULES = ("constant", "step", "plateau", "exponential", "inverse_time", "cosine", "warmup_cosine")
 NORMS = ("auto", "batch", "instance", "group", "layer")
@@ -22,8 +24,6 @@ BACKENDS = ("keras", "albumentations")
 FEATURE_ENGINES = ("auto", "tensorflow", "openvino")
 
 
-class RecipeError(ValueError):
-    """A bad recipe value or override; the message lists what is valid."""
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from .backbones import build_backbone, get_spec
-from .engine import infer
-from .engine.features import weights_digest
+from .features import infer
+from .features.cache import weights_digest
 
 LARGE_PER_CLASS = 300  # images per class; below this, fine-tuning deep blocks overfits
 MARGIN = 0.02  # an earlier tap must beat the final one by 2 points to call the data "different"

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import keras
 
+from ..errors import TuneflowError
+
 from . import lite0
 from .freeze import apply_freeze
 from .preprocess import Preprocess
@@ -18,7 +20,7 @@ BACKBONE_WEIGHTS = "backbone.weights.h5"  # file name inside a tuneflow run fold
 BACKBONE_META = "backbone.json"
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(TuneflowError, RuntimeError):
     """ImageNet weights are neither cached nor downloadable."""
 
 

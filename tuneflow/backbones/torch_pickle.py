@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import TuneflowError
+
 _MAGIC = 0x1950A86A20F9469CFC6C
 
 _STORAGE_DTYPES = {
@@ -31,7 +33,7 @@ _STORAGE_DTYPES = {
 }
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(TuneflowError, pickle.UnpicklingError):
     """The file names a global that a plain tensor state dict never needs."""
 
 

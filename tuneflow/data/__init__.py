@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sources import (RESIZE_MODES, DataBundle, DataError, Split, check_resize, decode_image, find_leaks,
+from ..errors import DataError
+from .sources import (RESIZE_MODES, DataBundle, Split, check_resize, decode_image, find_leaks,
                       load_arrays, load_folder, split_fraction, to_square)
 
 __all__ = ["RESIZE_MODES", "DataBundle", "DataError", "Split", "decode_image", "find_leaks", "kfold", "to_square",

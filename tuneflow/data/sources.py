@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from ..errors import DataError
+
 log = logging.getLogger("tuneflow.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
@@ -31,8 +33,6 @@ SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validati
                "test": ("test", "testing")}
 
 
-class DataError(ValueError):
-    """The data cannot be trained on; the message says why and what to do."""
 
 
 @dataclass

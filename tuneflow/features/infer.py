@@ -1,7 +1,7 @@
 """Forward passes without gradients over arrays of images: the frozen-feature cache, the depth
 probe and ``suggest``. Two engines behind one function, :func:`run`:
 
-- ``tensorflow``: ``model.predict`` through :func:`tuneflow.engine.distribute.predict`.
+- ``tensorflow``: ``model.predict`` through :func:`tuneflow.training.distribute.predict`.
 - ``openvino``: the same Keras model traced once, converted by OpenVINO and run by its CPU
   plugin. On a CPU, once converted, it is 1.5-1.7x faster than TensorFlow at float32 and
   2.5-2.9x at bfloat16 (Lite0 at 224 and 288 px on 2 cores, two runs of
@@ -68,7 +68,7 @@ def run(model, x, batch_size: int, engine: str = "tensorflow", map_fn=None, weig
     holds the weights as constants, so it is converted again whenever the key changes; with a key,
     the converted model is also kept on disk next to the feature cache (conversion takes ~2 s).
     """
-    from .distribute import predict
+    from ..training.distribute import predict
     if engine == "openvino":
         compiled = _openvino_model(model, weights_key)
         if compiled is not None:

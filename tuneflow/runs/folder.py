@@ -20,10 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import RunError
+
 FIELDS = ["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
 
 
-class RunExistsError(FileExistsError):
+class RunExistsError(RunError, FileExistsError):
     pass
 
 

@@ -43,7 +43,7 @@ def compute_features(feature_model, images, batch_size: int, augment_fn=None,
                      weights_key: str | None = None) -> np.ndarray:
     """Features for every image (and ``views`` augmented copies when ``augment_fn`` is given).
     ``images``: an array, or a list of arrays computed in one pass as if concatenated.
-    ``engine``: ``tensorflow`` or ``openvino`` (see :mod:`tuneflow.engine.infer`).
+    ``engine``: ``tensorflow`` or ``openvino`` (see :mod:`tuneflow.features.infer`).
 
     Returns ``dtype`` of shape (views, N, *feature_shape): float16 for feature maps (half
     the memory, ample for a head behind dropout), float32 for pooled vectors (exact).

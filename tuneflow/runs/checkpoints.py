@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from ..errors import RunError
+
 log = logging.getLogger("tuneflow")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(RunError, ValueError):
     """The checkpoint was written for a different backbone or head."""
 
 

@@ -18,15 +18,15 @@ from ..data import DataBundle, kfold, load_data
 from ..data.augment import make_augmenter
 from ..data.pipeline import class_weights, train_dataset
 from ..recipe import Recipe
-from . import features as fcache
-from . import infer
-from . import report as rep
-from .checkpoints import Checkpoints
+from ..features import cache as fcache
+from ..features import infer
+from ..runs import report as rep
+from ..runs.checkpoints import Checkpoints
 from .distribute import choose_precision, make_strategy, patch_symbolic_build, worker_role
 from .distribute import predict as dist_predict
 from .heads import build_head, choose_norm, replace_batchnorm
 from .optim import current_lr, make_optimizer
-from .run import RunDir
+from ..runs.folder import RunDir
 
 log = logging.getLogger("tuneflow")
 

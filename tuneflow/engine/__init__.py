@@ -1,1 +1,0 @@
-"""The fine-tuning engine: stages, heads, optimizers, caches, checkpoints, reports."""

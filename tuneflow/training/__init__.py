@@ -1,0 +1,1 @@
+"""Training: a plan from recipe and data, model assembly, the stage runner, evaluation, k-fold."""
