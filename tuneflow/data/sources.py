@@ -20,15 +20,11 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..imageops import RESIZE_MODES, resize_image
 
 log = logging.getLogger("tuneflow.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
-# How a W x H image becomes size x size. "crop": shorter side to size, then the centre square
-# (the backbones' own ImageNet evaluation; keeps the aspect ratio: measured +0.7 points on
-# ants_bees and +0.1 on cats_dogs for a Lite0 linear probe). "squash": stretch to the square
-# (keeps everything in the frame, distorts shapes).
-RESIZE_MODES = ("crop", "squash")
 SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"),
                "test": ("test", "testing")}
 
@@ -98,15 +94,8 @@ def check_resize(resize: str) -> None:
 
 
 def to_square(im: Image.Image, size: int, resize: str = "crop") -> Image.Image:
-    """An RGB PIL image as size x size (see RESIZE_MODES)."""
-    if resize == "squash" or im.size[0] == im.size[1]:
-        return im.resize((size, size), Image.BILINEAR) if im.size != (size, size) else im
-    w, h = im.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    im = im.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return im.crop((left, top, left + size, top + size))
+    """An RGB PIL image as size x size, through the model's own resize (:mod:`tuneflow.imageops`)."""
+    return Image.fromarray(resize_image(np.asarray(im.convert("RGB"), np.uint8), size, resize))
 
 
 def decode_image(path: str | Path, size: int, resize: str = "crop") -> np.ndarray:
@@ -117,7 +106,7 @@ def decode_image(path: str | Path, size: int, resize: str = "crop") -> np.ndarra
             im = im.convert("RGBA")
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent -> white
             im = Image.alpha_composite(bg, im)
-        return np.asarray(to_square(im.convert("RGB"), size, resize), dtype=np.uint8)
+        return resize_image(np.asarray(im.convert("RGB"), dtype=np.uint8), size, resize)
 
 
 def _decode_all(files: list[Path], size: int, desc: str, resize: str = "crop"):
@@ -295,7 +284,7 @@ def _resize_array(x: np.ndarray, size: int, resize: str = "crop") -> np.ndarray:
         x = np.clip(x, 0, 255).round().astype(np.uint8)
     if x.shape[1:3] == (size, size):
         return x
-    return np.stack([np.asarray(to_square(Image.fromarray(im), size, resize)) for im in x])
+    return np.stack([resize_image(im, size, resize) for im in x])
 
 
 def load_arrays(data, size: int, val_fraction: float = 0.2, classes=None, resize: str = "crop") -> DataBundle:

@@ -17,7 +17,7 @@ from ..backbones import FreezeSpec, apply_freeze, build_backbone, get_spec, save
 from ..data import DataBundle, kfold, load_data
 from ..data.augment import make_augmenter
 from ..data.pipeline import class_weights, train_dataset
-from ..recipe import Recipe
+from ..recipe import Recipe, RecipeError
 from ..features import cache as fcache
 from ..features import infer
 from ..runs import report as rep
@@ -39,9 +39,20 @@ class Result:
 
 
 def resolve_recipe(recipe, overrides=()) -> Recipe:
-    if isinstance(recipe, str):
-        import tuneflow.recipes as registry
-        recipe = registry.get(recipe)
+    """A :class:`Recipe`, a recipe name, or the path of a recipe JSON file (``recipe.json`` of a
+    run, or the best recipe a ``tuneflow search`` wrote), with ``overrides`` applied."""
+    if isinstance(recipe, (str, Path)):
+        text = str(recipe)
+        if text.endswith(".json") or Path(text).is_file():
+            try:
+                recipe = Recipe.from_json(Path(text).read_text())
+            except OSError as exc:
+                raise RecipeError(f"Cannot read the recipe file {text}: {exc}.") from None
+            except ValueError as exc:
+                raise RecipeError(f"{text} is not a valid recipe file: {exc}") from None
+        else:
+            import tuneflow.recipes as registry
+            recipe = registry.get(text)
     if isinstance(overrides, dict):
         return recipe.override(**overrides)
     return recipe.override(*overrides)
