@@ -78,7 +78,8 @@ def test_preprocessing_matches_keras_applications(name, mode):
     family = getattr(keras.applications, get_spec(name).family)
     pixels = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
     model = build_backbone(name, weights=None, input_size=SIZE)
-    ours = np.asarray(model.get_layer("preprocess")(pixels))
+    pre = keras.Model(model.input, model.get_layer("preprocess").output)  # the flip comes before it
+    ours = np.asarray(pre(pixels))
     ref = np.asarray(family.preprocess_input(pixels.copy()))
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-4)
     assert get_spec(name).preprocess == mode
@@ -87,7 +88,7 @@ def test_preprocessing_matches_keras_applications(name, mode):
 def test_lite0_preprocessing_and_uint8_input():
     model = build_backbone("efficientnet_lite0", weights=None, input_size=SIZE)
     px = np.arange(SIZE * SIZE * 3, dtype=np.uint8).reshape(1, SIZE, SIZE, 3)
-    out = np.asarray(model.get_layer("preprocess")(px))
+    out = np.asarray(keras.Model(model.input, model.get_layer("preprocess").output)(px))
     np.testing.assert_allclose(out, (px.astype(np.float32) - 127) / 128, atol=1e-6)
     a = model.predict(px, verbose=0)
     b = model.predict(px.astype(np.float32), verbose=0)
