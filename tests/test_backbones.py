@@ -1,3 +1,4 @@
+import logging
 import pickle
 
 import keras
@@ -6,6 +7,7 @@ import pytest
 
 from tuneflow.backbones import (BACKBONES, FreezeSpec, WeightsUnavailableError, apply_freeze,
                                 block_of, build_backbone, get_spec, layers_by_block, save_backbone)
+from tuneflow.backbones import efficientnet_lite
 from tuneflow.backbones.torch_pickle import UnsafePickleError, load_legacy_state_dict
 
 SIZE = 32  # pixels: the smallest input every registered backbone accepts
@@ -160,19 +162,103 @@ def test_unpickler_refuses_any_other_global(tmp_path):
 
 
 def test_unpickler_reads_the_shipped_file_with_strides():
-    from tuneflow.backbones.lite0 import source_file
-    sd = load_legacy_state_dict(source_file())
+    from tuneflow.backbones.efficientnet_lite import source_file
+    sd = load_legacy_state_dict(source_file("efficientnet_lite0"))
     assert len(sd) == 296 and sd["_conv_stem.weight"].shape == (32, 3, 3, 3)
     assert sd["_fc.weight"].shape == (1000, 1280)
     assert sd["_conv_stem.weight"].flags["C_CONTIGUOUS"]
 
 
+LITES = sorted(efficientnet_lite.VARIANTS)
+
+
+@pytest.mark.parametrize("name", LITES)
+def test_lite_graph_matches_every_tensor_of_its_pytorch_package(name):
+    """Width/depth scaling is right: every state-dict tensor lands on a Keras weight of its shape."""
+    sd = load_legacy_state_dict(efficientnet_lite.source_file(name))
+    per_layer = efficientnet_lite.torch_to_keras(name, sd)
+    model = build_backbone(name, weights=None, input_size=SIZE, include_top=True)
+    weighted = {layer.name: layer for layer in model.layers if layer.weights}
+    assert set(per_layer) == set(weighted)
+    for layer_name, arrays in per_layer.items():
+        assert [a.shape for a in arrays] == [tuple(w.shape) for w in weighted[layer_name].weights], \
+            layer_name
+    used = sum(len(v) for v in per_layer.values())
+    assert used == sum(1 for k in sd if not k.endswith("num_batches_tracked"))
+
+
+@pytest.mark.parametrize("name, size, blocks, width", [
+    ("efficientnet_lite0", 224, 16, 320), ("efficientnet_lite1", 240, 21, 320),
+    ("efficientnet_lite2", 260, 21, 352)])
+def test_lite_registry_entries_give_native_size_and_lite_preprocessing(name, size, blocks, width):
+    spec = get_spec(name)
+    assert (spec.default_size, spec.preprocess, spec.feature_dim) == (size, "lite0", 1280)
+    assert spec.block_names == ["stem"] + [f"stage{i}" for i in range(1, 8)] + ["head"]
+    variant = efficientnet_lite.VARIANTS[name]
+    assert len(list(variant.blocks())) == blocks
+    assert variant.stages()[-1][3] == width
+
+
+def _lite_weights(model):
+    return [np.asarray(w) for w in model.weights]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "edited"])
+def test_a_corrupt_weights_cache_is_converted_again_with_a_warning(tmp_path, monkeypatch, caplog,
+                                                                   damage):
+    monkeypatch.setenv("TUNEFLOW_HOME", str(tmp_path))
+    first = build_backbone("efficientnet_lite0", weights="imagenet", input_size=SIZE)
+    cached = efficientnet_lite.converted_weights_path("efficientnet_lite0")
+    assert cached.parent == tmp_path / "weights" and cached.exists()
+    damaged = bytearray(cached.read_bytes())
+    if damage == "truncate":
+        damaged = damaged[: len(damaged) // 2]
+    elif damage == "flip":
+        damaged[len(damaged) // 2] ^= 0xFF  # inside an array's bytes: the zip's CRC-32 fails
+    else:  # a well-formed .npz whose numbers changed: only the stored SHA-256 can tell
+        with np.load(cached) as f:
+            arrays = {k: f[k] for k in f.files}
+        arrays["stem_conv/0"] = arrays["stem_conv/0"] + 1.0
+        with open(cached, "wb") as out:
+            np.savez(out, **arrays)
+        damaged = cached.read_bytes()
+    cached.write_bytes(bytes(damaged))
+    with caplog.at_level(logging.WARNING, logger="tuneflow"):
+        second = build_backbone("efficientnet_lite0", weights="imagenet", input_size=SIZE)
+    assert any(str(cached) in r.getMessage() and "converting them again" in r.getMessage()
+               for r in caplog.records), caplog.text
+    for a, b in zip(_lite_weights(first), _lite_weights(second), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert cached.read_bytes() != bytes(damaged), "the damaged file was not replaced"
+    assert sorted(p.name for p in cached.parent.iterdir()) == [cached.name], "temporary files left"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tuneflow"):
+        build_backbone("efficientnet_lite0", weights="imagenet", input_size=SIZE)
+    assert not caplog.records, "a repaired cache still warns"
+
+
+def test_a_cache_that_does_not_fit_the_graph_is_converted_again(tmp_path, monkeypatch, caplog):
+    """A valid file with the wrong arrays (e.g. a stale format) is not loaded into the model."""
+    monkeypatch.setenv("TUNEFLOW_HOME", str(tmp_path))
+    path = efficientnet_lite.converted_weights_path("efficientnet_lite0")
+    efficientnet_lite._write_atomically(path, {"stem_conv": [np.zeros((1, 1, 1, 1), np.float32)]})
+    model = build_backbone("efficientnet_lite0", weights=None, input_size=SIZE)
+    with caplog.at_level(logging.WARNING, logger="tuneflow"):
+        efficientnet_lite.load_imagenet(model, "efficientnet_lite0")
+    assert "does not fit the model" in caplog.text and "stem_conv" in caplog.text
+    assert np.asarray(model.get_layer("stem_conv").kernel).shape == (3, 3, 3, 32)
+    assert np.abs(np.asarray(model.get_layer("stem_conv").kernel)).sum() > 0
+
+
 @pytest.mark.slow
-def test_lite0_imagenet_weights_recognise_real_photographs():
+@pytest.mark.parametrize("name", LITES)
+def test_lite_imagenet_weights_recognise_real_photographs(name):
     skimage_data = pytest.importorskip("skimage.data")
     from PIL import Image
-    model = build_backbone("efficientnet_lite0", weights="imagenet", include_top=True)
-    for photo, classes in (("chelsea", range(281, 286)), ("coffee", (967, 968))):
-        img = np.asarray(Image.fromarray(getattr(skimage_data, photo)()).resize((224, 224)))
+    size = get_spec(name).default_size
+    model = build_backbone(name, weights="imagenet", include_top=True)
+    assert model.input_shape[1:3] == (size, size)
+    for photo, label in (("chelsea", 285), ("coffee", 967)):  # Egyptian cat, espresso
+        img = np.asarray(Image.fromarray(getattr(skimage_data, photo)()).resize((size, size)))
         probs = model.predict(img[None], verbose=0)[0]
-        assert int(np.argmax(probs)) in classes, (photo, np.argsort(-probs)[:5])
+        assert int(np.argmax(probs)) == label, (photo, np.argsort(-probs)[:5])

