@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import typing
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 from .errors import RecipeError
+
+log = logging.getLogger("tuneflow.recipe")
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw")
 SCHEDULES = ("constant", "step", "plateau", "exponential", "inverse_time", "cosine", "warmup_cosine")
@@ -22,6 +27,54 @@ STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 SAMPLINGS = ("shuffle", "balanced")
 BACKENDS = ("keras", "albumentations")
 FEATURE_ENGINES = ("auto", "tensorflow", "openvino")
+WEIGHTS_SUFFIXES = (".h5", ".hdf5")  # Keras .weights.h5 and keras.applications .h5 files are HDF5
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The finite numbers a key accepts: [lo, hi], an end open where marked; ``zero`` also allows 0
+    (an "off" or "default" value below the range)."""
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+    zero: str = ""  # what 0 means, when 0 is allowed outside [lo, hi]
+
+    def __str__(self):
+        ends = f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        return f"0 ({self.zero}) or {ends}" if self.zero else ends
+
+    def holds(self, v) -> bool:
+        if self.zero and v == 0:
+            return True
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below
+
+
+# Per key: the numbers that make sense. Units: pixels, images, epochs; rates are per step.
+RANGES = {
+    "batch_size": Bounds(1, 65536),
+    "input_size": Bounds(32, 2048, zero="the backbone's default"),
+    "val_fraction": Bounds(0, 1, lo_open=True, hi_open=True),
+    "fraction": Bounds(0, 1, lo_open=True),
+    "folds": Bounds(2, 1000, zero="off"),
+    "head_hidden": Bounds(1, 65536),
+    "dropout": Bounds(0, 0.99),
+    "spatial_dropout": Bounds(0, 0.99),
+    "label_smoothing": Bounds(0, 0.99),
+    "l1": Bounds(0, 1e6),
+    "l2": Bounds(0, 1e6),
+    "clipnorm": Bounds(0, 1e6),
+    "cache_views": Bounds(1, 64),
+    "seed": Bounds(0, 2**32 - 1),  # NumPy and TensorFlow seeds are unsigned 32-bit
+    "epochs": Bounds(1, 100000),
+    "lr": Bounds(0, 10, lo_open=True),
+    "warmup_epochs": Bounds(0, 100000),  # and at most the stage's epochs
+    "momentum": Bounds(0, 1, hi_open=True),
+    "weight_decay": Bounds(0, 1),
+    "patience": Bounds(0, 100000),
+}
 
 
 
@@ -77,15 +130,23 @@ class Recipe:
     strategy: str = "auto"
     seed: int = 0
     stages: tuple[Stage, ...] = (Stage("head"),)
+    adapted: tuple[str, ...] = ()  # set by validate(): what it changed to fit the backbone (for the report)
 
     def validate(self) -> "Recipe":
-        from .backbones import BACKBONES, FreezeSpec
+        """Check every value; return this recipe, or a copy adapted to its backbone.
+
+        A freeze spec ``top:N`` asking for more blocks than the backbone has becomes ``top:<all of
+        them>`` (a shipped recipe written for Lite0's 9 blocks still runs on a 5-block ResNet50),
+        said in :attr:`adapted` and the log; ``from:BLOCK`` must name one of the backbone's blocks.
+        Anything else out of range is a :class:`RecipeError` naming the key and what is valid."""
+        from .backbones import BACKBONES, get_spec
         from .data.augment import PRESETS
 
         def choose(key, value, options):
             if value not in options:
                 raise RecipeError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, options))}.")
 
+        _check_types(self)
         choose("backbone", self.backbone, sorted(BACKBONES))
         choose("augment", self.augment, list(PRESETS))
         choose("augment_backend", self.augment_backend, BACKENDS)
@@ -98,36 +159,37 @@ class Recipe:
         choose("precision", self.precision, PRECISIONS)
         choose("strategy", self.strategy, STRATEGIES)
         choose("feature_engine", self.feature_engine, FEATURE_ENGINES)
-        _range("batch_size", self.batch_size, 1, 65536)
-        _range("input_size", self.input_size, 0, 2048)
-        if self.input_size and self.input_size < 32:
-            raise RecipeError(f"input_size={self.input_size} is too small; use 0 (default) or >= 32.")
-        _range("val_fraction", self.val_fraction, 0.0, 1.0, open_ends=True)
-        if not 0 < self.fraction <= 1:
-            raise RecipeError(f"fraction={self.fraction} must be in (0, 1].")
-        if self.folds == 1 or self.folds < 0:
-            raise RecipeError(f"folds={self.folds}: use 0 (off) or >= 2.")
-        for k in ("dropout", "spatial_dropout", "label_smoothing"):
-            _range(k, getattr(self, k), 0.0, 0.99)
-        for k in ("l1", "l2", "clipnorm"):
-            _range(k, getattr(self, k), 0.0, 1e6)
-        _range("cache_views", self.cache_views, 1, 64)
+        for f in fields(self):
+            if f.name in RANGES:
+                _number(f.name, getattr(self, f.name))
+        spec = get_spec(self.backbone)
+        if self.input_size and self.input_size < spec.min_size:
+            raise RecipeError(f"input_size={self.input_size} is too small for {self.backbone}; use 0 "
+                              f"(default, {spec.default_size}) or >= {spec.min_size}.")
+        _check_weights(self.weights)
         if not self.stages:
             raise RecipeError("A recipe needs at least one stage.")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise RecipeError(f"Stage names must be unique: {names}.")
+        stages, notes = list(self.stages), []
         for i, s in enumerate(self.stages):
-            where = f"stage {s.name!r}"
-            try:
-                FreezeSpec.parse(s.train)
-            except ValueError as exc:
-                raise RecipeError(f"{where}: {exc}") from None
             choose(f"{s.name}.optimizer", s.optimizer, OPTIMIZERS)
             choose(f"{s.name}.schedule", s.schedule, SCHEDULES)
-            _range(f"{s.name}.epochs", s.epochs, 1, 100000)
-            _range(f"{s.name}.lr", s.lr, 1e-12, 10.0)
-            _range(f"{s.name}.warmup_epochs", s.warmup_epochs, 0.0, s.epochs)
+            for f in fields(s):
+                if f.name in RANGES:
+                    _number(f"{s.name}.{f.name}", getattr(s, f.name), RANGES[f.name])
+            if s.warmup_epochs > s.epochs:
+                raise RecipeError(f"{s.name}.warmup_epochs={s.warmup_epochs!r} is out of range: it must "
+                                  f"be in [0, {s.name}.epochs={s.epochs}].")
+            fitted = fit_freeze_spec(s.name, s.train, spec)
+            if fitted != s.train:
+                note = (f"stage {s.name!r}: train={s.train!r} asks for more blocks than {spec.name} has "
+                        f"({len(spec.block_names)}); it trains all of them ({fitted!r})")
+                log.warning("%s", note)
+                stages[i], notes = replace(s, train=fitted), notes + [note]
+        if notes:
+            return replace(self, stages=tuple(stages), adapted=self.adapted + tuple(notes))
         return self
 
     def to_dict(self) -> dict:
@@ -138,16 +200,26 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
+        """A recipe from its :meth:`to_dict` (``recipe.json``), every value type-checked and validated."""
+        if not isinstance(d, dict):
+            raise RecipeError(f"A recipe is a JSON object of keys; got {type(d).__name__}.")
         d = dict(d)
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise RecipeError(f"Unknown recipe keys {unknown}; valid keys: {', '.join(valid_keys())}.")
-        d["stages"] = tuple(Stage(**s) for s in d.get("stages", ()))
-        if "classes" in d:
-            d["classes"] = tuple(d["classes"])
-        if "taps" in d:
-            d["taps"] = tuple(d["taps"])
-        return cls(**d).validate()
+        stage_keys = {f.name for f in fields(Stage)}
+        stages = []
+        for i, sd in enumerate(d.get("stages", ())):
+            if not isinstance(sd, dict) or "name" not in sd:
+                raise RecipeError(f"stages[{i}]={sd!r}: expected an object with a 'name'.")
+            bad = sorted(set(sd) - stage_keys)
+            if bad:
+                raise RecipeError(f"Unknown stage keys {bad} in stage {sd['name']!r}; stage keys: "
+                                  f"{', '.join(sorted(stage_keys))}.")
+            stages.append(Stage(**{k: v if k == "name" else _convert(f"{sd['name']}.{k}", _HINTS[Stage][k], v)
+                                   for k, v in sd.items()}))
+        d = {k: v if k == "name" else _convert(k, _HINTS[cls][k], v) for k, v in d.items() if k != "stages"}
+        return cls(**d, stages=tuple(stages)).validate()
 
     @classmethod
     def from_json(cls, text: str) -> "Recipe":
@@ -161,21 +233,137 @@ class Recipe:
         16
         """
         items = [_split_pair(p) for p in pairs] + [(k.replace("__", "."), v) for k, v in kwargs.items()]
-        recipe = self
+        recipe, explicit = self, set()
         for key, value in items:
-            recipe = _apply(recipe, key, value)
+            recipe, stage = _apply(recipe, key, value)
+            if stage is not None and key.endswith(".train"):
+                explicit.add(stage)
+        for i in sorted(explicit):
+            _check_top_spec(recipe, i)
         return recipe.validate()
 
 
-def _range(key, value, lo, hi, open_ends=False):
-    bad = (value <= lo or value >= hi) if open_ends else (value < lo or value > hi)
-    if bad:
-        ends = f"({lo}, {hi})" if open_ends else f"[{lo}, {hi}]"
-        raise RecipeError(f"{key}={value!r} is out of range {ends}.")
+def _number(key: str, value, bounds: Bounds | None = None) -> None:
+    """``value`` must be a finite number within the key's :data:`RANGES` entry."""
+    bounds = bounds or RANGES[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"{key}={value!r}: expected a number in {bounds}.")
+    if not math.isfinite(value):
+        raise RecipeError(f"{key}={value!r} is not a finite number; use a value in {bounds}.")
+    if not bounds.holds(value):
+        raise RecipeError(f"{key}={value!r} is out of range: it must be in {bounds}.")
+
+
+def _check_types(obj) -> None:
+    """Every field of a Recipe (and its stages) holds its declared type (from_dict and direct
+    construction bypass the parsing of overrides)."""
+    hints = _HINTS[type(obj)]
+    for f in fields(obj):
+        if f.name in ("stages", "adapted"):
+            continue
+        value = getattr(obj, f.name)
+        if not _is_type(value, hints[f.name]):
+            key = f.name if isinstance(obj, Recipe) else f"{obj.name}.{f.name}"
+            raise RecipeError(f"{key}={value!r}: expected {_type_name(hints[f.name])}.")
+    if isinstance(obj, Recipe):
+        if not isinstance(obj.stages, tuple) or not all(isinstance(s, Stage) for s in obj.stages):
+            raise RecipeError(f"stages={obj.stages!r}: expected a tuple of Stage.")
+        for s in obj.stages:
+            _check_types(s)
+
+
+def _is_type(value, tp) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_is_type(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_is_type(v, args[0]) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp) -> str:
+    return {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string"}.get(
+        tp, str(tp).replace("typing.", ""))
+
+
+def _check_weights(weights) -> None:
+    """``imagenet``, None, a tuneflow run folder, or an HDF5 weights file that really opens as one.
+
+    Whether its tensors fit the backbone is checked where the backbone is built."""
+    if weights is None or weights == "imagenet":
+        return
+    use = ("use 'imagenet', None (train from scratch), a Keras weights file (.weights.h5 or a "
+           "keras.applications .h5) or a tuneflow run folder")
+    path = Path(str(weights)).expanduser()
+    if not str(weights).strip():
+        raise RecipeError(f"weights={weights!r} is empty; {use}.")
+    if path.is_dir():
+        found = [c for c in (path / "backbone.weights.h5", path / "model" / "backbone.weights.h5") if c.is_file()]
+        if not found:
+            raise RecipeError(f"weights={weights!r} is a folder without backbone.weights.h5 (not a tuneflow "
+                              f"run folder); {use}.")
+        path = found[0]
+    elif not path.exists():
+        raise RecipeError(f"weights={weights!r}: no such file or folder; {use}.")
+    elif not path.name.lower().endswith(WEIGHTS_SUFFIXES):
+        raise RecipeError(f"weights={weights!r} is not a Keras weights file (it does not end in "
+                          f"{' or '.join(WEIGHTS_SUFFIXES)}); {use}.")
+    import h5py
+    try:
+        with h5py.File(path, "r") as h5:
+            empty = len(h5.keys()) == 0
+    except OSError as exc:
+        raise RecipeError(f"weights={weights!r}: {path} is not a readable HDF5 weights file "
+                          f"({str(exc).splitlines()[0]}); {use}.") from None
+    if empty:
+        raise RecipeError(f"weights={weights!r}: {path} holds no weights (an empty HDF5 file); {use}.")
+
+
+def fit_freeze_spec(stage: str, train: str, spec) -> str:
+    """The freeze spec ``train`` checked against backbone ``spec``'s named blocks.
+
+    Returns it unchanged, or ``top:<block count>`` when ``top:N`` asks for more blocks than the
+    backbone has; an unparsable spec or a ``from:BLOCK`` the backbone lacks is a RecipeError."""
+    from .backbones import FreezeSpec
+    try:
+        fs = FreezeSpec.parse(train)
+    except ValueError as exc:
+        raise RecipeError(f"stage {stage!r}: {exc}") from None
+    blocks = spec.block_names
+    if fs.kind == "top" and fs.n > len(blocks):
+        return f"top:{len(blocks)}"
+    if fs.kind == "from" and fs.block not in blocks:
+        raise RecipeError(f"{stage}.train={train!r}: {spec.name} has no block {fs.block!r}; its blocks "
+                          f"are {', '.join(blocks)} (use from:<one of them>, top:0..top:{len(blocks)}, "
+                          "all or frozen).")
+    return train
+
+
+def _check_top_spec(recipe: "Recipe", i: int) -> None:
+    """A ``top:N`` a user set explicitly must fit the backbone: it is refused, not adapted."""
+    from .backbones import BACKBONES, FreezeSpec, get_spec
+    stage = recipe.stages[i]
+    if recipe.backbone not in BACKBONES:
+        return  # validate() names the valid backbones
+    try:
+        fs = FreezeSpec.parse(stage.train)
+    except ValueError:
+        return  # validate() explains the syntax
+    blocks = get_spec(recipe.backbone).block_names
+    if fs.kind == "top" and fs.n > len(blocks):
+        raise RecipeError(f"{stage.name}.train={stage.train!r} asks for {fs.n} blocks but {recipe.backbone} has "
+                          f"{len(blocks)} ({', '.join(blocks)}); use top:0..top:{len(blocks)}, all, frozen "
+                          "or from:BLOCK.")
 
 
 def valid_keys() -> list[str]:
-    top = [f.name for f in fields(Recipe) if f.name != "stages"]
+    top = [f.name for f in fields(Recipe) if f.name not in ("stages", "adapted")]
     stage = [f"<stage>.{f.name}" for f in fields(Stage) if f.name != "name"]
     return top + stage
 
@@ -217,15 +405,18 @@ def _convert(key: str, tp, value):
             return False
         raise RecipeError(f"{key}={value!r}: expected a boolean (true/false).")
     if tp is int:
+        where = f" in {RANGES[key.rsplit('.', 1)[-1]]}" if key.rsplit(".", 1)[-1] in RANGES else ""
         if isinstance(value, bool):
-            raise RecipeError(f"{key}={value!r}: expected an integer.")
+            raise RecipeError(f"{key}={value!r}: expected an integer{where}.")
         try:
             f = float(value)
-            if f != int(f):
-                raise ValueError
-            return int(f)
         except (TypeError, ValueError):
-            raise RecipeError(f"{key}={value!r}: expected an integer.") from None
+            raise RecipeError(f"{key}={value!r}: expected an integer{where}.") from None
+        if not math.isfinite(f):
+            raise RecipeError(f"{key}={value!r} is not a finite number; use an integer{where}.")
+        if f != int(f):
+            raise RecipeError(f"{key}={value!r}: expected an integer{where}.")
+        return int(f)
     if tp is float:
         try:
             return float(value)
@@ -239,7 +430,8 @@ def _convert(key: str, tp, value):
 _HINTS = {cls: typing.get_type_hints(cls) for cls in (Recipe, Stage)}
 
 
-def _apply(recipe: Recipe, key: str, value) -> Recipe:
+def _apply(recipe: Recipe, key: str, value) -> tuple[Recipe, int | None]:
+    """``recipe`` with one override applied, and the index of the stage it set (None: top level)."""
     if "." in key:
         head, sub = key.split(".", 1)
         if head == "stages" and "." in sub:
@@ -262,11 +454,14 @@ def _apply(recipe: Recipe, key: str, value) -> Recipe:
                               f"{', '.join(k for k in stage_fields if k != 'name')}.")
         stages = list(recipe.stages)
         stages[i] = replace(stages[i], **{sub: _convert(key, stage_fields[sub], value)})
-        return replace(recipe, stages=tuple(stages))
+        return replace(recipe, stages=tuple(stages)), i
     hints = _HINTS[Recipe]
+    if key == "adapted":
+        raise RecipeError("'adapted' is written by tuneflow (what it changed to fit the backbone); it "
+                          "cannot be set.")
     if key not in hints or key == "stages":
         import difflib
         close = difflib.get_close_matches(key, valid_keys(), n=1)
         raise RecipeError(f"Unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                           + f"; valid keys: {', '.join(valid_keys())}.")
-    return replace(recipe, **{key: _convert(key, hints[key], value)})
+    return replace(recipe, **{key: _convert(key, hints[key], value)}), None
