@@ -1,30 +1,45 @@
-"""Checkpoints that survive anything: atomic, verified, resumable, strategy-independent.
+"""Checkpoints that survive any kill: numbered across stages, written whole or not at all, verified.
 
-``RUN/checkpoints/last/`` holds the newest ``max_to_keep`` training checkpoints
-(model, optimizer with its slot variables, stage, epoch); ``RUN/checkpoints/best/``
-holds the best one by the monitored metric, replaced only by a better one. Each
-checkpoint gets a manifest (sha256 of its files and the model's variable shapes),
-written after the data and renamed into place: a truncated or corrupted
-checkpoint is detected, reported with its path, and the previous good one is used.
+``RUN/checkpoints/ckpt-000007/`` is one checkpoint (model, optimizer with its slot variables,
+stage, epoch): ``ckpt.index``, ``ckpt.data-*`` and ``manifest.json`` (sha256 of the files, the
+model's variable shapes, stage, epoch, validation metrics, early-stopping state). Numbers only
+grow, across stages and resumes. A save writes into a temporary folder, fsyncs it, renames it
+into place and writes the manifest last: a checkpoint exists once its manifest does.
+``best.json`` names the best checkpoint (val_accuracy, then val_loss) and each stage's best; it
+is derived from the manifests and repaired from them when a kill cut it off, so after a kill at
+any point the best is the old best or the new one, whole. Kept: the newest ``max_to_keep`` plus
+each stage's best and the overall best. A checkpoint whose files no longer match its manifest
+is reported with its path and the previous good one is used.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import os
+import re
+import shutil
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 
 from ..errors import RunError
+from .folder import TMP_TAG, atomic_write, disk_error, fault, fsync_dir, read_json
 
 log = logging.getLogger("tuneflow")
+
+MANIFEST = "manifest.json"
+PREFIX = "ckpt"  # the TensorFlow file prefix inside each checkpoint folder
+_NUMBERED = re.compile(r"^ckpt-(\d+)$")
 
 
 class CheckpointMismatchError(RunError, ValueError):
     """The checkpoint was written for a different backbone or head."""
+
+
+class NoCheckpointError(RunError, FileNotFoundError):
+    """No usable checkpoint where one was asked for."""
 
 
 def _sha256(path: Path) -> str:
@@ -35,9 +50,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _files(prefix: str) -> list[Path]:
+def _resolve(ckpt) -> tuple[str, Path]:
+    """(TensorFlow prefix, manifest path) of a checkpoint folder, or of a prefix of the older layout."""
+    p = Path(ckpt)
+    if p.is_dir():
+        return str(p / PREFIX), p / MANIFEST
+    if p.name == PREFIX and (p.parent / MANIFEST).exists():
+        return str(p), p.parent / MANIFEST
+    return str(p), Path(str(p) + ".manifest.json")
+
+
+def _data_files(ckpt) -> list[Path]:
+    prefix, manifest = _resolve(ckpt)
     p = Path(prefix)
-    return sorted(f for f in p.parent.glob(p.name + ".*") if not f.name.endswith(".manifest.json"))
+    return sorted(f for f in p.parent.glob(p.name + ".*")
+                  if f != manifest and not f.name.endswith(".manifest.json") and TMP_TAG not in f.name)
 
 
 def variable_shapes(model) -> dict[str, list[int]]:
@@ -46,29 +73,18 @@ def variable_shapes(model) -> dict[str, list[int]]:
     return {"/".join(v.path.split("/")[-2:]): [int(d) for d in v.shape] for v in model.weights}
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def write_manifest(prefix: str, model, extra: dict | None = None) -> None:
-    manifest = {"files": {f.name: _sha256(f) for f in _files(prefix)},
-                "variables": variable_shapes(model), **(extra or {})}
-    _write_json_atomic(Path(prefix + ".manifest.json"), manifest)
-
-
-def verify(prefix: str) -> str | None:
+def verify(ckpt) -> str | None:
     """None if the checkpoint is whole, else what is wrong with it."""
-    mpath = Path(prefix + ".manifest.json")
+    _, mpath = _resolve(ckpt)
     if not mpath.exists():
         return "no manifest (the write was cut off)"
     try:
         manifest = json.loads(mpath.read_text())
-    except ValueError:
-        return "unreadable manifest"
-    for name, digest in manifest["files"].items():
-        f = Path(prefix).parent / name
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"unreadable manifest {mpath}"
+    for name, digest in files.items():
+        f = mpath.parent / name
         if not f.exists():
             return f"missing file {f}"
         if _sha256(f) != digest:
@@ -76,10 +92,10 @@ def verify(prefix: str) -> str | None:
     return None
 
 
-def check_compatible(prefix: str, model) -> None:
+def check_compatible(ckpt, model) -> None:
     """Raise a readable error naming every variable whose presence or shape differs."""
-    manifest = json.loads(Path(prefix + ".manifest.json").read_text())
-    saved, ours = manifest["variables"], variable_shapes(model)
+    _, mpath = _resolve(ckpt)
+    saved, ours = read_json(mpath)["variables"], variable_shapes(model)
     # shape mismatches first: they say most about what differs
     problems = [f"  {k}: checkpoint {saved[k]} vs model {ours[k]}"
                 for k in sorted(set(saved) & set(ours)) if saved[k] != ours[k]]
@@ -88,13 +104,72 @@ def check_compatible(prefix: str, model) -> None:
     if problems:
         shown = problems[:20] + ([f"  ... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise CheckpointMismatchError(
-            f"Checkpoint {prefix} does not fit this model ({len(problems)} mismatching variables):\n"
+            f"Checkpoint {ckpt} does not fit this model ({len(problems)} mismatching variables):\n"
             + "\n".join(shown) + "\nRestore it into the backbone, input size and head it was "
             "trained with (see the run's recipe.json).")
 
 
+def _scan(folder: Path) -> dict[int, dict]:
+    """``number -> manifest`` of the complete checkpoints in ``folder`` (those with a manifest)."""
+    found = {}
+    try:
+        entries = list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for d in entries:
+        m = _NUMBERED.match(d.name)
+        if not m or not (d / MANIFEST).exists():
+            continue
+        try:
+            manifest = json.loads((d / MANIFEST).read_text())
+        except FileNotFoundError:  # pruned this instant by the process that owns the folder
+            continue
+        except (OSError, ValueError) as exc:
+            log.warning("checkpoint %s has an unreadable manifest (%s); it is not used", d, exc)
+            continue
+        manifest["path"] = str(d)
+        found[int(m.group(1))] = manifest
+    return found
+
+
+def _score(rec: dict):
+    """Sort key of a checkpoint as a best candidate (higher is better), or None if it has no
+    finite val_accuracy. Ties: lower val_loss, then the earlier epoch (a later equal one never
+    replaces it, and every worker of a multi-worker run picks the same one)."""
+    m = rec.get("metrics") or {}
+    acc, loss = m.get("val_accuracy"), m.get("val_loss")
+    if acc is None or not math.isfinite(acc) or (loss is not None and not math.isfinite(loss)):
+        return None
+    return (acc, -(loss if loss is not None else math.inf), -int(rec["stage"]), -int(rec["epoch"]))
+
+
+def _summary(rec: dict) -> dict:
+    m = rec.get("metrics") or {}
+    return {"checkpoint": Path(rec["path"]).name, "stage": rec["stage"], "epoch": rec["epoch"],
+            "val_accuracy": m.get("val_accuracy"), "val_loss": m.get("val_loss")}
+
+
+def _best_of(records: dict[int, dict], bad=frozenset()) -> tuple[int | None, dict[int, int]]:
+    """(number of the best checkpoint, {stage: number of that stage's best epoch}). A stage's best
+    counts its epochs only (>= 1), not the checkpoint that marks the previous stage's end."""
+    scored = {n: _score(r) for n, r in records.items() if r["path"] not in bad}
+    scored = {n: s for n, s in scored.items() if s is not None}
+    best = max(scored, key=lambda n: (scored[n], -n), default=None)
+    stages: dict[int, int] = {}
+    for n, s in scored.items():
+        st = int(records[n]["stage"])
+        if int(records[n]["epoch"]) >= 1 and (st not in stages or (s, -n) > (scored[stages[st]], -stages[st])):
+            stages[st] = n
+    return best, stages
+
+
 class Checkpoints:
-    """Last-N and best checkpoints of one run."""
+    """The numbered checkpoints of one run: save, find the newest good one, restore, keep the best.
+
+    >>> ckpts = Checkpoints(run / "checkpoints", model, optimizer)          # doctest: +SKIP
+    >>> ckpts.save(stage=1, epoch=3, metrics={"val_accuracy": 0.9, "val_loss": 0.3})  # doctest: +SKIP
+    >>> ckpts.restore(ckpts.latest_good())                                  # doctest: +SKIP
+    """
 
     def __init__(self, folder: str | Path, model, optimizer=None, max_to_keep: int = 2,
                  read_folder: str | Path | None = None):
@@ -106,18 +181,11 @@ class Checkpoints:
         self.stage = tf.Variable(0, dtype=tf.int64, trainable=False, name="stage")
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.bind_optimizer(optimizer)
-        self.best = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), self.folder / "best",
-                                               max_to_keep=1)
-        self.best_json = self.folder / "best" / "best.json"
-        # The best epoch of the running stage, for early stopping's restore after a resume.
-        self.stage_best = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
-                                                     self.folder / "stage_best", max_to_keep=1)
-        if self.read_folder != self.folder:
-            self._read_last = tf.train.CheckpointManager(tf.train.Checkpoint(), self.read_folder / "last", 100)
-            self._read_stage_best = tf.train.CheckpointManager(tf.train.Checkpoint(),
-                                                               self.read_folder / "stage_best", 1)
-        else:
-            self._read_last = self._read_stage_best = None
+        self.best_json = self.folder / "best.json"
+        self._bad: set[str] = set()  # checkpoints found damaged: never "best", never resumed from
+        self._records = _scan(self.folder)
+        if self.folder.is_dir():
+            self._tidy()
 
     def bind_optimizer(self, optimizer) -> None:
         """Each stage has its own optimizer: checkpoints from now on carry this one's state."""
@@ -125,68 +193,152 @@ class Checkpoints:
         if optimizer is not None:
             objs["optimizer"] = optimizer
         self.ckpt = tf.train.Checkpoint(**objs)
-        self.last = tf.train.CheckpointManager(self.ckpt, self.folder / "last", max_to_keep=self.max_to_keep)
 
+    # -- saving --------------------------------------------------------------------------------------
     def save(self, stage: int, epoch: int, metrics: dict | None = None,
              early_stopping: dict | None = None) -> str:
-        """A training checkpoint: (stage, epoch) means "epoch epochs of stage done"."""
+        """A training checkpoint: (stage, epoch) means "epoch epochs of stage done"; (stage + 1, 0)
+        marks a finished stage. ``metrics`` (val_accuracy, val_loss) make it a candidate for best.
+        Returns its folder. A failed write raises RunError naming the path and leaves nothing."""
+        number = max([*self._records, *self._numbers_on_disk(), 0]) + 1
+        final = self.folder / f"ckpt-{number:06d}"
+        tmp = self.folder / f".{final.name}{TMP_TAG}"
         self.stage.assign(stage)
         self.epoch.assign(epoch)
-        prefix = self.last.save()
-        extra = {"stage": stage, "epoch": epoch}
-        if early_stopping is not None:
-            extra["early_stopping"] = early_stopping
-        write_manifest(prefix, self.model, extra)
-        if metrics is not None:
-            self.maybe_save_best(stage, epoch, metrics)
-        return prefix
+        try:
+            fault("before_data")
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+            self.ckpt.write(str(tmp / PREFIX))
+            _fsync_tree(tmp)
+            fault("after_data_before_rename")
+            os.rename(tmp, final)
+            fsync_dir(self.folder)
+            fault("after_rename_before_manifest")
+            manifest = {"number": number, "stage": int(stage), "epoch": int(epoch),
+                        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+                        "files": {f.name: _sha256(f) for f in _data_files(final)},
+                        "variables": variable_shapes(self.model)}
+            if early_stopping is not None:
+                manifest["early_stopping"] = early_stopping
+            atomic_write(final / MANIFEST, json.dumps(manifest, indent=1), fault_point="mid_manifest")
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (final / MANIFEST).exists():
+                shutil.rmtree(final, ignore_errors=True)
+            if isinstance(exc, (OSError, tf.errors.OpError)):
+                raise disk_error(final, _as_os_error(exc)) from None
+            raise
+        fault("after_manifest_before_best")
+        manifest["path"] = str(final)
+        self._records[number] = manifest
+        self._write_best()
+        fault("after_best_before_prune")
+        self._prune()
+        return str(final)
+
+    def save_stage_best(self, stage: int, epoch: int) -> None:
+        """Nothing to do: :meth:`save` keeps each stage's best checkpoint (kept for older callers)."""
+
+    def _numbers_on_disk(self) -> list[int]:
+        try:
+            names = [p.name.lstrip(".").split(".")[0] for p in self.folder.iterdir()]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [int(m.group(1)) for m in map(_NUMBERED.match, names) if m]
+
+    def _write_best(self) -> None:
+        """best.json from the manifests: rewritten (atomically) only when it changes."""
+        best, stages = _best_of(self._records, self._bad)
+        record = None
+        if best is not None:
+            record = {**_summary(self._records[best]),
+                      "stages": {str(s): _summary(self._records[n]) for s, n in sorted(stages.items())}}
+        current = None
+        if self.best_json.exists():
+            try:
+                current = json.loads(self.best_json.read_text())
+            except (OSError, ValueError):
+                log.warning("%s was cut off or damaged; rebuilt from the checkpoints' manifests", self.best_json)
+        if record is not None and record != current:
+            atomic_write(self.best_json, json.dumps(record, indent=1), fault_point="mid_best_json")
+
+    def _keep(self) -> set[int]:
+        best, stages = _best_of(self._records, self._bad)
+        newest = sorted(self._records)[-self.max_to_keep:] if self.max_to_keep > 0 else []
+        return set(newest) | set(stages.values()) | ({best} if best is not None else set())
+
+    def _prune(self) -> None:
+        """Delete checkpoints outside the newest N, the stage bests and the best: manifest first (so
+        a kill midway leaves a folder that is plainly incomplete), then the files."""
+        keep = self._keep()
+        for n in sorted(set(self._records) - keep):
+            d = Path(self._records.pop(n)["path"])
+            try:
+                os.unlink(d / MANIFEST)
+                fsync_dir(d)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise disk_error(d / MANIFEST, exc) from None
+            fault("mid_prune")
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _tidy(self) -> None:
+        """After a kill: remove half-written checkpoints and temporaries, bring best.json up to date
+        with the manifests, and prune what the kill left over. Only in the run's own folder."""
+        for p in self.folder.iterdir():
+            if TMP_TAG in p.name:
+                _remove(p)
+            elif _NUMBERED.match(p.name) and p.is_dir():
+                if not (p / MANIFEST).exists():
+                    log.warning("removing %s: its write was cut off (no manifest)", p)
+                    _remove(p)
+                else:
+                    for q in p.glob(f"*{TMP_TAG}"):
+                        _remove(q)
+        try:
+            self._write_best()
+            self._prune()
+        except RunError as exc:  # a read-only copy of a run can still be read
+            log.warning("%s", exc)
+
+    # -- reading -----------------------------------------------------------------------------------
+    def checkpoints(self) -> list[str]:
+        """The complete checkpoints of this run's own folder, oldest first."""
+        return [self._records[n]["path"] for n in sorted(self._records)]
 
     @staticmethod
-    def manifest(prefix: str) -> dict:
-        return json.loads(Path(prefix + ".manifest.json").read_text())
+    def manifest(ckpt) -> dict:
+        """A checkpoint's manifest: stage, epoch, metrics, early_stopping, files, variables."""
+        return read_json(_resolve(ckpt)[1], "The checkpoint cannot be used; an older one can.")
 
-    def save_stage_best(self, stage: int, epoch: int) -> str:
-        prefix = self.stage_best.save()
-        write_manifest(prefix, self.model, {"stage": stage, "epoch": epoch})
-        return prefix
+    def _read_records(self) -> dict[int, dict]:
+        return self._records if self.read_folder == self.folder else _scan(self.read_folder)
 
-    def restore_stage_best(self, stage: int) -> bool:
-        prefix = self.latest_good(self._read_stage_best or self.stage_best)
-        if prefix is None or self.manifest(prefix).get("stage") != stage:
-            return False
-        check_compatible(prefix, self.model)
-        tf.train.Checkpoint(model=self.model).restore(prefix).expect_partial()
-        return True
+    def latest_good(self) -> str | None:
+        """The newest checkpoint that verifies (read from ``read_folder``); damaged ones are reported
+        and skipped."""
+        records = self._read_records()
+        candidates = [records[n]["path"] for n in sorted(records, reverse=True)]
+        candidates += _legacy(self.read_folder / "last") if not candidates else []
+        return self._first_good(candidates, "falling back to the previous one")
 
-    def best_record(self) -> dict | None:
-        return json.loads(self.best_json.read_text()) if self.best_json.exists() else None
-
-    def maybe_save_best(self, stage: int, epoch: int, metrics: dict) -> bool:
-        acc, loss = metrics.get("val_accuracy"), metrics.get("val_loss")
-        if acc is None or not np.isfinite(loss if loss is not None else 0.0):
-            return False
-        rec = self.best_record()
-        if rec is not None and (acc < rec["val_accuracy"] or (
-                acc == rec["val_accuracy"] and loss >= rec["val_loss"])):
-            return False  # never replace the best by a worse one
-        prefix = self.best.save()
-        write_manifest(prefix, self.model)
-        _write_json_atomic(self.best_json, {"val_accuracy": float(acc), "val_loss": float(loss),
-                                            "stage": stage, "epoch": epoch, "prefix": prefix})
-        return True
-
-    def latest_good(self, manager=None) -> str | None:
-        """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
-        manager = manager or self._read_last or self.last
-        for prefix in reversed(manager.checkpoints):
-            problem = verify(prefix)
+    def _first_good(self, candidates, fallback: str) -> str | None:
+        for ckpt in candidates:
+            if ckpt in self._bad:
+                continue
+            problem = verify(ckpt)
             if problem is None:
-                return prefix
-            log.warning("checkpoint %s is unusable: %s; falling back to the previous one", prefix, problem)
+                return ckpt
+            self._bad.add(ckpt)
+            log.warning("checkpoint %s is unusable: %s; %s", ckpt, problem, fallback)
         return None
 
-    def restore(self, prefix: str, with_optimizer: bool = True) -> tuple[int, int]:
-        check_compatible(prefix, self.model)
+    def restore(self, ckpt, with_optimizer: bool = True) -> tuple[int, int]:
+        """Model (and, if asked, this stage's optimizer) from ``ckpt``; returns its (stage, epoch)."""
+        check_compatible(ckpt, self.model)
+        prefix, _ = _resolve(ckpt)
         if with_optimizer:
             self.ckpt.restore(prefix).expect_partial()
         else:
@@ -194,31 +346,122 @@ class Checkpoints:
                 prefix).expect_partial()
         return int(self.stage.numpy()), int(self.epoch.numpy())
 
+    def _restore_model(self, ckpt) -> None:
+        check_compatible(ckpt, self.model)
+        tf.train.Checkpoint(model=self.model).restore(_resolve(ckpt)[0]).expect_partial()
+
+    def best_record(self) -> dict | None:
+        """What best.json says: the best checkpoint's name, stage, epoch, val_accuracy, val_loss,
+        and each stage's best (``stages``). Derived from the manifests if best.json is damaged."""
+        best, stages = _best_of(self._records, self._bad)
+        if best is None:
+            return None
+        return {**_summary(self._records[best]),
+                "stages": {str(s): _summary(self._records[n]) for s, n in sorted(stages.items())}}
+
     def restore_best(self) -> bool:
-        prefix = self.latest_good(self.best)
-        if prefix is None:
+        """The best validated weights (across stages, and across this folder and ``read_folder``);
+        a damaged best is reported and the next best used."""
+        records = dict(enumerate(self._records.values()))
+        if self.read_folder != self.folder:
+            records.update({len(records) + i: r for i, r in enumerate(_scan(self.read_folder).values())})
+        ranked = sorted((r for r in records.values() if _score(r) is not None),
+                        key=lambda r: _score(r), reverse=True)
+        ckpt = self._first_good([r["path"] for r in ranked], "using the next best")
+        if ckpt is None:
+            ckpt = self._first_good(_legacy(self.folder / "best"), "no best checkpoint")
+        if ckpt is None:
             return False
-        check_compatible(prefix, self.model)
-        tf.train.Checkpoint(model=self.model).restore(prefix).expect_partial()
+        self._restore_model(ckpt)
+        return True
+
+    def restore_stage_best(self, stage: int, epoch: int | None = None) -> bool:
+        """The weights of ``stage``'s best epoch (``epoch``, when the caller knows which one it is),
+        for early stopping's restore after a resume. False if there is none."""
+        records = self._read_records()
+        if epoch is not None:
+            mine = [records[n] for n in sorted(records, reverse=True)
+                    if int(records[n]["stage"]) == stage and int(records[n]["epoch"]) == epoch]
+        else:
+            _, stages = _best_of(records, self._bad)
+            mine = [records[stages[stage]]] if stage in stages else []
+        ckpt = self._first_good([r["path"] for r in mine], "the stage's best cannot be restored")
+        if ckpt is None:
+            return False
+        self._restore_model(ckpt)
         return True
 
 
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file TensorFlow wrote (it does not), then the folders' entries."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+def _as_os_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, tf.errors.OpError):
+        return OSError(exc.message.split("\n")[0])  # TensorFlow's first line says why
+    return exc
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+def _legacy(folder: Path) -> list[str]:
+    """Checkpoint prefixes of the layout before numbered folders (``last/``, ``best/``), newest first."""
+    if not (folder / "checkpoint").exists():
+        return []
+    mgr = tf.train.CheckpointManager(tf.train.Checkpoint(), folder, max_to_keep=100)
+    return list(reversed(mgr.checkpoints))
+
+
 def restore_model(model, checkpoint: str | Path) -> str:
-    """Restore model weights from a run folder, a checkpoints folder or a checkpoint prefix."""
+    """Restore model weights from a run folder or its ``checkpoints`` folder (the best checkpoint,
+    else the newest good one), ``.../checkpoints/last`` (the newest good one), ``.../checkpoints/best``,
+    one checkpoint folder (``.../checkpoints/ckpt-000007``), or a checkpoint prefix of the older
+    layout. Damaged checkpoints are reported and skipped. Returns the checkpoint used."""
     p = Path(checkpoint)
-    candidates = [p / "checkpoints" / "best", p / "checkpoints" / "last", p / "best", p / "last", p]
-    for folder in candidates:
-        if folder.is_dir() and tf.train.latest_checkpoint(str(folder)):
-            mgr = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), folder, max_to_keep=100)
-            for prefix in reversed(mgr.checkpoints):
-                problem = verify(prefix)
-                if problem is None:
-                    check_compatible(prefix, model)
-                    tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
-                    return prefix
-                log.warning("checkpoint %s is unusable: %s; trying an older one", prefix, problem)
-    if Path(str(p) + ".index").exists():
-        check_compatible(str(p), model)
-        tf.train.Checkpoint(model=model).restore(str(p)).expect_partial()
-        return str(p)
-    raise FileNotFoundError(f"No usable checkpoint under {checkpoint}.")
+    folder, which = None, "best"
+    if (p / "checkpoints").is_dir():
+        folder = p / "checkpoints"
+    elif p.name in ("last", "best") and _scan(p.parent):
+        folder, which = p.parent, p.name
+    elif p.is_dir() and _scan(p):
+        folder = p
+    if folder is not None and _scan(folder):
+        records = _scan(folder)
+        newest = [records[n]["path"] for n in sorted(records, reverse=True)]
+        if which == "best":
+            ranked = sorted((r for r in records.values() if _score(r) is not None), key=_score, reverse=True)
+            newest = [r["path"] for r in ranked] + [c for c in newest if c not in {r["path"] for r in ranked}]
+        candidates = newest
+    elif (p / MANIFEST).exists():
+        candidates = [str(p)]
+    else:  # the older layout: best/ then last/ folders of TensorFlow checkpoints
+        roots = [p / "checkpoints" / "best", p / "checkpoints" / "last", p / "best", p / "last", p]
+        candidates = [c for r in roots if r.is_dir() for c in _legacy(r)]
+        if not candidates and Path(str(p) + ".index").exists():
+            check_compatible(str(p), model)
+            tf.train.Checkpoint(model=model).restore(str(p)).expect_partial()
+            return str(p)
+    for ckpt in candidates:
+        problem = verify(ckpt)
+        if problem is None:
+            check_compatible(ckpt, model)
+            tf.train.Checkpoint(model=model).restore(_resolve(ckpt)[0]).expect_partial()
+            return ckpt
+        log.warning("checkpoint %s is unusable: %s; trying an older one", ckpt, problem)
+    raise NoCheckpointError(f"No usable checkpoint under {checkpoint}.")

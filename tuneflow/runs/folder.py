@@ -1,41 +1,215 @@
-"""The run folder: created safely, refused when it holds another run, removed if a fresh run fails.
+"""The run folder: ours alone (marked, locked), written so that a kill or a full disk loses nothing.
 
 Layout (what the later embedding export / serving / workbench read):
-  run.json           status, recipe name, timestamps, the command line
-  recipe.json        the resolved recipe
-  metrics.csv        one row per epoch: stage, epoch, loss, accuracy, val_loss, val_accuracy, lr
+  .tuneflow          marker: the names tuneflow wrote here (``--overwrite`` removes only those)
+  .tuneflow.lock     held (``fcntl.flock``) by the process that runs in this folder; holds its pid
+  run.json           status, recipe name, data fingerprint, timestamps, the command line
+  recipe.json        the resolved recipe (overrides included); ``--resume`` compares against it
+  metrics.csv        one row per epoch, appended: stage, epoch, loss, accuracy, val_loss, val_accuracy, lr
   curves.png, confusion.png, report.json, report.md
   model.keras        the whole classifier (pixels 0..255 in, probabilities out)
   backbone.weights.h5, backbone.json
-  checkpoints/last (newest 2: model, optimizer, stage, epoch; early-stopping state in the manifest),
-  checkpoints/best (best val accuracy across stages), checkpoints/stage_best, tensorboard/
+  checkpoints/       numbered checkpoints and best.json (see :mod:`tuneflow.runs.checkpoints`)
+  tensorboard/
+
+Every JSON file is written to a temporary name, fsynced and renamed; metrics rows are appended
+and fsynced. A write that fails (full disk, read-only folder) raises a :class:`RunError` naming
+the path and leaves no temporary file.
 """
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
+import fnmatch
+import io
 import json
+import logging
 import os
+import secrets
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
 
 from ..errors import RunError
 
+log = logging.getLogger("tuneflow")
+
 FIELDS = ["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+MARKER = ".tuneflow"
+LOCK = ".tuneflow.lock"
+TMP_TAG = ".tuneflow-tmp"  # in every temporary name tuneflow creates, so leftovers are recognisably ours
+# What tuneflow writes at the top of a run folder, for runs whose marker does not list it (runs made
+# before the marker existed, or files written by code that bypasses RunDir's own writers).
+KNOWN = ("run.json", "recipe.json", "labels.json", "metrics.csv", "curves.png", "confusion.png",
+         "confusion.csv", "report.json", "report.md", "model.keras", "model", "backbone.weights.h5",
+         "backbone.json", "val_predictions.csv", "checkpoints", "tensorboard", "fold-*")
 
 
 class RunExistsError(RunError, FileExistsError):
     pass
 
 
+class RunLockedError(RunError):
+    """Another process holds the run folder's lock."""
+
+
+_fault_counts: dict[str, int] = {}
+
+
+def fault(point: str) -> None:
+    """Fault injection for tests: ``TUNEFLOW_FAULT=POINT`` (or ``POINT@N``, the N-th time) kills this
+    process with SIGKILL at the named point, as a power cut or the OOM killer would."""
+    want = os.environ.get("TUNEFLOW_FAULT")
+    if not want:
+        return
+    name, _, nth = want.partition("@")
+    if name != point:
+        return
+    _fault_counts[point] = _fault_counts.get(point, 0) + 1
+    if _fault_counts[point] == int(nth or 1):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), 9)
+
+
+def disk_error(path, exc: BaseException) -> RunError:
+    """A RunError for a failed write: the path, the cause, and what to do."""
+    reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+              errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+              errno.EPERM: "permission denied"}.get(getattr(exc, "errno", None))
+    reason = reason or getattr(exc, "strerror", None) or str(exc)
+    return RunError(f"Cannot write {path}: {reason}. Free some space or choose a writable --out "
+                    "(earlier checkpoints are intact; --resume continues from them).")
+
+
+def fsync_dir(path) -> None:
+    """Make a rename or a new file in ``path`` durable (the directory entry itself is data)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems cannot fsync a directory: nothing more to do there
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def tmp_name(path: Path) -> Path:
+    """A unique temporary sibling of ``path`` (same directory, so the rename is atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(3)}{TMP_TAG}")
+
+
+def atomic_write(path, data: bytes | str, fault_point: str | None = None) -> Path:
+    """Write ``data`` to ``path`` all or nothing: temporary name, fsync, rename, fsync the folder.
+    A failure raises :class:`RunError` naming ``path`` and removes the temporary file."""
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    tmp = tmp_name(path)
+    try:
+        # os.open with 0o666: the umask applies, as for any file the user creates (mkstemp gives 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if fault_point:
+            fault(fault_point)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise disk_error(path, exc) from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return path
+
+
+def _unlink_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def read_json(path, what: str = "") -> dict:
+    """A JSON file, or a :class:`RunError` naming it when it is cut off or damaged."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise RunError(f"Cannot read {path}: {exc.strerror or exc}.") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path} is damaged or cut off (not valid JSON: {exc}). "
+                       + (what or "Delete it, or start the run again with --overwrite.")) from None
+
+
+class _Lock:
+    """An exclusive ``flock`` on ``LOCK`` for the run's lifetime; the kernel drops it when the
+    process dies, so a run killed with SIGKILL never blocks the next one."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise disk_error(self.path, exc) from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(self.fd)
+            self.fd = None
+            pid, _, host = holder.partition("@")
+            same = pid == str(os.getpid()) and host == socket.gethostname()
+            raise RunLockedError(
+                f"{folder} is in use by another tuneflow run (pid {pid}{' on ' + host if host else ''}"
+                f"{', this very process: close the earlier RunDir first' if same else ''}). Wait for it "
+                "to finish, stop it, or choose another --out.") from None
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}@{socket.gethostname()}\n".encode(), 0)
+            os.fsync(self.fd)
+        except OSError as exc:
+            self.release()
+            raise disk_error(self.path, exc) from None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor releases the flock
+            self.fd = None
+
+    def __del__(self):
+        self.release()
+
+
 class RunDir:
+    """One run folder, locked by this process until :meth:`close` (or the process's end).
+
+    >>> with RunDir.open("runs/x", "small_similar") as run:      # doctest: +SKIP
+    ...     run.start(recipe.to_dict(), bundle.fingerprint())
+    ...     run.append_metrics({"stage": 0, "epoch": 1, "val_accuracy": 0.9})
+    """
+
     def __init__(self, path: Path, fresh: bool):
         self.path = Path(path)
         self.fresh = fresh
+        self._lock: _Lock | None = None
+        self._remove_folder = False  # on discard: the folder too, when tuneflow made it
+        self._names: set[str] | None = None
 
+    # -- opening, locking, overwriting ----------------------------------------------------------
     @classmethod
     def open(cls, out, recipe_name: str, overwrite: bool = False, resume: bool = False) -> "RunDir":
+        """Create (or, with ``resume``, reopen) a run folder and lock it. ``overwrite`` first removes
+        the files of an earlier run, and refuses when the folder holds anything tuneflow did not write."""
         if out is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             out = Path("runs") / f"{recipe_name}-{stamp}"
@@ -44,71 +218,460 @@ class RunDir:
                 n += 1
                 out = Path("runs") / f"{recipe_name}-{stamp}-{n}"
         out = Path(out)
-        if out.exists() and any(out.iterdir()):
-            is_run = (out / "run.json").exists()
+        created = False
+        if out.exists() and not out.is_dir():
+            raise RunExistsError(f"{out} is a file, not a folder. Choose another --out.")
+        if not out.exists():
             if resume:
-                if not is_run:
-                    raise RunExistsError(f"--resume: {out} is not a tuneflow run folder (no run.json).")
-                return cls(out, fresh=False)
-            if not overwrite:
-                raise RunExistsError(
-                    f"{out} already holds {'a tuneflow run' if is_run else 'files'}. Use --resume to "
-                    "continue that run, --overwrite to replace it, or choose another --out.")
-            if not is_run:
-                raise RunExistsError(f"--overwrite refuses to delete {out}: it is not a tuneflow run "
-                                     "folder (no run.json). Choose another --out.")
-            print(f"--overwrite: removing the earlier run in {out}", file=sys.stderr)
-            shutil.rmtree(out)
-        elif resume:
-            raise RunExistsError(f"--resume: there is no run in {out} to continue.")
-        out.mkdir(parents=True, exist_ok=True)
-        return cls(out, fresh=True)
+                raise RunExistsError(f"--resume: there is no run in {out} to continue.")
+            try:
+                out.mkdir(parents=True)
+                created = True
+            except FileExistsError:
+                pass  # another process made it this instant: the lock below decides
+            except OSError as exc:
+                raise disk_error(out, exc) from None
+        probe = cls(out, fresh=False)
+        # A folder that is not a run gets nothing written into it, not even a lock file.
+        if probe._entries() and not probe.is_run():
+            cls._refuse_foreign(out, resume, overwrite, probe._entries())
+        was_run = probe.is_run()
+        run = cls(out, fresh=True)
+        run._lock = _Lock(out)
+        try:
+            run._remove_folder = created or was_run
+            run._settle(resume, overwrite)
+        except BaseException:
+            if not was_run:  # leave the folder as it was: no lock file, and no folder if we made it
+                _unlink_quietly(out / LOCK)
+                _unlink_quietly(out / MARKER)
+            run.close()
+            if created:
+                try:
+                    out.rmdir()
+                except OSError:
+                    pass
+            raise
+        return run
 
-    def __truediv__(self, name):
+    @staticmethod
+    def _refuse_foreign(out: Path, resume: bool, overwrite: bool, entries: list[str]):
+        shown = ", ".join(sorted(entries)[:8]) + (", ..." if len(entries) > 8 else "")
+        if resume:
+            raise RunExistsError(f"--resume: {out} is not a tuneflow run folder (no run.json or "
+                                 f"{MARKER}; it holds {shown}).")
+        if overwrite:
+            raise RunExistsError(f"--overwrite refuses to delete {out}: it is not a tuneflow run folder "
+                                 f"(it holds {shown}). Choose another --out.")
+        raise RunExistsError(f"{out} already holds files tuneflow did not write ({shown}). "
+                             "Choose another --out.")
+
+    def _settle(self, resume: bool, overwrite: bool) -> None:
+        """Under the lock: decide fresh / resumed / replaced, and mark the folder as ours."""
+        entries = self._entries()
+        if entries and not self.is_run():  # filled by someone else between the first look and the lock
+            self._refuse_foreign(self.path, resume, overwrite, entries)
+        if resume:
+            if not entries:
+                raise RunExistsError(f"--resume: there is no run in {self.path} to continue.")
+            self.fresh = False
+        elif entries:
+            if not overwrite:
+                raise RunExistsError(f"{self.path} already holds a tuneflow run. Use --resume to continue "
+                                     "that run, --overwrite to replace it, or choose another --out.")
+            foreign = self.foreign_files()
+            if foreign:
+                shown = "\n  ".join(foreign[:20]) + (f"\n  ... and {len(foreign) - 20} more"
+                                                    if len(foreign) > 20 else "")
+                raise RunExistsError(
+                    f"--overwrite refuses to replace the run in {self.path}: it also holds files tuneflow "
+                    f"did not write:\n  {shown}\nMove them out of the folder, or choose another --out.")
+            print(f"--overwrite: removing the earlier run in {self.path}", file=sys.stderr)
+            self._remove_ours(keep_lock=True)
+            self._names = None
+        self._register_all({LOCK} if self.fresh else set())
+
+    def close(self) -> None:
+        """Release the lock (the files stay). Safe to call twice."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def locked(self) -> bool:
+        return self._lock is not None and self._lock.fd is not None
+
+    # -- what is ours ----------------------------------------------------------------------------
+    def _entries(self) -> list[str]:
+        """Top-level names, ignoring a bare lock file (left by a process that stopped at once)."""
+        try:
+            return [p.name for p in self.path.iterdir() if p.name != LOCK]
+        except FileNotFoundError:
+            return []
+
+    def is_run(self) -> bool:
+        return (self.path / MARKER).exists() or (self.path / "run.json").exists()
+
+    def _registered(self) -> set[str]:
+        if self._names is None:
+            names: set[str] = set()
+            if (self.path / MARKER).exists():
+                try:
+                    names = set(json.loads((self.path / MARKER).read_text()).get("names", []))
+                except (OSError, ValueError, AttributeError):
+                    log.warning("%s is damaged; only the names tuneflow always writes count as its own",
+                                self.path / MARKER)
+            self._names = names
+        return self._names
+
+    def register(self, name: str) -> None:
+        """Record a top-level name as written by tuneflow (``run / name`` does this)."""
+        top = Path(name).parts[0] if name else name
+        if top and top not in self._registered():
+            self._register_all({top})
+
+    def _register_all(self, names: set[str]) -> None:
+        self._registered().update(names)
+        if self.locked:  # only the process that owns the folder writes the marker
+            atomic_write(self.path / MARKER, json.dumps({"tuneflow": 1, "names": sorted(self._names)},
+                                                        indent=1))
+
+    def _own_name(self, top: str) -> bool:
+        names = self._registered()
+        if top in (MARKER, LOCK) or TMP_TAG in top or top in names or any(
+                fnmatch.fnmatchcase(top, k) for k in KNOWN):
+            return True
+        # ".NAME.<anything>": the temporary of one of our files (an atomic write cut off by a kill)
+        return top.startswith(".") and any(top[1:].startswith(n + ".") for n in (*names, *KNOWN)
+                                           if "*" not in n)
+
+    def _ours(self, rel: tuple[str, ...], is_dir: bool = False) -> bool:
+        """Whether ``rel`` (path parts under the run folder) was written by tuneflow. Inside the
+        folders tuneflow fills by name patterns (checkpoints/, tensorboard/, fold-N/), each file
+        must match them too: a user's file put there is not ours."""
+        top = rel[0]
+        if not self._own_name(top):
+            return False
+        if len(rel) == 1 or top.startswith("."):
+            return True
+        if top == "checkpoints":
+            return _checkpoint_file(rel[1:], is_dir)
+        if top == "tensorboard":
+            return is_dir or rel[-1].startswith("events.out.tfevents.")
+        if fnmatch.fnmatchcase(top, "fold-*"):  # a nested run folder of K-fold cross-validation
+            return RunDir(self.path / top, fresh=False)._ours(rel[1:], is_dir)
+        return True  # a folder tuneflow wrote by name (model/, ...): all of it is tuneflow's
+
+    def _walk(self):
+        """(relative parts, path, is ours, is dir) for every entry under the run folder; a folder
+        that is not ours is reported once, not entered; symlinks are never followed."""
+        for root, dirs, files in os.walk(self.path):
+            base = Path(root)
+            keep = []
+            for name in dirs:
+                p = base / name
+                rel = p.relative_to(self.path).parts
+                if p.is_symlink():
+                    files.append(name)
+                    continue
+                ours = self._ours(rel, is_dir=True)
+                yield rel, p, ours, True
+                if ours:
+                    keep.append(name)
+            dirs[:] = keep
+            for name in files:
+                p = base / name
+                rel = p.relative_to(self.path).parts
+                yield rel, p, self._ours(rel), False
+
+    def foreign_files(self) -> list[str]:
+        """What in the folder tuneflow did not write (relative paths; a folder ends with /)."""
+        return sorted("/".join(rel) + ("/" if d else "") for rel, _, ours, d in self._walk() if not ours)
+
+    def _remove_ours(self, keep_lock: bool = False) -> None:
+        """Delete what tuneflow wrote, then its folders that became empty; nothing else."""
+        entries = list(self._walk())
+        for rel, p, ours, is_dir in entries:
+            if ours and not is_dir and not (keep_lock and rel == (LOCK,)):
+                _unlink_quietly(p)
+        for rel, p, ours, is_dir in sorted(entries, key=lambda e: -len(e[0])):  # deepest first
+            if ours and is_dir:
+                try:
+                    p.rmdir()
+                except OSError:
+                    pass  # not empty: it holds something tuneflow did not write
+        if not keep_lock and self._remove_folder:
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass
+
+    def discard_if_fresh(self) -> bool:
+        """Remove a fresh run that failed before it saved anything resumable (only tuneflow's files,
+        and the folder if tuneflow made it and it is empty); release the lock either way."""
+        if not self.fresh or _has_checkpoint(self.path / "checkpoints"):
+            return False
+        if self._lock is not None and self._lock.fd is not None:
+            # unlinked while still held, then released: no other process can lock the old file meanwhile
+            self._remove_ours(keep_lock=True)
+            _unlink_quietly(self.path / LOCK)
+            self.close()
+            if self._remove_folder:
+                try:
+                    self.path.rmdir()
+                except OSError:
+                    pass
+        else:
+            self._remove_ours()
+        return True
+
+    # -- files ------------------------------------------------------------------------------------
+    def __truediv__(self, name) -> Path:
+        self.register(str(name))
         return self.path / name
 
     def write_json(self, name: str, obj) -> Path:
-        target = self.path / name
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        os.replace(tmp, target)
-        return target
+        """Atomic (temporary name, fsync, rename); RunError naming the file if the disk refuses."""
+        self.register(name)
+        return atomic_write(self.path / name, json.dumps(obj, indent=2, default=str),
+                            fault_point=f"mid_{name}")
+
+    def write_text(self, name: str, text: str) -> Path:
+        self.register(name)
+        return atomic_write(self.path / name, text)
+
+    def read_json(self, name: str) -> dict:
+        return read_json(self.path / name)
 
     def status(self, status: str, **extra) -> None:
-        info = json.loads((self / "run.json").read_text()) if (self / "run.json").exists() else {}
-        info.update(status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
+        """Update run.json. A damaged run.json (it holds only status) is rebuilt, with a warning."""
+        p = self.path / "run.json"
+        info = {}
+        if p.exists():
+            try:
+                info = read_json(p)
+            except RunError as exc:
+                log.warning("%s; rebuilding it", exc)
+        info.update(status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S"), pid=os.getpid(), **extra)
         info.setdefault("command", " ".join(sys.argv))
         self.write_json("run.json", info)
 
-    def metrics_rows(self) -> list[dict]:
-        p = self / "metrics.csv"
-        if not p.exists():
-            return []
-        with open(p) as f:
-            return list(csv.DictReader(f))
+    # -- recipe and data: what a resume must match ------------------------------------------------
+    def start(self, recipe: dict, data_fingerprint: str | None = None, force: bool = False,
+              ignore=()) -> list[str]:
+        """Record what this run trains (recipe.json, the data fingerprint in run.json), or, when the
+        run is resumed, check that it is the same (:meth:`check_resume`). Sets status "running".
+        Returns the differences accepted with ``force`` (also logged and kept in run.json)."""
+        changes = [] if self.fresh else self.check_resume(recipe, data_fingerprint, force, ignore)
+        if self.fresh or changes or not (self.path / "recipe.json").exists():
+            self.write_json("recipe.json", recipe)
+        extra = {"recipe": recipe.get("name"), "data_fingerprint": data_fingerprint}
+        if changes:
+            try:
+                resumes = read_json(self.path / "run.json").get("resumed_with_changes", [])
+            except RunError:
+                resumes = []
+            extra["resumed_with_changes"] = resumes + [
+                {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes}]
+        self.status("running", **extra)
+        return changes
 
-    def truncate_metrics(self, keep) -> None:
-        """Keep rows for which ``keep(stage_index, epoch)`` is true (used when resuming)."""
-        rows = [r for r in self.metrics_rows() if keep(int(r["stage"]), int(r["epoch"]))]
-        self._write_rows(rows)
+    def check_resume(self, recipe: dict, data_fingerprint: str | None, force: bool = False,
+                     ignore=()) -> list[str]:
+        """Compare the resolved recipe and the data fingerprint with those the run was started with.
+        Each difference reads ``key: old -> new`` (``head.lr: 0.001 -> 0.003``); any difference is a
+        RunError unless ``force`` (then it is logged and returned). ``ignore``: keys not compared."""
+        hint = ("Resume with the recipe, --set values and data the run was started with, add --force "
+                "to continue with the new ones, or start a new run (--overwrite or another --out).")
+        changes = []
+        stored = None
+        if (self.path / "recipe.json").exists():
+            try:
+                stored = read_json(self.path / "recipe.json", "Add --force to resume with the recipe given now.")
+            except RunError:
+                if not force:
+                    raise
+                changes.append("recipe.json: unreadable -> replaced")
+        else:
+            log.warning("%s has no recipe.json: the recipe cannot be checked against the run's", self.path)
+        if stored is not None:
+            old, new = _flatten(stored), _flatten(recipe)
+            for key in sorted(set(old) | set(new), key=_key_order(recipe)):
+                if key in ignore:
+                    continue
+                if old.get(key, _ABSENT) != new.get(key, _ABSENT):
+                    changes.append(f"{key}: {_show(old.get(key, _ABSENT))} -> {_show(new.get(key, _ABSENT))}")
+        if data_fingerprint is not None:
+            try:
+                info = read_json(self.path / "run.json") if (self.path / "run.json").exists() else {}
+            except RunError:
+                if not force:
+                    raise RunError(f"{self.path / 'run.json'} is damaged, so the data cannot be checked "
+                                   "against the run's. Add --force to resume anyway.") from None
+                info = {}
+            before = info.get("data_fingerprint")
+            if before is None:
+                log.warning("%s records no data fingerprint: the data cannot be checked", self.path)
+            elif before != data_fingerprint:
+                changes.append(f"data: fingerprint {before} -> {data_fingerprint} (images, labels, classes "
+                               "or the train/val split differ)")
+        if changes and not force:
+            raise RunError(f"--resume: {self.path} was started with another recipe or data:\n  "
+                           + "\n  ".join(changes) + "\n" + hint)
+        for c in changes:
+            log.warning("--resume --force: continuing with a change: %s", c)
+        return changes
+
+    # -- metrics.csv: appended, fsynced, a torn last line tolerated --------------------------------
+    def metrics_rows(self) -> list[dict]:
+        """The rows of metrics.csv. A torn last line (a kill or a full disk mid-write) or a malformed
+        row is dropped with a warning; the next append repairs the file."""
+        p = self.path / "metrics.csv"
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise RunError(f"Cannot read {p}: {exc.strerror or exc}.") from None
+        complete, _, torn = data.rstrip(b"\0").rpartition(b"\n") if b"\n" in data else (b"", b"", data)
+        if torn.strip(b"\0"):
+            log.warning("%s: dropping a torn last line %r (the run stopped while writing it)", p, torn[:80])
+        text = complete.decode("utf-8", "replace")
+        reader = csv.reader(io.StringIO(text))
+        header = next(reader, None)
+        rows = []
+        for i, values in enumerate(reader, start=2):
+            if not values:
+                continue
+            if header is None or len(values) != len(header) or not _is_row(values, header):
+                log.warning("%s: line %d is malformed, ignored: %s", p, i, ",".join(values)[:80])
+                continue
+            rows.append(dict(zip(header, values)))
+        return rows
 
     def append_metrics(self, row: dict) -> None:
-        rows = self.metrics_rows() + [{k: row.get(k, "") for k in FIELDS}]
-        self._write_rows(rows)
+        """Append one row and fsync it (the file is never rewritten during training)."""
+        p = self.path / "metrics.csv"
+        self.register("metrics.csv")
+        try:
+            header = self._repair_metrics(p)
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            if header is None:
+                header = FIELDS
+                w.writerow(header)
+            w.writerow([row.get(k, "") for k in header])
+            line = buf.getvalue().encode("utf-8")
+            with open(p, "ab") as f:
+                if os.environ.get("TUNEFLOW_FAULT", "").startswith("mid_metrics_row"):
+                    f.write(line[: len(line) // 2])  # half a row on disk, then the kill
+                    f.flush()
+                    os.fsync(f.fileno())
+                    fault("mid_metrics_row")
+                    f.write(line[len(line) // 2:])
+                else:
+                    f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise disk_error(p, exc) from None
 
-    def _write_rows(self, rows) -> None:
-        tmp = self / "metrics.csv.tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, FIELDS)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self / "metrics.csv")
+    def _repair_metrics(self, p: Path) -> list[str] | None:
+        """Cut a torn last line (and trailing NULs a crash can leave) so the next row starts on a line
+        of its own; returns the file's header (None for a new or empty file)."""
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            return None
+        if size == 0:
+            return None
+        with open(p, "rb") as f:
+            first = f.readline()
+            f.seek(size - 1)
+            whole = f.read(1) == b"\n"
+        if not whole:
+            data = p.read_bytes()
+            keep = data.rstrip(b"\0").rfind(b"\n") + 1
+            log.warning("%s: removing a torn last line %r before appending", p, data[keep:keep + 80])
+            os.truncate(p, keep)
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+            if keep == 0:
+                return None
+            first = data[:data.find(b"\n") + 1]
+        header = next(csv.reader(io.StringIO(first.decode("utf-8", "replace"))), None)
+        return header or None
 
-    def discard_if_fresh(self) -> bool:
-        """Remove a run that failed before it saved anything resumable."""
-        has_ckpt = any((self / "checkpoints" / "last").glob("*.index")) if (
-            self / "checkpoints" / "last").exists() else False
-        if self.fresh and not has_ckpt:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return True
+    def truncate_metrics(self, keep) -> None:
+        """Keep rows for which ``keep(stage_index, epoch)`` is true (used when resuming): one atomic
+        rewrite of the whole file."""
+        rows = [r for r in self.metrics_rows() if keep(int(r["stage"]), int(r["epoch"]))]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, FIELDS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        self.register("metrics.csv")
+        atomic_write(self.path / "metrics.csv", buf.getvalue())
+
+
+_ABSENT = object()
+
+
+def _flatten(recipe: dict) -> dict:
+    """``{"head.lr": 0.001, "batch_size": 32, ...}``: stages by name, as ``--set`` spells them."""
+    flat = {}
+    for k, v in recipe.items():
+        if k == "stages" and isinstance(v, list):
+            for i, stage in enumerate(v):
+                name = stage.get("name", str(i)) if isinstance(stage, dict) else str(i)
+                for sk, sv in (stage.items() if isinstance(stage, dict) else [("", stage)]):
+                    if sk != "name":
+                        flat[f"{name}.{sk}"] = sv
+            flat["stages"] = [s.get("name") if isinstance(s, dict) else s for s in v]
+        elif k != "description":
+            flat[k] = v
+    return flat
+
+
+def _key_order(recipe: dict):
+    order = {k: i for i, k in enumerate(_flatten(recipe))}
+    return lambda k: (order.get(k, len(order)), k)
+
+
+def _show(v) -> str:
+    return "(absent)" if v is _ABSENT else json.dumps(v) if isinstance(v, (str, list, type(None))) else repr(v)
+
+
+def _is_row(values: list[str], header: list[str]) -> bool:
+    """A row whose stage and epoch are integers (a line glued onto a torn one is not)."""
+    try:
+        for k in ("stage", "epoch"):
+            if k in header:
+                int(values[header.index(k)])
+        return True
+    except ValueError:
         return False
+
+
+def _checkpoint_file(rel: tuple[str, ...], is_dir: bool = False) -> bool:
+    """Entries tuneflow's checkpoints consist of (this layout and the one before it)."""
+    top = rel[0]
+    if TMP_TAG in top or fnmatch.fnmatchcase(top, "ckpt-*"):
+        return True  # a numbered checkpoint folder, or one being written: entirely ours
+    if top in ("last", "best", "stage_best"):  # the layout before numbered folders
+        if len(rel) == 1:
+            return is_dir
+        return len(rel) == 2 and (rel[1] in ("checkpoint", "best.json") or rel[1].startswith("ckpt-")
+                                  or rel[1].endswith(".tmp"))
+    return len(rel) == 1 and top == "best.json"
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    """Whether a complete checkpoint exists (numbered folder with its manifest, or the older layout)."""
+    return any(folder.glob("ckpt-*/manifest.json")) or any(folder.glob("last/*.index"))
