@@ -178,9 +178,55 @@ def test_custom_albumentations_compose_and_preview_png(tmp_path):
 
 def test_tfds_by_name_with_mocked_local_data():
     import tensorflow_datasets as tfds
-    with tfds.testing.mock_data(num_examples=12):
+    with tfds.testing.mock_data(num_examples=40):  # random labels: 40 give each of the 5 classes >= 2
         b = load_data("tfds:tf_flowers", 32)
-    assert b.classes[:2] == ["dandelion", "daisy"] and len(b.train) + len(b.val) == 12
+    assert b.classes[:2] == ["dandelion", "daisy"] and len(b.train) + len(b.val) == 40
+    assert set(b.counts("val").values()) != {0}
+
+
+TINY_TFDS_BUILDER = '''
+import numpy as np
+import tensorflow_datasets as tfds
+
+
+class TuneflowTinyShapes(tfds.core.GeneratorBasedBuilder):
+    """Two classes of flat grey images, prepared locally: nothing is downloaded."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, supervised_keys=("image", "label"),
+                                     features=tfds.features.FeaturesDict({
+                                         "image": tfds.features.Image(shape=(24, 24, 3)),
+                                         "label": tfds.features.ClassLabel(names=["dark", "light"])}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(16), "test": self._generate_examples(6)}
+
+    def _generate_examples(self, n):
+        for i in range(n):
+            yield i, {"image": np.full((24, 24, 3), 30 + 190 * (i % 2), np.uint8), "label": i % 2}
+'''
+
+
+@pytest.mark.slow
+def test_tfds_builds_and_loads_a_local_dataset_offline(tmp_path):
+    """The real TFDS path (builder in a package, download_and_prepare, tfds.load), which imports
+    importlib_resources: it failed before setup.cfg listed it. A subprocess keeps TFDS's global
+    registry and TFDS_DATA_DIR out of this process."""
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    (tmp_path / "tinypkg").mkdir()
+    (tmp_path / "tinypkg" / "__init__.py").write_text("")
+    (tmp_path / "tinypkg" / "shapes.py").write_text(TINY_TFDS_BUILDER)
+    code = ("import tinypkg.shapes\nfrom tuneflow.data import load_data\n"
+            "b = load_data('tfds:tuneflow_tiny_shapes', 16)\n"
+            "print('LOADED', b.classes, len(b.train), len(b.val), int(b.val.x[b.val.y == 1].min()))")
+    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"), PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert "LOADED ['dark', 'light'] 16 6 220" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert (tmp_path / "tfds" / "tuneflow_tiny_shapes" / "1.0.0" / "dataset_info.json").exists()
 
 
 def test_tfds_unknown_name():

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DataError
-from .sources import (RESIZE_MODES, DataBundle, Split, check_resize, decode_image, find_leaks,
-                      load_arrays, load_folder, split_fraction, to_square)
+from .sources import (IMAGE_EXTENSIONS, RESIZE_MODES, DataBundle, Split, check_resize, decode_image,
+                      find_leaks, hash_split, load_arrays, load_folder, split_fraction, to_rgb8, to_square)
 
-__all__ = ["RESIZE_MODES", "DataBundle", "DataError", "Split", "decode_image", "find_leaks", "kfold", "to_square",
-           "load_data", "split_fraction", "subsample"]
+__all__ = ["IMAGE_EXTENSIONS", "RESIZE_MODES", "DataBundle", "DataError", "Split", "decode_image", "find_leaks",
+           "hash_split", "kfold", "to_rgb8", "to_square", "load_data", "split_fraction", "subsample"]
 
 
 def load_data(data, size: int, val_fraction: float = 0.2, fraction: float = 1.0,
@@ -18,18 +18,20 @@ def load_data(data, size: int, val_fraction: float = 0.2, fraction: float = 1.0,
 
     ``data``: a folder path, ``"tfds:NAME[:SPLIT]"``, ``(x, y)`` arrays or a dict of them.
     ``resize``: ``"crop"`` (shorter side to ``size``, centre square) or ``"squash"``.
+    ``classes``: train on these classes only; the others are never read, so a broken class
+    can be left out.
     """
     check_resize(resize)
     if not 0 < fraction <= 1:
         raise DataError(f"fraction={fraction} must be in (0, 1]: it is the share of images kept.")
     if isinstance(data, (tuple, list, dict)) and not isinstance(data, str):
-        bundle = load_arrays(data, size, val_fraction, resize=resize)
+        bundle = load_arrays(data, size, val_fraction, resize=resize, keep=classes)
     elif str(data).startswith("tfds:"):
         from .tfds_source import load_tfds
-        bundle = load_tfds(str(data), size, val_fraction, resize)
+        bundle = load_tfds(str(data), size, val_fraction, resize, keep=classes)
     else:
-        bundle = load_folder(data, size, val_fraction, resize)
-    return subsample(bundle, fraction, classes, seed)
+        bundle = load_folder(data, size, val_fraction, resize, classes=classes)
+    return subsample(bundle, fraction, None, seed)
 
 
 def subsample(bundle: DataBundle, fraction: float = 1.0, classes=None, seed: int = 0) -> DataBundle:
@@ -78,4 +80,4 @@ def kfold(bundle: DataBundle, k: int, seed: int = 0):
         raise DataError(f"folds={k} but the smallest class has only {smallest} images; use folds<={smallest}.")
     for tr, va in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y):
         yield DataBundle(bundle.classes, pool.take(tr), pool.take(va), bundle.test, bundle.source,
-                         bundle.skipped, [])
+                         bundle.skipped, [], bundle.ignored)

@@ -24,11 +24,26 @@ from ..imageops import RESIZE_MODES, resize_image
 
 log = logging.getLogger("tuneflow.data")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"),
-               "test": ("test", "testing")}
+               "test": ("test", "testing")}  # matched case-insensitively: Training/ is a split
 
 
+def _pil_extensions() -> tuple[str, ...]:
+    """Every file extension PIL has a reader for (stub formats such as .h5, which PIL only
+    recognises and cannot decode, left out)."""
+    from PIL import ImageFile
+    Image.init()  # registers every plugin, not only the few imported so far
+    exts = []
+    for ext, fmt in Image.registered_extensions().items():
+        opener = Image.OPEN.get(fmt)
+        factory = opener[0] if opener else None
+        if factory is None or (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)):
+            continue
+        exts.append(ext.lower())
+    return tuple(sorted(set(exts)))
+
+
+IMAGE_EXTENSIONS = _pil_extensions()  # .jpg .png .webp .tif .ppm .jfif ... as this PIL reads them
 
 
 @dataclass
@@ -52,8 +67,9 @@ class DataBundle:
     val: Split
     test: Split | None = None
     source: str = ""
-    skipped: list[str] = field(default_factory=list)  # unreadable files, with the reason
+    skipped: list[str] = field(default_factory=list)  # files (and symlink loops) not used, each with the reason
     leaks: list[tuple[str, str, str]] = field(default_factory=list)  # (train, val, kind)
+    ignored: list[str] = field(default_factory=list)  # files whose extension PIL does not read (never tried)
 
     def counts(self, split: str = "train") -> dict[str, int]:
         s = getattr(self, split)
@@ -76,15 +92,49 @@ def split_fraction(key: str) -> float:
     return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16) / 0x100000000
 
 
-def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+@dataclass
+class _Scan:
+    """What walking the folders found besides images: loops not followed, files never tried."""
+    skipped: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
 
 
-def _class_dirs(root: Path) -> dict[str, list[Path]]:
+def _images_under(top: Path, scan: _Scan) -> list[Path]:
+    """Image files under ``top``, following directory symlinks, except a link to the folder it sits
+    in or one of its ancestors (a symlink loop) and a second link to a folder already read: each
+    of those is noted in ``scan.skipped`` and not followed."""
+    seen: set[str] = set()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        here = os.path.realpath(dirpath)
+        seen.add(here)
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            target = os.path.realpath(os.path.join(dirpath, d))
+            if here == target or here.startswith(target + os.sep):
+                scan.skipped.append(f"{os.path.join(dirpath, d)} (symlink loop: it points to {target}, "
+                                    "which contains it; not followed)")
+            elif target in seen:
+                scan.skipped.append(f"{os.path.join(dirpath, d)} (symlink to {target}, a folder already "
+                                    "read; not followed again)")
+            else:
+                seen.add(target)
+                keep.append(d)
+        dirnames[:] = keep
+        for name in sorted(filenames):
+            if name.startswith("."):  # .DS_Store, macOS ._IMG.jpg resource forks
+                continue
+            p = Path(dirpath) / name
+            (found if p.suffix.lower() in IMAGE_EXTENSIONS else scan.ignored).append(p)
+    return found
+
+
+def _class_dirs(root: Path, scan: _Scan) -> dict[str, list[Path]]:
     out = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in d.rglob("*") if _is_image(p))
-        out[d.name] = files
+        out[d.name] = _images_under(d, scan)
     return out
 
 
@@ -94,19 +144,55 @@ def check_resize(resize: str) -> None:
 
 
 def to_square(im: Image.Image, size: int, resize: str = "crop") -> Image.Image:
-    """An RGB PIL image as size x size, through the model's own resize (:mod:`tuneflow.imageops`)."""
-    return Image.fromarray(resize_image(np.asarray(im.convert("RGB"), np.uint8), size, resize))
+    """A PIL image as RGB size x size, through the model's own resize (:mod:`tuneflow.imageops`)."""
+    return Image.fromarray(resize_image(to_rgb8(im), size, resize))
+
+
+def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """One channel of a high-bit-depth mode scaled (not clipped) to 0..255.
+
+    ``I;16*``: 16 bits, 65535 -> 255. ``I`` (32-bit int) and ``F`` (float) say nothing about their
+    range, so it is read from the values: 0..1 (float) or 0..255 as they are, 0..65535 as 16 bits,
+    anything else stretched from its minimum to its maximum."""
+    a = a.astype(np.float64)
+    finite = a[np.isfinite(a)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if mode.startswith("I;16"):
+        scale, offset = 255.0 / 65535.0, 0.0
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        scale, offset = 255.0, 0.0
+    elif lo >= 0 and hi <= 255:
+        scale, offset = 1.0, 0.0
+    elif lo >= 0 and hi <= 65535 and mode == "I":
+        scale, offset = 255.0 / 65535.0, 0.0
+    else:
+        scale, offset = 255.0 / max(hi - lo, 1e-12), lo
+    a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
+    return np.clip(np.round((a - offset) * scale), 0, 255).astype(np.uint8)
+
+
+def to_rgb8(im: Image.Image) -> np.ndarray:
+    """Any PIL image mode -> (H, W, 3) uint8 RGB.
+
+    16-bit and 32-bit modes (``I;16``, ``I;16B``, ``I``, ``F``) are scaled to 8 bits (PIL's own
+    ``convert`` clips them, so a 16-bit PNG would read as white); transparent pixels (``RGBA``,
+    ``LA``, ``PA``, ``P`` or a ``transparency`` entry) become white; ``CMYK``, ``YCbCr``, ``1``,
+    ``L`` and the rest go through PIL's conversion to RGB."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        grey = _scale_to_uint8(np.asarray(im), mode)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La", "P") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent -> white
+        return np.asarray(Image.alpha_composite(bg, rgba).convert("RGB"), np.uint8)
+    return np.asarray(im.convert("RGB"), np.uint8)
 
 
 def decode_image(path: str | Path, size: int, resize: str = "crop") -> np.ndarray:
-    """Decode any supported file to (size, size, 3) uint8 RGB, EXIF orientation applied."""
+    """Decode any file PIL reads to (size, size, 3) uint8 RGB, EXIF orientation applied."""
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent -> white
-            im = Image.alpha_composite(bg, im)
-        return resize_image(np.asarray(im.convert("RGB"), dtype=np.uint8), size, resize)
+        return resize_image(to_rgb8(ImageOps.exif_transpose(im)), size, resize)
 
 
 def _decode_all(files: list[Path], size: int, desc: str, resize: str = "crop"):
@@ -145,85 +231,156 @@ def _load_split(named: dict[str, list[Path]], classes: list[str], size: int, des
 
 
 def _find_splits(root: Path) -> dict[str, Path]:
-    found = {}
-    for split, names in SPLIT_NAMES.items():
-        for n in names:
-            if (root / n).is_dir():
-                found[split] = root / n
-                break
-    return found
+    """train/val/test folders of ``root``, names matched case-insensitively (``Training/``)."""
+    by_name = {n: split for split, names in SPLIT_NAMES.items() for n in names}
+    found: dict[str, list[Path]] = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        split = by_name.get(d.name.lower())
+        if split:
+            found.setdefault(split, []).append(d)
+    for split, dirs in found.items():
+        if len(dirs) > 1:
+            raise DataError(f"{root} has {len(dirs)} {split} folders ({', '.join(d.name for d in dirs)}); "
+                            "keep one, or merge them.")
+    return {k: v[0] for k, v in found.items()}
 
 
-def load_folder(root: str | Path, size: int, val_fraction: float = 0.2, resize: str = "crop") -> DataBundle:
+def load_folder(root: str | Path, size: int, val_fraction: float = 0.2, resize: str = "crop",
+                classes=None) -> DataBundle:
+    """Class folders (optionally under train/ val/ test/) decoded to a bundle; ``classes``
+    keeps only those class folders (nothing else is read or checked)."""
     check_resize(resize)
-    root = Path(root)
+    root = Path(root).expanduser()  # "~/photos" quoted by a shell or make stays unexpanded
     if not root.exists():
         raise DataError(f"Data folder {root} does not exist. Pass a folder of class folders "
                         "(root/<class>/*.jpg, optionally under train/ and val/) or tfds:NAME.")
     if not root.is_dir():
         raise DataError(f"--data {root} is a file; pass a folder of class folders or tfds:NAME.")
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction={val_fraction} must be in (0, 1).")
     splits = _find_splits(root)
-    skipped: list[str] = []
+    scan = _Scan()
     if splits:
         if "train" not in splits:
-            raise DataError(f"{root} has {', '.join(splits)} folders but no train/ folder.")
-        named = {k: _class_dirs(v) for k, v in splits.items()}
-        classes = _check_classes(named["train"], root / splits["train"].name)
+            raise DataError(f"{root} has {', '.join(d.name for d in splits.values())} folders but no "
+                            "train/ (or training/) folder.")
+        others = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                        and p not in splits.values())
+        if others:
+            log.warning("%s has split folders; ignoring the other folders in it: %s", root, ", ".join(others))
+        named = {k: _class_dirs(v, scan) for k, v in splits.items()}
+        names = _check_classes(_keep(named["train"], classes, splits["train"]), splits["train"])
         for other in ("val", "test"):
             if other in named:
-                extra = sorted(set(c for c, f in named[other].items() if f) - set(classes))
+                extra = sorted(set(c for c, f in named[other].items() if f) - set(names)
+                               - (set(named["train"]) - set(names)))
                 if extra:
                     raise DataError(
                         f"Classes {extra} appear in {splits[other]} but have no training images "
                         f"in {splits['train']}; the model could never predict them. Add training "
                         "images or remove those folders.")
-        if "val" not in named:
-            named["train"], named["val"] = _hash_split(named["train"], val_fraction)
+        pool_where = splits["train"]
     else:
-        named_all = _class_dirs(root)
-        classes = _check_classes(named_all, root)
-        tr, va = _hash_split(named_all, val_fraction)
-        named = {"train": tr, "val": va}
-    parts = {}
+        named = {"train": _class_dirs(root, scan)}
+        names = _check_classes(_keep(named["train"], classes, root), root)
+        pool_where = root
+    parts, skipped = {}, list(scan.skipped)
     for k in ("train", "val", "test"):
         if k in named:
-            parts[k], sk = _load_split(named[k], classes, size, f"decode {k}", resize)
+            parts[k], sk = _load_split(named[k], names, size, f"decode {k}", resize)
             skipped += sk
-    if len(parts["train"]) == 0:
-        raise DataError(f"No readable training images in {root}.")
-    bundle = DataBundle(classes, parts["train"], parts["val"], parts.get("test"), str(root), skipped)
+    if "val" not in parts:  # split after decoding, so unreadable files cannot empty a class's val
+        _require_images(names, parts["train"].y, 2, pool_where, skipped,
+                        f"1 to train on and 1 to validate on, since tuneflow holds out "
+                        f"val_fraction={val_fraction} of each class")
+        keys = [f"{names[c]}/{Path(f).name}" for f, c in zip(parts["train"].files, parts["train"].y)]
+        tr, va = hash_split(keys, parts["train"].y, val_fraction)
+        parts["train"], parts["val"] = parts["train"].take(tr), parts["train"].take(va)
+    else:
+        _require_images(names, parts["train"].y, 1, splits["train"], skipped, "to train on")
+        _require_images(names, parts["val"].y, 1, splits["val"], skipped,
+                        "to validate on, or its accuracy is never measured")
+    if scan.ignored:
+        shown = ", ".join(str(p) for p in scan.ignored[:5]) + (" ..." if len(scan.ignored) > 5 else "")
+        log.info("ignored %d files that are not images PIL reads (by extension): %s", len(scan.ignored), shown)
+    bundle = DataBundle(names, parts["train"], parts["val"], parts.get("test"), str(root), skipped,
+                        ignored=[str(p) for p in scan.ignored])
     bundle.leaks = find_leaks(bundle)
     return bundle
 
 
+def _keep(named: dict[str, list[Path]], classes, where: Path) -> dict[str, list[Path]]:
+    """Only the class folders named in ``classes`` (all when empty)."""
+    if not classes:
+        return named
+    unknown = sorted(set(classes) - set(named))
+    if unknown:
+        raise DataError(f"classes {unknown} are not in the data: {where} has the class folders "
+                        f"{', '.join(named)}.")
+    if len(set(classes)) < 2:
+        raise DataError(f"A class subset needs at least two classes; got {list(classes)}.")
+    return {c: f for c, f in named.items() if c in set(classes)}
+
+
 def _check_classes(named: dict[str, list[Path]], where: Path) -> list[str]:
-    nonempty = [c for c, f in named.items() if f]
     if not named:
         raise DataError(
             f"{where} holds no class folders. Expected {where}/<class name>/<images> "
-            f"({', '.join(IMAGE_EXTENSIONS)}).")
+            f"(any format PIL reads: .jpg, .png, .webp, .tif, ...).")
+    nonempty = [c for c, f in named.items() if f]
     if not nonempty:
         raise DataError(f"The class folders in {where} ({', '.join(named)}) hold no images "
-                        f"({', '.join(IMAGE_EXTENSIONS)}).")
-    if len(nonempty) < 2:
-        raise DataError(f"{where} has a single class with images ({nonempty[0]!r}); a classifier "
+                        f"(any format PIL reads: .jpg, .png, .webp, .tif, ...).")
+    if len(named) < 2:
+        raise DataError(f"{where} has a single class folder ({nonempty[0]!r}); a classifier "
                         "needs at least two class folders.")
-    empty = sorted(set(named) - set(nonempty))
-    if empty:
-        log.warning("ignoring empty class folders in %s: %s", where, ", ".join(empty))
-    return nonempty
+    return list(named)
 
 
-def _hash_split(named: dict[str, list[Path]], val_fraction: float):
-    if not 0 < val_fraction < 1:
-        raise DataError(f"val_fraction={val_fraction} must be in (0, 1).")
-    tr, va = {}, {}
-    for c, files in named.items():
-        tr[c] = [f for f in files if split_fraction(f"{c}/{f.name}") >= val_fraction]
-        va[c] = [f for f in files if split_fraction(f"{c}/{f.name}") < val_fraction]
-        if files and not tr[c]:  # tiny class: keep at least one image for training
-            tr[c], va[c] = va[c][:1], va[c][1:]
-    return tr, va
+def _require_images(names: list[str], y: np.ndarray, minimum: int, where: Path | str,
+                    skipped: list[str], why: str) -> None:
+    """Refuse the data when any class has fewer than ``minimum`` readable images.
+
+    ``where``: the split's folder (a Path: each class is named with its folder and the
+    unreadable files in it) or a description of array data (a str)."""
+    counts = np.bincount(np.asarray(y, np.int64), minlength=len(names))
+    short = [(c, int(n)) for c, n in zip(names, counts) if n < minimum]
+    if not short:
+        return
+    parts = []
+    for c, n in short:
+        text = f"{c!r} has {n}"
+        if isinstance(where, Path):
+            bad = [s for s in skipped if s.startswith(str(where / c) + os.sep)]
+            text += f" in {where / c}" + (f" ({len(bad)} unreadable: {bad[0]}{' ...' if len(bad) > 1 else ''})"
+                                          if bad else "")
+        parts.append(text)
+    plural = len(short) > 1
+    remedy = ("add images to those classes, remove their folders" if plural else
+              "add images to that class, remove its folder") if isinstance(where, Path) else (
+              "add examples of those classes" if plural else "add examples of that class")
+    raise DataError(f"Each class needs at least {minimum} readable image{'s' if minimum > 1 else ''} "
+                    f"in {where}, {why}: {'; '.join(parts)}. To fix it, {remedy}, or train on the "
+                    "other classes with --set classes=NAME,NAME,...")
+
+
+def hash_split(keys: list[str], y: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) row indices: a row is validation when ``split_fraction(key) < val_fraction``.
+
+    Deterministic and stable (adding files never moves the others), except that every class
+    with 2 or more rows keeps at least 1 in each split: its nearest-to-the-line row moves across."""
+    y = np.asarray(y)
+    frac = np.array([split_fraction(k) for k in keys])
+    is_val = frac < val_fraction
+    for c in np.unique(y):
+        members = np.where(y == c)[0]
+        if len(members) < 2:
+            continue
+        if not is_val[members].any():
+            is_val[members[np.argmin(frac[members])]] = True
+        if is_val[members].all():
+            is_val[members[np.argmax(frac[members])]] = False
+    return np.where(~is_val)[0], np.where(is_val)[0]
 
 
 def _average_hash(x: np.ndarray) -> np.ndarray:
@@ -267,7 +424,7 @@ def find_leaks(bundle: DataBundle) -> list[tuple[str, str, str]]:
     return leaks
 
 
-def _resize_array(x: np.ndarray, size: int, resize: str = "crop") -> np.ndarray:
+def _resize_array(x: np.ndarray, size: int, resize: str = "crop", name: str = "train") -> np.ndarray:
     x = np.asarray(x)
     if x.ndim == 3:
         x = np.repeat(x[..., None], 3, axis=-1)
@@ -276,38 +433,81 @@ def _resize_array(x: np.ndarray, size: int, resize: str = "crop") -> np.ndarray:
     if x.shape[-1] == 1:
         x = np.repeat(x, 3, axis=-1)
     x = x[..., :3]
-    if x.dtype != np.uint8:
-        if x.max() <= 1.0 + 1e-6:
+    if x.dtype == np.uint16:  # 16-bit pixels: scaled, 65535 -> 255 (clipping would whiten them)
+        x = np.round(x.astype(np.float32) * (255.0 / 65535.0))
+    if x.dtype != np.uint8 and x.size:
+        if not np.isfinite(x).all():
+            raise DataError(f"The {name!r} image array holds NaN or infinite pixels; pass 0..255 values.")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 255:
+            raise DataError(f"The {name!r} image array has pixel values {lo:g}..{hi:g}; tuneflow takes "
+                            "0..255 (uint8 or float), 0..1 floats or uint16. Rescale it first.")
+        if hi <= 1.0 + 1e-6:
             warnings.warn("Image array looks scaled to 0..1; tuneflow expects 0..255 pixels and "
-                          "rescales it for you.", stacklevel=3)
+                          "rescales it for you.", stacklevel=4)
             x = x * 255.0
-        x = np.clip(x, 0, 255).round().astype(np.uint8)
+        x = np.round(x)
+    x = x.astype(np.uint8)
     if x.shape[1:3] == (size, size):
         return x
     return np.stack([resize_image(im, size, resize) for im in x])
 
 
-def load_arrays(data, size: int, val_fraction: float = 0.2, classes=None, resize: str = "crop") -> DataBundle:
-    """``(x, y)`` or ``{"train": (x, y), "val": (x, y)[, "test": ...]}`` in, a bundle out."""
+def load_arrays(data, size: int, val_fraction: float = 0.2, classes=None, resize: str = "crop",
+                keep=None, where: str = "the arrays") -> DataBundle:
+    """``(x, y)`` or ``{"train": (x, y), "val": (x, y)[, "test": ...]}`` in, a bundle out.
+
+    ``classes``: the name of each label (default ``"0"``, ``"1"``, ...); ``keep``: a subset of
+    those names to train on. Every class must have 2 training images (without a val split) or 1
+    in each split, or the data is refused naming the class."""
     check_resize(resize)
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction={val_fraction} must be in (0, 1).")
     parts = data if isinstance(data, dict) else {"train": data}
     if "train" not in parts:
         raise DataError("Array data as a dict needs a 'train' entry: {'train': (x, y), 'val': (x, y)}.")
     out = {}
     for k, (x, y) in parts.items():
-        y = np.asarray(y).reshape(-1).astype(np.int32)
+        y = np.asarray(y).reshape(-1)
         if len(x) != len(y):
             raise DataError(f"{k}: {len(x)} images but {len(y)} labels.")
-        out[k] = Split(_resize_array(x, size, resize), y)
-    n_classes = int(max(s.y.max() for s in out.values())) + 1
-    classes = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
-    if len(np.unique(out["train"].y)) < 2:
-        raise DataError("The training labels hold a single class; a classifier needs at least two.")
+        whole = np.issubdtype(y.dtype, np.integer) or (
+            np.issubdtype(y.dtype, np.number) and np.isfinite(y).all() and (y == np.round(y)).all())
+        if len(y) and (not whole or y.min() < 0):
+            raise DataError(f"{k}: labels must be class indices 0, 1, 2, ...; got {np.unique(y)[:5]}.")
+        out[k] = Split(_resize_array(x, size, resize, k), y.astype(np.int32))
+    if len(out["train"]) == 0:
+        raise DataError(f"{where}: the training arrays are empty.")
+    n_classes = int(max(s.y.max() for s in out.values() if len(s))) + 1
+    names = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
+    if n_classes > len(names):
+        raise DataError(f"{where}: label {n_classes - 1} but only {len(names)} class names.")
+    if len(names) < 2 or len(np.unique(out["train"].y)) < 2:
+        raise DataError(f"{where}: the training labels hold a single class; a classifier needs at least two.")
+    if keep:
+        unknown = sorted(set(keep) - set(names))
+        if unknown:
+            raise DataError(f"classes {unknown} are not in the data; it has {', '.join(names)}.")
+        if len(set(keep)) < 2:
+            raise DataError(f"A class subset needs at least two classes; got {list(keep)}.")
+        kept = [i for i, c in enumerate(names) if c in set(keep)]
+        remap = np.full(len(names), -1, np.int32)
+        remap[kept] = np.arange(len(kept))
+        for k, s in out.items():
+            s = s.take(np.where(np.isin(s.y, kept))[0])
+            s.y = remap[s.y]
+            out[k] = s
+        names = [names[i] for i in kept]
     if "val" not in out:
-        frac = np.array([split_fraction(f"{i}") for i in range(len(out["train"]))])
-        tr = out["train"]
-        out["train"], out["val"] = tr.take(np.where(frac >= val_fraction)[0]), tr.take(
-            np.where(frac < val_fraction)[0])
-    bundle = DataBundle(classes, out["train"], out["val"], out.get("test"), "arrays")
+        _require_images(names, out["train"].y, 2, where, [],
+                        f"1 to train on and 1 to validate on, since tuneflow holds out "
+                        f"val_fraction={val_fraction} of each class")
+        tr, va = hash_split([f"{i}" for i in range(len(out["train"]))], out["train"].y, val_fraction)
+        out["train"], out["val"] = out["train"].take(tr), out["train"].take(va)
+    else:
+        _require_images(names, out["train"].y, 1, f"{where} (train)", [], "to train on")
+        _require_images(names, out["val"].y, 1, f"{where} (val)", [],
+                        "to validate on, or its accuracy is never measured")
+    bundle = DataBundle(names, out["train"], out["val"], out.get("test"), "arrays")
     bundle.leaks = find_leaks(bundle)
     return bundle

@@ -6,7 +6,8 @@ import numpy as np
 from .sources import DataBundle, DataError, check_resize, load_arrays, to_square
 
 
-def load_tfds(spec: str, size: int, val_fraction: float = 0.2, resize: str = "crop") -> DataBundle:
+def load_tfds(spec: str, size: int, val_fraction: float = 0.2, resize: str = "crop", keep=None) -> DataBundle:
+    """A TFDS dataset through its own download and cache; ``keep``: a subset of its class names."""
     import tensorflow_datasets as tfds
 
     check_resize(resize)
@@ -22,6 +23,7 @@ def load_tfds(spec: str, size: int, val_fraction: float = 0.2, resize: str = "cr
             f" Did you mean {', '.join(close)}?" if close else " See `tfds.list_builders()`."))
     try:
         builder = tfds.builder(name)
+        builder.download_and_prepare()  # the split names are known only once it is prepared
         available = list(builder.info.splits.keys()) or ["train"]
         wanted = {"train": split or "train"}
         if split is None:
@@ -47,7 +49,7 @@ def load_tfds(spec: str, size: int, val_fraction: float = 0.2, resize: str = "cr
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. TFDS downloads "
             "on first use; offline, prepare it once elsewhere and point TFDS_DATA_DIR at its "
             "folder, or export the images to class folders and pass that folder.") from None
-    bundle = load_arrays(arrays, size, val_fraction, classes, resize)
+    bundle = load_arrays(arrays, size, val_fraction, classes, resize, keep=keep, where=spec)
     bundle.source = spec
     return bundle
 
@@ -57,4 +59,4 @@ def _resize(img, size, resize):
     img = np.asarray(img)
     if img.ndim == 3 and img.shape[-1] == 1:
         img = img[..., 0]
-    return to_square(Image.fromarray(img).convert("RGB"), size, resize)
+    return to_square(Image.fromarray(img), size, resize)  # to_rgb8 scales 16-bit images
