@@ -48,3 +48,28 @@ def _private_home(tmp_path_factory):
 @pytest.fixture
 def tiny_folder(tmp_path):
     return make_image_folder(tmp_path / "tiny")
+
+
+def random_lite0_weights() -> str:
+    """A Lite0 weights file with random values, made once per checkout (shared with child processes).
+
+    Tests that exercise frozen backbones use it: ``weights=None`` means training from scratch
+    (every layer trains), which is another code path and much slower."""
+    import hashlib
+    import tempfile
+    tag = hashlib.sha1(str(REPO).encode()).hexdigest()[:10]
+    folder = Path(tempfile.gettempdir()) / f"tuneflow-tests-{tag}" / "random_lite0"
+    target = folder / "backbone.weights.h5"
+    if not target.exists():
+        from tuneflow import build_backbone, save_backbone
+        import keras
+        keras.utils.set_random_seed(0)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent if folder.parent.exists() else None))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        save_backbone(build_backbone("efficientnet_lite0", weights=None, input_size=32), tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process made it first
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)

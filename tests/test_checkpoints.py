@@ -171,22 +171,22 @@ class _Crash(Exception):
 def test_early_stopping_state_survives_a_crash_and_resume(tmp_path, monkeypatch):
     """lr ~ 0 keeps val accuracy constant: epoch 1 is the best, patience 2 stops after epoch 3.
     Crash after epoch 2 (wait = 1): the resumed stage must stop at epoch 3 too, not restart its count."""
-    import tuneflow.training.finetune as train
+    import tuneflow.training.stages as train
     data = make_image_folder(tmp_path / "d", per_class=8)
     ov = {"input_size": 32, "batch_size": 4, "precision": "float32", "head__epochs": 1, "head__patience": 0,
           "finetune__epochs": 8, "finetune__patience": 2, "finetune__lr": 1e-12,
           "finetune__schedule": "constant"}
-    original = train._EpochHook.on_epoch_end
+    original = train.EpochHook.on_epoch_end
 
     def crash_after_epoch_2(self, epoch, logs=None):
         original(self, epoch, logs)
         if self.stage_index == 1 and epoch + 1 == 2:
             raise _Crash("simulated crash")
 
-    monkeypatch.setattr(train._EpochHook, "on_epoch_end", crash_after_epoch_2)
+    monkeypatch.setattr(train.EpochHook, "on_epoch_end", crash_after_epoch_2)
     with pytest.raises(_Crash):
         finetune("large_similar", data, tmp_path / "run", overrides=ov, verbose=0)
-    monkeypatch.setattr(train._EpochHook, "on_epoch_end", original)
+    monkeypatch.setattr(train.EpochHook, "on_epoch_end", original)
     state = Checkpoints.manifest(Checkpoints(tmp_path / "run" / "checkpoints", keras.Sequential()).last
                                  .latest_checkpoint)["early_stopping"]
     assert state["wait"] == 1 and state["best_epoch"] == 1

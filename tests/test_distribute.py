@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, make_image_folder
+from conftest import REPO, make_image_folder, random_lite0_weights
 
 
 def _free_ports(n):
@@ -48,8 +48,8 @@ def _workers(cmd, ports, tmp_path, timeout=420):
 WORKER = textwrap.dedent("""
     import json, os, sys, numpy as np
     from tuneflow import finetune
-    data, out, dump = sys.argv[1:4]
-    ov = dict(input_size=32, weights=None, batch_size=4, precision="float32", strategy="multiworker",
+    data, out, dump, weights = sys.argv[1:5]
+    ov = dict(input_size=32, weights=weights, batch_size=4, precision="float32", strategy="multiworker",
               head__epochs=2, finetune__epochs=2, head__patience=0, finetune__patience=0)
     res = finetune("large_similar", data, out, overrides=ov, verbose=0)
     index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
@@ -63,7 +63,7 @@ def _worker_command(tmp_path, script_text):
     out = tmp_path / "run"
     script = tmp_path / "worker.py"
     script.write_text(script_text)
-    return data, out, [sys.executable, str(script), str(data), str(out), str(tmp_path)]
+    return data, out, [sys.executable, str(script), str(data), str(out), str(tmp_path), random_lite0_weights()]
 
 
 def _assert_same_weights(tmp_path):
@@ -111,20 +111,20 @@ def test_multiworker_without_tf_config_says_what_to_set(tmp_path, monkeypatch):
 
 RESUMING_WORKER = textwrap.dedent("""
     import json, logging, os, sys, numpy as np
-    import tuneflow.training.finetune as train
+    import tuneflow.training.stages as train
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     from tuneflow import finetune
-    data, out, dump, mode = sys.argv[1:5]
-    ov = dict(input_size=32, weights=None, batch_size=4, precision="float32", strategy="multiworker",
+    data, out, dump, weights, mode = sys.argv[1:6]
+    ov = dict(input_size=32, weights=weights, batch_size=4, precision="float32", strategy="multiworker",
               head__epochs=1, finetune__epochs=3, head__patience=0, finetune__patience=0)
     index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     if mode == "crash":  # both workers stop after fine-tuning epoch 1, as a preempted job would
-        original = train._EpochHook.on_epoch_end
+        original = train.EpochHook.on_epoch_end
         def crash(self, epoch, logs=None):
             original(self, epoch, logs)
             if self.stage_index == 1 and epoch + 1 == 1:
                 os._exit(17)
-        train._EpochHook.on_epoch_end = crash
+        train.EpochHook.on_epoch_end = crash
     res = finetune("large_similar", data, out, overrides=ov, verbose=0, resume=(mode == "resume"))
     np.savez(f"{dump}/weights{index}.npz", *[np.asarray(w) for w in res.model.weights])
 """)

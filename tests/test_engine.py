@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 
 import tuneflow.recipes as registry
-from conftest import make_image_folder
+from conftest import make_image_folder, random_lite0_weights
 from tuneflow import build_backbone, finetune, save_backbone
 from tuneflow.features import cache as fcache
 from tuneflow.training.distribute import choose_precision
 from tuneflow.training.heads import choose_norm
 from tuneflow.runs.folder import RunExistsError
 
-FAST = {"input_size": 32, "weights": None, "batch_size": 8, "precision": "float32"}
+FAST = {"input_size": 32, "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32"}
 
 
 def _fast(recipe_name, **extra):
@@ -64,7 +64,7 @@ def test_batchnorm_statistics_stay_frozen_while_fine_tuning(tmp_path, tiny_folde
                    overrides={**_fast("large_similar"), "weights": str(tmp_path / "w"), "finetune__lr": 0.05})
     # the last checkpoint is the end of fine-tuning (the final model may be the head stage's best)
     from tuneflow.runs.checkpoints import restore_model
-    after = keras.saving.load_model(res.run_dir / "model.keras")
+    after = res.model  # the Keras model as trained, its backbone's layers at the top level
     restore_model(after, res.run_dir / "checkpoints" / "last")
     changed_conv = False
     after_layers = {layer.name: layer for layer in after.layers}

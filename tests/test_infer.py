@@ -11,9 +11,21 @@ import pytest
 import tuneflow.recipes as registry
 from tuneflow import build_backbone, finetune
 from tuneflow.features import cache as fcache
+from conftest import random_lite0_weights
 from tuneflow.features import infer
 from tuneflow.training.distribute import predict
 from tuneflow.recipe import RecipeError
+
+_MEMOS: dict = {}
+
+
+def run(model, *args, **kwargs):
+    """infer.run with a memo per model (what a FeatureExtractor keeps), to ask which engine ran."""
+    return infer.run(model, *args, memo=_MEMOS.setdefault(id(model), {}), **kwargs)
+
+
+def used(model) -> str:
+    return _MEMOS[id(model)]["used"]
 
 openvino = pytest.importorskip("openvino")
 
@@ -39,10 +51,10 @@ def test_openvino_matches_tensorflow_over_uneven_batches_of_several_arrays():
     model = _pooled()
     parts = [_images(7, seed=1), _images(6, seed=2)]
     ref = predict(model, parts, 64)
-    got = infer.run(model, parts, 5, "openvino", weights_key="k")  # batches straddle the two arrays
+    got = run(model, parts, 5, "openvino", weights_key="k")  # batches straddle the two arrays
     assert got.shape == ref.shape == (13, model.output.shape[-1])
     _close(got, ref)
-    assert infer.used_engine(model) == "openvino"
+    assert used(model) == "openvino"
 
 
 @pytest.mark.parametrize("name", ["vgg16", "resnet50", "densenet121"])
@@ -50,8 +62,8 @@ def test_openvino_converts_every_backbone(name):
     keras.utils.set_random_seed(0)
     model = _pooled(name, size=32)
     x = _images(3, size=32)
-    _close(infer.run(model, x, 2, "openvino"), predict(model, x, 8))
-    assert infer.used_engine(model) == "openvino"
+    _close(run(model, x, 2, "openvino"), predict(model, x, 8))
+    assert used(model) == "openvino"
 
 
 def test_openvino_several_outputs_and_a_batch_function():
@@ -59,12 +71,12 @@ def test_openvino_several_outputs_and_a_batch_function():
     taps = list(get_spec("efficientnet_lite0").taps)
     model = _pooled(taps=taps)
     x = _images(4)
-    outs = infer.run(model, x, 3, "openvino", map_fn=lambda b: b * 0.0)  # every image becomes black
+    outs = run(model, x, 3, "openvino", map_fn=lambda b: b * 0.0)  # every image becomes black
     ref = predict(model, np.zeros_like(x), 8)
     assert isinstance(outs, list) and len(outs) == len(taps)
     for o, r in zip(outs, ref):
         _close(o, r)
-    assert infer.used_engine(model) == "openvino"
+    assert used(model) == "openvino"
 
 
 def test_openvino_model_is_rebuilt_when_the_weights_change_and_read_back_from_disk(monkeypatch):
@@ -72,7 +84,7 @@ def test_openvino_model_is_rebuilt_when_the_weights_change_and_read_back_from_di
     model = _pooled()
     x = _images(3)
     key0 = fcache.weights_digest(model)
-    infer.run(model, x, 4, "openvino", weights_key=key0)
+    run(model, x, 4, "openvino", weights_key=key0)
     saved = list(infer.openvino_dir().glob("*.xml"))
     assert saved and all(p.with_suffix(".bin").exists() for p in saved)
     bn = next(la for la in model.layers if isinstance(la, keras.layers.BatchNormalization))
@@ -80,7 +92,7 @@ def test_openvino_model_is_rebuilt_when_the_weights_change_and_read_back_from_di
     bn.set_weights([gamma * 3.0, *rest])
     key1 = fcache.weights_digest(model)
     assert key1 != key0
-    _close(infer.run(model, x, 4, "openvino", weights_key=key1), predict(model, x, 8))
+    _close(run(model, x, 4, "openvino", weights_key=key1), predict(model, x, 8))
 
     # Same graph and weights in a new model object: read from disk, not converted again.
     twin = keras.Model(model.input, model.output)
@@ -90,8 +102,8 @@ def test_openvino_model_is_rebuilt_when_the_weights_change_and_read_back_from_di
         raise AssertionError("converted again although the model is on disk")
 
     monkeypatch.setattr(openvino, "convert_model", no_conversion)
-    _close(infer.run(twin, x, 4, "openvino", weights_key=key1), predict(model, x, 8))
-    assert infer.used_engine(twin) == "openvino"  # not the TensorFlow fallback
+    _close(run(twin, x, 4, "openvino", weights_key=key1), predict(model, x, 8))
+    assert used(twin) == "openvino"  # not the TensorFlow fallback
 
 
 def test_a_graph_openvino_cannot_convert_falls_back_to_tensorflow(monkeypatch, caplog):
@@ -103,9 +115,9 @@ def test_a_graph_openvino_cannot_convert_falls_back_to_tensorflow(monkeypatch, c
 
     monkeypatch.setattr(openvino, "convert_model", fails)
     with caplog.at_level(logging.WARNING, logger="tuneflow"):
-        got = infer.run(model, x, 4, "openvino", weights_key="never-converted")
+        got = run(model, x, 4, "openvino", weights_key="never-converted")
     _close(got, predict(model, x, 8))
-    assert infer.used_engine(model) == "tensorflow"
+    assert used(model) == "tensorflow"
     assert "could not convert" in caplog.text and "unsupported operation Foo" in caplog.text
 
 
@@ -118,9 +130,9 @@ def test_a_conversion_that_computes_something_else_is_caught_and_falls_back(capl
     saved = infer.openvino_dir()
     before = set(saved.glob("*.xml"))
     with caplog.at_level(logging.WARNING, logger="tuneflow"):
-        got = infer.run(model, x, 2, "openvino", weights_key="gn")
+        got = run(model, x, 2, "openvino", weights_key="gn")
     _close(got, predict(model, x, 8))
-    assert infer.used_engine(model) == "tensorflow"
+    assert used(model) == "tensorflow"
     assert "ConversionMismatch: 50 outputs where TensorFlow has 1" in caplog.text
     assert set(saved.glob("*.xml")) == before  # a wrong conversion is never kept on disk
 
@@ -135,10 +147,10 @@ def test_a_conversion_with_wrong_numbers_is_caught(monkeypatch, caplog):
         lambda images: other(images, training=False), input_signature=[spec])))
     x = _images(2, size=32)
     with caplog.at_level(logging.WARNING, logger="tuneflow"):
-        got = infer.run(model, x, 2, "openvino", weights_key="wrong")
+        got = run(model, x, 2, "openvino", weights_key="wrong")
     _close(got, predict(model, x, 8))
-    assert infer.used_engine(model) == "tensorflow"
-    assert "ConversionMismatch: output 0 differs from TensorFlow's by" in caplog.text
+    assert used(model) == "tensorflow"
+    assert "ConversionMismatch: output 0 at f32 differs from TensorFlow's by" in caplog.text
 
 
 def test_engine_choice_and_its_errors(monkeypatch):
@@ -156,7 +168,7 @@ def test_engine_choice_and_its_errors(monkeypatch):
 
 def test_the_engine_is_part_of_the_cache_key_and_named_in_the_report(tmp_path, tiny_folder, monkeypatch):
     monkeypatch.setenv("TUNEFLOW_HOME", str(tmp_path / "home"))  # an empty cache: no other test's features
-    base = {"input_size": 32, "weights": None, "batch_size": 8, "precision": "float32", "head__epochs": 2}
+    base = {"input_size": 32, "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32", "head__epochs": 2}
     before = set(fcache.cache_root().glob("*.npy")) if fcache.cache_root().exists() else set()
     reports = {}
     for engine in ("tensorflow", "openvino"):
@@ -178,7 +190,7 @@ def test_the_engine_is_part_of_the_cache_key_and_named_in_the_report(tmp_path, t
 
 @pytest.mark.parametrize("engine", ["tensorflow", "openvino"])
 def test_augmented_views_in_the_cache(tmp_path, tiny_folder, engine):
-    over = {"input_size": 32, "weights": None, "batch_size": 8, "precision": "float32", "head__epochs": 2,
+    over = {"input_size": 32, "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32", "head__epochs": 2,
             "cache_views": 3, "augment": "medium", "feature_engine": engine}
     before = set(fcache.cache_root().glob("*.npy")) if fcache.cache_root().exists() else set()
     res = finetune("small_similar", tiny_folder, tmp_path / "r", verbose=0, overrides=over)

@@ -3,10 +3,17 @@ import os as _os
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ chatter off the console
 
+from .tf_import import import_tensorflow_quietly as _import_tf  # noqa: E402
+
+_import_tf()  # first, so no CUDA-probe lines reach the console on machines without an NVIDIA GPU
+
 from .backbones import BACKBONES, build_backbone, save_backbone  # noqa: E402
 
-__version__ = "0.1.0"
-__all__ = ["BACKBONES", "build_backbone", "save_backbone", "__version__"]
+from .errors import DataError, RecipeError, RunError, TuneflowError  # noqa: E402
+
+__version__ = "0.2.0"
+__all__ = ["BACKBONES", "DataError", "RecipeError", "RunError", "TuneflowError", "build_backbone",
+           "save_backbone", "__version__"]
 
 
 def finetune(recipe, data, out=None, **kwargs):
@@ -15,4 +22,11 @@ def finetune(recipe, data, out=None, **kwargs):
     return _finetune(recipe, data, out, **kwargs)
 
 
-__all__ += ["finetune"]
+def load(run_dir, checkpoint: str = "best"):
+    """A run's model, ready to use: ``.classes``, ``.predict(paths or arrays)``, ``.embed(...)``;
+    see :func:`tuneflow.export.predictor.load`."""
+    from .export.predictor import load as _load
+    return _load(run_dir, checkpoint)
+
+
+__all__ += ["finetune", "load"]

@@ -1,4 +1,4 @@
-"""Command line: ``tuneflow finetune | recipes | suggest | augment-preview``."""
+"""Command line: ``tuneflow finetune | predict | recipes | suggest | augment-preview | ...``."""
 from __future__ import annotations
 
 import argparse
@@ -8,10 +8,12 @@ import sys
 
 
 def _parser():
+    from . import __version__
     p = argparse.ArgumentParser(prog="tuneflow", description="Fine-tuning recipes for pretrained CNNs.")
+    p.add_argument("--version", action="version", version=f"tuneflow {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("finetune", help="train, evaluate and report a recipe")
-    f.add_argument("recipe", help="recipe name (see `tuneflow recipes`) or 'auto'")
+    f.add_argument("recipe", help="recipe name (see `tuneflow recipes`), 'auto', or a recipe JSON file")
     f.add_argument("--data", required=True, help="folder of class folders, or tfds:NAME[:SPLIT]")
     f.add_argument("--out", help="run folder (default runs/<recipe>-<timestamp>)")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -19,6 +21,15 @@ def _parser():
     g = f.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    f.add_argument("--force", action="store_true",
+                   help="with --resume: accept a recipe, overrides or data that differ from the run's")
+    pr = sub.add_parser("predict", help="classify images with a trained run")
+    pr.add_argument("run", help="a run folder (or its model/ folder)")
+    pr.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    pr.add_argument("--top", type=int, default=1, help="how many classes to list per image")
+    pr.add_argument("--out", help="write a CSV (path, class, probability, top) instead of printing")
+    pr.add_argument("--checkpoint", default="best", help="best (the exported model), last, or a checkpoint path")
+    pr.add_argument("--batch-size", type=int, default=64)
     r = sub.add_parser("recipes", help="list recipes, or show one")
     r.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     r.add_argument("name", nargs="?")
@@ -32,6 +43,75 @@ def _parser():
     a.add_argument("--backend", default="keras", choices=["keras", "albumentations"])
     a.add_argument("--size", type=int, default=160)
     a.add_argument("--out", default="augment-preview.png")
+    se = sub.add_parser("search", help="hyperparameter search over recipe fields (Optuna), one process per trial")
+    se.add_argument("recipe", help="recipe name or recipe JSON file")
+    se.add_argument("--data", required=True, help="folder of class folders, or tfds:NAME[:SPLIT]")
+    se.add_argument("--trials", type=int, required=True, help="finished trials wanted (per round)")
+    se.add_argument("--jobs", type=int, default=1, help="trials running at once")
+    se.add_argument("--out", help="search folder (default searches/<recipe>-<timestamp>); the same --out continues a search")
+    se.add_argument("--sampler", default="tpe", choices=["tpe", "random", "grid"])
+    se.add_argument("--space", help="preset (default, lr, regularization) or a JSON file of key -> range")
+    se.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="fixed override for every trial")
+    se.add_argument("--fraction", type=float, help="share of the images each trial uses (fast tuning)")
+    se.add_argument("--classes", help="comma-separated class subset each trial uses")
+    se.add_argument("--narrow", type=int, nargs="?", const=1, default=0, metavar="ROUNDS",
+                    help="then search again around the best trials (coarse to fine), ROUNDS times (default 1)")
+    se.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
+    se.add_argument("--prune-warmup", type=int, help="epochs never pruned (default 10%% of the first stage)")
+    se.add_argument("--prune-startup", type=int, default=5, help="completed trials before pruning starts")
+    se.add_argument("--seed", type=int, default=0, help="sampler seed")
+    co = sub.add_parser("compare", help="one table and one figure comparing run folders")
+    co.add_argument("runs", nargs="+", help="run folders")
+    co.add_argument("--out", default="compare.png", help="the figure (val accuracy and loss curves)")
+    co.add_argument("--json", action="store_true", help="print the rows as JSON")
+    e = sub.add_parser("embed", help="write embeddings of images from a run (.npy, .parquet or .csv)")
+    e.add_argument("run", help="run folder")
+    e.add_argument("images", nargs="+", metavar="IMAGES_OR_FOLDER")
+    e.add_argument("--out", required=True, help="FILE.npy (paths in FILE.paths.txt), FILE.parquet or FILE.csv")
+    e.add_argument("--checkpoint", default="best", help="best (the exported model), last, or a checkpoint path")
+    e.add_argument("--layer", default="pooled", choices=["pooled", "penultimate"])
+    e.add_argument("--no-normalize", action="store_true", help="keep raw vectors (default: L2-normalised)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--strict", action="store_true", help="fail on the first unreadable file instead of skipping it")
+    e.add_argument("--no-progress", action="store_true")
+    x = sub.add_parser("export", help="write the run's model as a SavedModel, ONNX, OpenVINO IR or TFLite")
+    x.add_argument("run", help="run folder")
+    x.add_argument("--out", required=True, help="folder to write (SavedModel: OUT/1/, for TF Serving)")
+    x.add_argument("--format", default="savedmodel", choices=["savedmodel", "onnx", "openvino", "tflite"])
+    x.add_argument("--checkpoint", default="best")
+    x.add_argument("--parity-images", nargs="+", metavar="IMAGES_OR_FOLDER",
+                   help="check the conversion on these instead of the run's validation images")
+    x.add_argument("--tolerance", type=float, default=1e-4, help="largest output difference accepted")
+    v = sub.add_parser("serve", help="HTTP service: embed, classify and search, micro-batched")
+    v.add_argument("run", help="run folder")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8080, help="0 picks a free port (printed)")
+    v.add_argument("--max-batch", type=int, default=64, help="images per model call")
+    v.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for more images after the first")
+    v.add_argument("--index", help="index folder from `tuneflow index`, enables POST /v1/search")
+    v.add_argument("--checkpoint", default="best")
+    v.add_argument("--max-request-bytes", type=int, default=32 * 2**20)
+    v.add_argument("--max-images", type=int, default=64, help="images per request")
+    v.add_argument("--max-pixels", type=int, default=40_000_000, help="width x height per image")
+    n = sub.add_parser("index", help="nearest-neighbour index of a gallery's embeddings (faiss)")
+    n.add_argument("source", metavar="RUN", help="run folder (with --add: the index folder)")
+    n.add_argument("images", nargs="+", metavar="GALLERY", help="image files or folders")
+    n.add_argument("--out", help="index folder to write")
+    n.add_argument("--add", action="store_true", help="add images to the index folder given as RUN, no rebuild")
+    n.add_argument("--checkpoint", default="best")
+    n.add_argument("--layer", default="pooled", choices=["pooled", "penultimate"])
+    n.add_argument("--no-normalize", action="store_true")
+    n.add_argument("--approximate-above", type=int, default=200_000,
+                   help="above this many images, an HNSW index with its recall@10 measured")
+    n.add_argument("--batch-size", type=int, default=64)
+    n.add_argument("--strict", action="store_true")
+    n.add_argument("--no-progress", action="store_true")
+    m = sub.add_parser("similar", help="nearest gallery images of an image, from an index")
+    m.add_argument("index", metavar="INDEX_DIR")
+    m.add_argument("images", nargs="+", metavar="IMAGE")
+    m.add_argument("-k", type=int, default=5)
+    m.add_argument("--json", action="store_true")
     return p
 
 
@@ -54,6 +134,21 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    if args.cmd == "embed":
+        from .export.embed import cli_embed
+        return cli_embed(args)
+    if args.cmd == "export":
+        from .export.formats import cli_export
+        return cli_export(args)
+    if args.cmd == "serve":
+        from .serve.server import cli_serve
+        return cli_serve(args)
+    if args.cmd == "index":
+        from .index import cli_index
+        return cli_index(args)
+    if args.cmd == "similar":
+        from .index import cli_similar
+        return cli_similar(args)
     if args.cmd == "recipes":
         import tuneflow.recipes as registry
         if args.action == "show":
@@ -82,19 +177,28 @@ def _run(args) -> int:
             print(f"  {result['reason']}")
             print(f"suggested recipe: {result['recipe']}")
         return 0
+    if args.cmd == "search":
+        from .workbench.search import search
+        search(args.recipe, args.data, args.trials, jobs=args.jobs, out=args.out, sampler=args.sampler,
+               space=args.space, overrides=args.overrides, fraction=args.fraction, classes=args.classes,
+               narrow=args.narrow, seed=args.seed, pruner=args.pruner, prune_warmup=args.prune_warmup,
+               prune_startup=args.prune_startup)
+        return 0
+    if args.cmd == "compare":
+        from .workbench.compare import compare, format_table
+        rows = compare(args.runs, args.out)
+        print(json.dumps(rows, indent=2) if args.json else format_table(rows) + f"\ncurves: {args.out}")
+        return 0
     if args.cmd == "augment-preview":
         from .data import load_data
         from .data.augment import preview
         bundle = load_data(args.data, args.size)
         print(preview(bundle.train.x[::max(1, len(bundle.train) // 4)][:4], args.preset, args.backend, args.out))
         return 0
+    if args.cmd == "predict":
+        from .export.cli import predict_command
+        return predict_command(args)
     from .training.finetune import finetune
-    recipe = args.recipe
-    if recipe == "auto":
-        from .suggest import suggest
-        s = suggest(args.data)
-        print(f"auto: {s['reason']} -> {s['recipe']}")
-        recipe = s["recipe"]
-    finetune(recipe, args.data, args.out, overwrite=args.overwrite, resume=args.resume,
-             overrides=args.overrides)
+    finetune(args.recipe, args.data, args.out, overwrite=args.overwrite, resume=args.resume,
+             force=args.force, overrides=args.overrides)
     return 0

@@ -57,3 +57,72 @@ def resize_image(image: np.ndarray, size: int, mode: str = "crop") -> np.ndarray
     if image.shape[:2] == (size, size):
         return image.astype(np.uint8, copy=False)  # the layer is the identity at the same size
     return _resize_fn(int(size), mode)(image).numpy()
+
+
+def _to_rgb8(im):
+    """Any PIL image -> RGB uint8, transparency over white, high bit depths scaled (not clipped)."""
+    from PIL import Image
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") else (a.max() if a.max() > 255 else 255.0)
+        if im.mode == "I" and a.max() <= 65535 and a.min() >= 0 and a.max() > 255:
+            hi = 65535.0
+        a = np.clip(np.round(a / max(hi, 1e-12) * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=-1)
+    if im.mode in ("RGBA", "LA", "P", "PA", "RGBa", "La") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent -> white
+        im = Image.alpha_composite(bg, im)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def decode_pixels(item, max_pixels: int | None = None) -> np.ndarray:
+    """The one decoder: a path, encoded bytes or an array -> RGB uint8 (H, W, 3), full size.
+
+    PIL reads every format it knows; EXIF orientation is applied; grey, palette, CMYK, alpha and
+    16-bit images become 8-bit RGB. ``max_pixels`` refuses larger images (decompression bombs)
+    from the header, before decoding. Raises :class:`tuneflow.errors.DataError` naming the problem.
+    """
+    import io
+    import warnings
+    from pathlib import Path
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from .errors import DataError
+    if isinstance(item, np.ndarray):
+        a = item
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=-1)
+        if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
+            raise DataError(f"An image array must be (H, W), (H, W, 1|3|4); got shape {a.shape}.")
+        if a.shape[-1] == 1:
+            a = np.repeat(a, 3, axis=-1)
+        a = a[..., :3]
+        if a.dtype != np.uint8:
+            a = np.clip(np.round(a.astype(np.float64)), 0, 255).astype(np.uint8)
+        return a
+    name = "image bytes" if isinstance(item, (bytes, bytearray, memoryview)) else str(item)
+    try:
+        src = io.BytesIO(bytes(item)) if isinstance(item, (bytes, bytearray, memoryview)) else Path(item)
+        if isinstance(src, io.BytesIO) and not src.getbuffer().nbytes:
+            raise DataError("Empty image data (0 bytes).")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(src) as im:
+                if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+                    raise DataError(f"{name}: {im.size[0]}x{im.size[1]} = {im.size[0] * im.size[1]} pixels "
+                                    f"exceeds the limit of {max_pixels} pixels per image.")
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return _to_rgb8(im)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{name}: no such file.") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: not an image PIL can read (unknown or unsupported format).") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise DataError(f"{name}: refused as a decompression bomb ({exc}).") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{name}: unreadable image ({type(exc).__name__}: {exc}).") from None

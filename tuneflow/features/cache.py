@@ -1,7 +1,8 @@
-"""Frozen-feature cache: run a frozen backbone once, train heads on the stored features.
+"""Frozen-feature cache on disk: features stored once, verified by checksum when read back.
 
-Keyed by backbone, weights (a hash of their values), input size, tap layer, augmented
-view count and the data fingerprint: change any one and the cache is recomputed.
+Keys come from :meth:`tuneflow.features.extractor.FeatureExtractor.key`: backbone weights (a hash
+of their values) and architecture, engine and precision, input size, tap layer, augmented views
+with their seed, and the data fingerprint: change any one and the features are recomputed.
 """
 from __future__ import annotations
 
@@ -38,55 +39,54 @@ def exists(key: str) -> bool:
     return (cache_root() / f"{key}.npy").exists()
 
 
-def compute_features(feature_model, images, batch_size: int, augment_fn=None,
-                     views: int = 1, dtype=np.float16, engine: str = "tensorflow",
-                     weights_key: str | None = None) -> np.ndarray:
-    """Features for every image (and ``views`` augmented copies when ``augment_fn`` is given).
-    ``images``: an array, or a list of arrays computed in one pass as if concatenated.
-    ``engine``: ``tensorflow`` or ``openvino`` (see :mod:`tuneflow.features.infer`).
-
-    Returns ``dtype`` of shape (views, N, *feature_shape): float16 for feature maps (half
-    the memory, ample for a head behind dropout), float32 for pooled vectors (exact).
-    """
-    from . import infer
-    local = local_model(feature_model)
-    out = []
-    for v in range(views):  # view 0 is always the plain image
-        fn = augment_fn if (augment_fn is not None and v > 0) else None
-        out.append(np.asarray(infer.run(local, images, batch_size, engine, map_fn=fn, weights_key=weights_key),
-                              dtype=dtype))
-    return np.stack(out)
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def local_model(feature_model):
-    """A local (non-distributed) model over the same layers: features are computed on each
-    worker without collective ops, because whether the cache hits may differ between workers.
-    Kept on the feature model, so that train and val share one traced function (or conversion)."""
-    import keras
-    local = getattr(feature_model, "_tuneflow_local", None)
-    if local is None:
-        local = keras.Model(feature_model.input, feature_model.output)
-        feature_model._tuneflow_local = local
-    return local
+def _load_verified(path: Path) -> np.ndarray | None:
+    """The cached array, or None (with a warning) when it is damaged: checksum, format or NaN/Inf."""
+    sums = path.with_suffix(".sha256")
+    try:
+        if not sums.exists() or sums.read_text().strip() != _digest(path):
+            raise ValueError("checksum mismatch" if sums.exists() else "no checksum file")
+        feats = np.load(path)
+        if feats.dtype.kind == "f" and not np.isfinite(feats).all():
+            raise ValueError("NaN/Inf values")
+        return feats
+    except (OSError, ValueError) as exc:
+        log.warning("feature cache %s is damaged (%s); recomputing", path, exc)
+        return None
 
 
 def cached(key: str, compute, *, enabled: bool = True) -> tuple[np.ndarray, bool]:
-    """Return (features, hit). Writes are atomic: a killed run never leaves half a cache file."""
+    """Return (features, hit). Writes are atomic (array, then its checksum, each renamed into
+    place): a killed run never leaves half a cache file that would be read back."""
     if not enabled:
         return compute(), False
     path = cache_root() / f"{key}.npy"
     if path.exists():
-        try:
-            return np.load(path), True
-        except (OSError, ValueError) as exc:
-            log.warning("feature cache %s unreadable (%s); recomputing", path, exc)
+        feats = _load_verified(path)
+        if feats is not None:
+            return feats, True
     feats = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.part")
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, feats)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = _digest(Path(tmp))
         os.replace(tmp, path)
+        sums_tmp = path.with_suffix(".sha256.part")
+        sums_tmp.write_text(digest)
+        os.replace(sums_tmp, path.with_suffix(".sha256"))
+    except OSError as exc:
+        log.warning("feature cache not written (%s): %s", path.parent, exc)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -60,29 +60,29 @@ def describe(engine: str) -> str:
     return f"openvino/{OV_PRECISION.get(policy, 'f32')}" if engine == "openvino" else f"tensorflow/{policy}"
 
 
-def run(model, x, batch_size: int, engine: str = "tensorflow", map_fn=None, weights_key: str | None = None):
+def run(model, x, batch_size: int, engine: str = "tensorflow", map_fn=None, weights_key: str | None = None,
+        memo: dict | None = None):
     """Outputs of ``model`` (one array, or a list for several outputs) on ``x`` (an array, or a
     list of arrays as if concatenated), ``map_fn`` (e.g. augmentation) applied to each batch first.
 
     ``weights_key`` (a digest of the weights) tells when a converted OpenVINO model is stale: it
     holds the weights as constants, so it is converted again whenever the key changes; with a key,
     the converted model is also kept on disk next to the feature cache (conversion takes ~2 s).
+    ``memo``: a dict the caller owns (a :class:`~tuneflow.features.extractor.FeatureExtractor`)
+    where the compiled model is kept between calls; ``memo["used"]`` says which engine ran.
     """
+    memo = {} if memo is None else memo
     from ..training.distribute import predict
     if engine == "openvino":
-        compiled = _openvino_model(model, weights_key)
+        compiled = _openvino_model(model, weights_key, memo)
         if compiled is not None:
+            memo["used"] = "openvino"
             return _run_openvino(compiled, x, batch_size, map_fn)
         engine = "tensorflow"  # the graph could not be converted (logged): same numbers, slower
     if engine != "tensorflow":
         raise ValueError(f"engine {engine!r}: resolve it first with resolve_engine")
+    memo["used"] = "tensorflow"
     return predict(model, x, batch_size, map_fn=map_fn)
-
-
-def used_engine(model) -> str:
-    """``openvino`` when :func:`run` used OpenVINO for ``model``, ``tensorflow`` after a fallback."""
-    memo = getattr(model, "_tuneflow_openvino", None)
-    return "openvino" if memo is not None and memo[1] is not None else "tensorflow"
 
 
 def openvino_dir() -> Path:
@@ -102,42 +102,50 @@ def _graph_key(model, weights_key, hint) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
-def _openvino_model(model, weights_key):
-    """The compiled OpenVINO model for ``model`` (memoized on it), or None if it cannot be converted."""
+def _openvino_model(model, weights_key, memo: dict):
+    """The compiled OpenVINO model for ``model`` (kept in ``memo``), or None if it cannot be converted.
+
+    A converted model read back from disk is checked against TensorFlow again, at the run's own
+    precision, before it is used: a damaged or stale file is converted anew."""
     import keras
     import openvino as ov
     import tensorflow as tf
 
     hint = OV_PRECISION.get(keras.mixed_precision.global_policy().name, "f32")
-    memo = getattr(model, "_tuneflow_openvino", None)
-    if memo is not None and memo[0] == (weights_key, hint) and weights_key is not None:
-        return memo[1]
+    kept = memo.get("openvino")
+    if kept is not None and kept[0] == (weights_key, hint) and weights_key is not None:
+        return kept[1]
+    spec = tf.TensorSpec((None,) + tuple(model.inputs[0].shape[1:]), tf.float32)
     core = ov.Core()
     path = openvino_dir() / f"{_graph_key(model, weights_key, hint)}.xml" if weights_key is not None else None
     ov_model = None
     if path is not None and path.exists():
         try:
             ov_model = core.read_model(str(path))
-        except Exception as exc:  # a damaged file: convert again
-            log.warning("cached OpenVINO model %s unreadable (%s); converting again", path, exc)
+            with _float32_policies(model):
+                fn = tf.function(lambda images: model(images, training=False), input_signature=[spec])
+                _check_conversion(core, ov_model, fn, spec, hint=hint)
+        except Exception as exc:  # a damaged or stale file: convert again
+            log.warning("cached OpenVINO model %s failed its check (%s); converting again", path,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            ov_model = None
     if ov_model is None:
-        spec = tf.TensorSpec((None,) + tuple(model.inputs[0].shape[1:]), tf.float32)
         try:
             # OpenVINO reads a float32 graph (it cannot convert bfloat16 constants) and does the
             # reduced precision itself (INFERENCE_PRECISION_HINT): layers are traced as float32.
             with _float32_policies(model):
                 fn = tf.function(lambda images: model(images, training=False), input_signature=[spec])
                 ov_model = ov.convert_model(fn)
-                _check_conversion(core, ov_model, fn, spec)
+                _check_conversion(core, ov_model, fn, spec, hint=hint)
         except Exception as exc:
             log.warning("OpenVINO could not convert %s (%s: %s); using TensorFlow for it", model.name,
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            model._tuneflow_openvino = ((weights_key, hint), None)
+            memo["openvino"] = ((weights_key, hint), None)
             return None
         if path is not None:  # only a converted model that passed the check is kept
             _save_atomic(ov, ov_model, path)
     compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
-    model._tuneflow_openvino = ((weights_key, hint), compiled)
+    memo["openvino"] = ((weights_key, hint), compiled)
     return compiled
 
 
@@ -145,8 +153,14 @@ class ConversionMismatch(RuntimeError):
     """OpenVINO converted the graph, but it does not compute what TensorFlow computes."""
 
 
-def _check_conversion(core, ov_model, fn, spec, tolerance: float = 1e-3):
-    """Run the converted graph at float32 on two fixed random images and compare with TensorFlow.
+# Relative max-abs error allowed against TensorFlow at float32: f32 conversions match to ~1e-5;
+# bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.004), accumulated over ~50 layers.
+TOLERANCE = {"f32": 1e-3, "bf16": 0.1, "f16": 0.05}
+
+
+def _check_conversion(core, ov_model, fn, spec, tolerance: float | None = None, hint: str = "f32"):
+    """Run the converted graph on two fixed random images and compare with TensorFlow at float32:
+    at float32 always, and also at the run's own precision ``hint`` when that differs.
 
     A converter can return a graph that runs and is wrong (OpenVINO 2026.4 turns Keras 3's
     GroupNormalization into constants): outputs that do not match within ``tolerance`` (relative,
@@ -156,17 +170,21 @@ def _check_conversion(core, ov_model, fn, spec, tolerance: float = 1e-3):
     x = np.random.default_rng(0).integers(0, 256, (2,) + tuple(spec.shape[1:])).astype(np.float32)
     ref = fn(tf.constant(x))
     ref = [np.asarray(r) for r in (ref if isinstance(ref, (list, tuple)) else [ref])]
-    checker = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    result = checker.create_infer_request().infer(x)
-    got = [np.asarray(result[p]) for p in checker.outputs]
-    if len(got) != len(ref):
-        raise ConversionMismatch(f"{len(got)} outputs where TensorFlow has {len(ref)}")
-    for i, (g, r) in enumerate(zip(got, ref)):
-        if g.shape != r.shape:
-            raise ConversionMismatch(f"output {i} has shape {g.shape}, TensorFlow's {r.shape}")
-        err = float(np.abs(g - r).max()) / max(float(np.abs(r).max()), 1e-12)
-        if not err <= tolerance:
-            raise ConversionMismatch(f"output {i} differs from TensorFlow's by {err:.2g} (relative)")
+    for h in dict.fromkeys(["f32", hint]):
+        checker = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": h})
+        result = checker.create_infer_request().infer(x)
+        got = [np.asarray(result[p], np.float32) for p in checker.outputs]
+        if len(got) != len(ref):
+            raise ConversionMismatch(f"{len(got)} outputs where TensorFlow has {len(ref)}")
+        tol = tolerance if tolerance is not None and h == "f32" else TOLERANCE.get(h, 0.1)
+        for i, (g, r) in enumerate(zip(got, ref)):
+            if g.shape != r.shape:
+                raise ConversionMismatch(f"output {i} has shape {g.shape}, TensorFlow's {r.shape}")
+            if not np.isfinite(g).all():
+                raise ConversionMismatch(f"output {i} has NaN/Inf at {h}")
+            err = float(np.abs(g - r).max()) / max(float(np.abs(r).max()), 1e-12)
+            if not err <= tol:
+                raise ConversionMismatch(f"output {i} at {h} differs from TensorFlow's by {err:.2g} (relative)")
 
 
 def _save_atomic(ov, ov_model, path):

@@ -1,0 +1,112 @@
+"""Evaluation of the artifact: the report's numbers come from the exported float32 model a user loads."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+
+import numpy as np
+
+from .. import __version__
+from ..backbones import save_backbone
+from ..data import DataBundle, Split
+from ..export.artifact import ArtifactInfo, ArtifactModels, float32_twin, write_artifact
+from ..export.predictor import Predictor, load
+from ..runs import report as rep
+from ..runs.folder import RunDir
+from .assemble import Assembly, assemble, make_backbone
+from .plan import Plan
+from .stages import Outcome, val_metrics
+
+log = logging.getLogger("tuneflow")
+
+PREDICTIONS_FILE = "val_predictions.csv"
+
+
+def artifact_models(plan: Plan, asm: Assembly, checkpoint: str = "best") -> ArtifactModels:
+    """The float32 graphs of the artifact, with ``asm``'s trained weights."""
+    twin = float32_twin(lambda: assemble(plan, make_backbone(plan, weights=None), asm.tap), asm.model)
+    info = ArtifactInfo(classes=list(plan.classes), input_size=plan.size, resize=plan.recipe.resize,
+                        backbone=plan.spec.name, recipe=plan.recipe.name, tap=asm.tap,
+                        embedding_dim=int(twin.feature_model.output.shape[-1]),
+                        penultimate_dim=int(twin.head.layers[-1].kernel.shape[0]),
+                        checkpoint=checkpoint, tuneflow_version=__version__)
+    return ArtifactModels(twin.feature_model, twin.head, info)
+
+
+def predict_split(predictor: Predictor, split: Split, batch_size: int = 64) -> np.ndarray:
+    """Probabilities of the artifact on a split: its images read from their files (decoded, then
+    resized by the model's own resize), or the arrays themselves for array data."""
+    if split.files and len(split.files) == len(split):
+        return predictor.predict_proba(split.files, batch_size, progress=len(split) >= 500)
+    return np.concatenate([predictor.classify_prepared(split.x[i:i + batch_size].astype(np.float32))
+                           for i in range(0, len(split), batch_size)] or
+                          [np.zeros((0, len(predictor.classes)), np.float32)])
+
+
+def write_predictions(run: RunDir, split: Split, probs: np.ndarray, classes: list[str]) -> None:
+    """``val_predictions.csv``: path, true class, predicted class, its probability (and every class's)."""
+    tmp = run / (PREDICTIONS_FILE + ".tmp")
+    pred = probs.argmax(1)
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true_class", "predicted_class", "probability"] + [f"p_{c}" for c in classes])
+        for i in range(len(split)):
+            path = split.files[i] if split.files else f"val[{i}]"
+            w.writerow([path, classes[split.y[i]], classes[pred[i]], f"{probs[i, pred[i]]:.6f}"]
+                       + [f"{p:.6f}" for p in probs[i]])
+    os.replace(tmp, run / PREDICTIONS_FILE)
+
+
+def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome: Outcome) -> dict:
+    """Export the artifact, load it back from disk, and measure it on the validation (and test)
+    images; the fast path's own accuracy is kept beside it when the two differ."""
+    r = plan.recipe
+    write_artifact(artifact_models(plan, asm), run.path)
+    save_backbone(asm.backbone, run.path)
+    predictor = load(run.path)
+    probs = predict_split(predictor, bundle.val)
+    m = val_metrics(probs, bundle.val.y)
+    write_predictions(run, bundle.val, probs, plan.classes)
+    fast = val_metrics(outcome.fast_probs, bundle.val.y) if outcome.fast_probs is not None else None
+    disagree = int(np.sum(outcome.fast_probs.argmax(1) != probs.argmax(1))) if fast is not None else 0
+    if fast is not None and disagree:
+        log.info("the exported float32 model gives val accuracy %.4f; training's fast path (%s) "
+                 "measured %.4f (%d of %d predictions differ)", m["val_accuracy"], outcome.fast_path,
+                 fast["val_accuracy"], disagree, len(probs))
+    y_pred = probs.argmax(1)
+    table, cm = rep.per_class(bundle.val.y, y_pred, plan.classes)
+    rows = run.metrics_rows()
+    verdict, advice = rep.verdict(rows)
+    test_acc = None
+    if bundle.test is not None and len(bundle.test):
+        test_acc = float(np.mean(predict_split(predictor, bundle.test).argmax(1) == bundle.test.y))
+    if rows:
+        rep.plot_curves(rows, run / "curves.png", f"{r.name} · {plan.spec.name}")
+    rep.plot_confusion(cm, plan.classes, run / "confusion.png")
+    stats = outcome.extractor_stats
+    return {
+        "recipe": r.name, "backbone": plan.spec.name, "weights": str(r.weights),
+        "from_scratch": plan.from_scratch,
+        "input_size": plan.size, "resize": r.resize, "tap": asm.tap, "data": bundle.source,
+        "classes": plan.classes, "num_train": len(bundle.train), "num_val": len(bundle.val),
+        "num_test": len(bundle.test) if bundle.test is not None else 0,
+        "val_accuracy": m["val_accuracy"], "val_loss": m["val_loss"], "test_accuracy": test_acc,
+        "evaluated": "model/ (float32 SavedModel, loaded from the run folder) on the validation images "
+                     + ("read from their files" if bundle.val.files else "given as arrays"),
+        "fast_path": None if fast is None else {
+            "how": outcome.fast_path, "precision": plan.precision, "val_accuracy": fast["val_accuracy"],
+            "val_loss": fast["val_loss"], "predictions_differing": disagree},
+        "per_class": table, "confusion_matrix": cm.tolist(),
+        "train_counts": bundle.counts("train"), "class_weight": r.class_weight,
+        "stages": outcome.stages, "epochs": len(rows), "cached_stages": sum(1 for s in outcome.stages if s["cache"]),
+        "strategy": type(plan.strategy).__name__, "replicas": plan.replicas, "per_replica_batch": r.batch_size,
+        "global_batch": plan.global_batch, "lr_scale": plan.global_batch / r.batch_size if r.scale_lr else 1.0,
+        "precision": plan.precision, "norm": plan.norm, "verdict": verdict, "advice": advice,
+        "images_per_second": (outcome.train_images / outcome.train_seconds) if outcome.train_seconds else 0.0,
+        "feature_engine": ", ".join(sorted({e for _, _, e in stats})) if stats else None,
+        "feature_images_per_second": (sum(n for n, _, _ in stats) / max(sum(t for _, t, _ in stats), 1e-9))
+        if stats else None,
+        "skipped_files": bundle.skipped, "leaks": bundle.leaks, "nan": outcome.nan_note,
+        "selected_by": "best val_accuracy checkpoint across stages",
+    }

@@ -1,0 +1,60 @@
+"""A run's model rebuilt from one of its checkpoints (``tuneflow.load(run, checkpoint="last")``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from ..backbones import get_spec
+from ..errors import RunError
+from ..export.artifact import LABELS_FILE, ArtifactModels, in_memory_functions
+from ..recipe import Recipe
+from ..runs.checkpoints import restore_model
+from .assemble import assemble, make_backbone
+from .evaluate import artifact_models
+from .heads import choose_norm
+from .plan import Plan
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing: {path.parent} is not a tuneflow run folder ({what}).") from None
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{path} is unreadable ({exc}); the run folder is damaged.") from None
+
+
+def plan_of_run(run_dir: Path) -> tuple[Plan, str | None]:
+    """The float32 plan of a finished or interrupted run, and its tap, from the files it wrote."""
+    recipe = Recipe.from_dict(_read_json(run_dir / "recipe.json", "no recipe.json"))
+    labels = _read_json(run_dir / LABELS_FILE, "no labels.json")
+    classes = [labels[str(i)] for i in range(len(labels))]
+    info = _read_json(run_dir / "run.json", "no run.json")
+    spec = get_spec(recipe.backbone)
+    plan = Plan(recipe=recipe, spec=spec, size=recipe.input_size or spec.default_size,
+                strategy=tf.distribute.get_strategy(), precision="float32", classes=classes,
+                class_weights=None, norm=choose_norm(recipe.norm, recipe.batch_size), freeze_bn=False)
+    return plan, info.get("tap")
+
+
+def functions_from_checkpoint(run_dir: str | Path, checkpoint: str):
+    """The artifact's endpoint functions for ``checkpoint`` (``"last"`` or a checkpoint path)."""
+    run_dir = Path(run_dir)
+    plan, tap = plan_of_run(run_dir)
+    where = run_dir / "checkpoints" / "last" if checkpoint == "last" else Path(checkpoint)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        asm = assemble(plan, make_backbone(plan, weights=None), tap)
+        try:
+            used = restore_model(asm.model, where)
+        except FileNotFoundError as exc:
+            raise RunError(f"checkpoint={checkpoint!r}: {exc} Use 'best', 'last' or a checkpoint path "
+                           f"such as {run_dir}/checkpoints/last/ckpt-3.") from None
+        models: ArtifactModels = artifact_models(plan, asm, checkpoint=str(used))
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    return in_memory_functions(models), models.info

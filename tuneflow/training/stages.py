@@ -1,0 +1,363 @@
+"""The stage runner: each recipe stage trained (on cached features or end to end), validated,
+checkpointed and early-stopped, resumable after a crash."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ..backbones import FreezeSpec, apply_freeze
+from ..data import DataBundle
+from ..data.augment import make_augmenter
+from ..data.pipeline import _epoch_indices, train_dataset
+from ..features.extractor import FeatureExtractor
+from ..runs import report as rep
+from ..runs.checkpoints import Checkpoints
+from ..runs.folder import RunDir
+from .assemble import Assembly
+from .distribute import patch_symbolic_build
+from .distribute import predict as dist_predict
+from .optim import current_lr, make_optimizer
+from .plan import Plan
+
+log = logging.getLogger("tuneflow")
+
+REP_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def val_metrics(probs: np.ndarray, y: np.ndarray) -> dict:
+    """Validation loss (mean negative log-likelihood, no regularisation or smoothing terms) and
+    accuracy over exactly the validation examples, computed from predictions so that it is the
+    same number under every strategy (no padded or dropped examples)."""
+    p = np.clip(probs[np.arange(len(y)), y].astype(np.float64), 1e-7, 1.0)
+    return {"val_loss": float(-np.mean(np.log(p))), "val_accuracy": float(np.mean(probs.argmax(1) == y))}
+
+
+def call_direct(model, x, chunk: int = 4096) -> np.ndarray:
+    """A head on cached features, called directly: for a few thousand vectors this takes
+    microseconds, where ``predict`` would build a dataset and retrace its function every epoch."""
+    return np.concatenate([np.asarray(model(x[i:i + chunk], training=False), dtype=np.float32)
+                           for i in range(0, len(x), chunk)])
+
+
+class EpochHook(keras.callbacks.Callback):
+    """Per epoch: validation, lr into the logs, a metrics.csv row, a checkpoint, the best model
+    kept, and early stopping on val_accuracy whose state (best, wait) is checkpointed too, so a
+    resumed stage stops where an uninterrupted one would have.
+
+    Runs before Keras's own callbacks (progress bar, TensorBoard, ReduceLROnPlateau), which then
+    see ``val_loss``/``val_accuracy`` in the logs as if Keras had computed them.
+    """
+
+    def __init__(self, run: RunDir, ckpts: Checkpoints, stage_index: int, every_epoch: bool,
+                 validate, patience: int = 0, state: dict | None = None):
+        super().__init__()
+        self.run, self.ckpts, self.stage_index = run, ckpts, stage_index
+        # Cached-feature stages take milliseconds an epoch: checkpointing the whole model each
+        # epoch would cost more than the training; they are checkpointed when the stage ends.
+        self.every_epoch = every_epoch
+        self.validate, self.patience = validate, patience
+        state = state or {}
+        self.best = state.get("best", -np.inf)
+        self.best_loss = state.get("best_loss", np.inf)
+        self.wait = state.get("wait", 0)
+        self.best_epoch = state.get("best_epoch", 0)
+        self.best_weights = None
+        self.best_metrics = self.last_metrics = None  # val metrics of the best / latest epoch
+        self.restored = False
+        self.stopped_at = 0
+        self.t0 = time.time()
+        self.val_seconds = 0.0
+        self.epochs_run = 0
+        self.nan = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.t0 = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            logs = {}
+        t = time.time()
+        logs.update(self.validate())
+        self.val_seconds += time.time() - t
+        lr = current_lr(self.model.optimizer)
+        logs["lr"] = lr
+        if not all(np.isfinite(float(v)) for k, v in logs.items() if k != "lr"):
+            self.nan = True
+            self.model.stop_training = True
+            return
+        self.run.append_metrics({"stage": self.stage_index, "epoch": epoch + 1, "lr": lr,
+                                 "seconds": round(time.time() - self.t0, 3),
+                                 **{k: float(v) for k, v in logs.items() if k in REP_KEYS}})
+        self.last_metrics = {k: float(logs[k]) for k in ("val_loss", "val_accuracy")}
+        acc, loss = float(logs["val_accuracy"]), float(logs["val_loss"])
+        # The same rule as the best checkpoint: higher accuracy, or equal accuracy and lower loss.
+        if acc > self.best or (acc == self.best and loss < self.best_loss):
+            self.best, self.best_loss, self.best_epoch, self.wait = acc, loss, epoch + 1, 0
+            self.best_metrics = dict(self.last_metrics)
+            if self.patience:
+                self.best_weights = self.model.get_weights()
+                if self.every_epoch:
+                    self.ckpts.save_stage_best(self.stage_index, epoch + 1)
+        else:
+            self.wait += 1
+        self.epochs_run = epoch + 1
+        if self.every_epoch:
+            self.ckpts.save(self.stage_index, epoch + 1, {k: float(v) for k, v in logs.items()},
+                            early_stopping=self.state())
+        if self.patience and self.wait >= self.patience and epoch + 1 < self.params.get("epochs", 0):
+            self.stopped_at = epoch + 1
+            self.model.stop_training = True
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_loss": self.best_loss, "wait": self.wait, "best_epoch": self.best_epoch}
+
+    def on_train_end(self, logs=None):
+        if not self.patience or self.nan or not self.best_epoch or self.best_epoch == self.epochs_run:
+            return
+        # The stage ends on its best epoch (from memory, or from disk after a resume).
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+        elif not self.ckpts.restore_stage_best(self.stage_index):
+            return
+        self.restored = True
+        log.info("%s; restored the stage's best epoch %d (val_accuracy %.4f)",
+                 f"early stopping at epoch {self.stopped_at}" if self.stopped_at else "stage done",
+                 self.best_epoch, self.best)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs and "loss" in logs and not np.isfinite(float(logs["loss"])):
+            self.nan = True
+
+
+@dataclass
+class Outcome:
+    """What the stages did: the report's training part, and the fast path's final validation."""
+    stages: list[dict] = field(default_factory=list)
+    nan_note: str | None = None
+    train_images: int = 0
+    train_seconds: float = 0.0
+    fast_probs: np.ndarray | None = None  # val probabilities of the trained model on its training path
+    fast_path: str = ""  # what computed them (e.g. "head on cached features (openvino/bf16)")
+    extractor_stats: list = field(default_factory=list)  # (images, seconds, engine) of feature passes
+
+
+def cache_trainer(recipe, head, channels: int):
+    """For linear/mlp heads the cache holds pooled float32 vectors (exact, ~50x smaller than maps):
+    the trainer is the head after its pooling layer, sharing its layers and weights."""
+    if recipe.head == "conv":
+        return head, None
+    pool = head.layers[0]
+    trainer = keras.Sequential([keras.Input((channels,))] + head.layers[1:],
+                               name="head_on_cache")
+    return trainer, pool
+
+
+def cached_features(plan: Plan, bundle: DataBundle, extractor: FeatureExtractor, tap):
+    """Train (views, N, ...) and val (N, ...) features from the cache, computed once if missing."""
+    r = plan.recipe
+    aug = make_augmenter(r.augment, r.augment_backend, plan.size, r.seed) if r.cache_views > 1 else None
+    pooled = len(extractor.model.output.shape) == 2
+    dtype = np.float32 if pooled else np.float16  # maps are big: half precision; vectors: exact
+    base = dict(backbone=plan.spec.name, tap=tap, pooled=pooled, data=bundle.fingerprint())
+    tr_key = extractor.key(**base, split="train", views=r.cache_views,
+                           augment=f"{r.augment}/{r.augment_backend}/seed{r.seed}" if r.cache_views > 1 else "")
+    va_key = extractor.key(**base, split="val", views=1)
+    t0 = time.time()
+    n0 = len(extractor.stats)
+    both = {}
+    if r.cache_views == 1 and (not r.feature_cache or not (_exists(tr_key) or _exists(va_key))):
+        def joint():  # one pass over train + val, one traced function
+            if not both:
+                both["x"] = extractor.compute([bundle.train.x, bundle.val.x], dtype=dtype)
+            return both["x"]
+        n_tr = len(bundle.train)
+        ftr, _ = _cached(tr_key, lambda: joint()[:, :n_tr], r.feature_cache)
+        fva, _ = _cached(va_key, lambda: joint()[:, n_tr:], r.feature_cache)
+    else:
+        ftr, _ = _cached(tr_key, lambda: extractor.compute(bundle.train.x, aug, r.cache_views, dtype),
+                         r.feature_cache)
+        fva, _ = _cached(va_key, lambda: extractor.compute(bundle.val.x, dtype=dtype), r.feature_cache)
+    ran = extractor.stats[n0:]
+    if ran:
+        log.info("feature cache: %d images through %s (%s) in %.1f s", sum(n for n, _, _ in ran),
+                 plan.spec.name, extractor.used, time.time() - t0)
+    else:
+        log.info("feature cache: reused (same backbone, weights, size, tap, engine and data)")
+    return ftr, fva[0]
+
+
+def _exists(*keys):
+    from ..features import cache as fcache
+    return all(fcache.exists(k) for k in keys)
+
+
+def _cached(key, compute, enabled):
+    from ..features import cache as fcache
+    return fcache.cached(key, compute, enabled=enabled)
+
+
+def cached_dataset(plan: Plan, x: np.ndarray, y: np.ndarray, seed: int):
+    """Batches of cached features: shuffled each epoch, or class-balanced with indices drawn anew
+    every epoch (a single draw would drop the same majority examples for the whole stage)."""
+    g, cw = plan.global_batch, plan.class_weights
+    whole = plan.replicas > 1  # whole batches only: see distribute.predict for why
+    n_batches = math.ceil(len(y) / g)
+    if plan.recipe.sampling == "shuffle" and not whole:
+        parts = (x, y) if cw is None else (x, y, cw[y])
+        ds = tf.data.Dataset.from_tensor_slices(parts).shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+        return ds.batch(g).prefetch(tf.data.AUTOTUNE), n_batches
+    rng = np.random.default_rng(seed)
+
+    def batches():
+        idx = _epoch_indices(y, plan.recipe.sampling, rng)
+        short = (-len(idx)) % g
+        if whole and short:
+            idx = np.concatenate([idx, rng.choice(idx, short)])
+        for b in range(0, len(idx), g):
+            sel = idx[b:b + g]
+            yield (x[sel], y[sel]) if cw is None else (x[sel], y[sel], cw[y[sel]])
+
+    sig = (tf.TensorSpec((None,) + x.shape[1:], tf.as_dtype(x.dtype)), tf.TensorSpec([None], tf.as_dtype(y.dtype)))
+    if cw is not None:
+        sig += (tf.TensorSpec([None], tf.float32),)
+    n = math.ceil((len(y) + ((-len(y)) % g if whole else 0)) / g)
+    ds = tf.data.Dataset.from_generator(batches, output_signature=sig)
+    return ds.apply(tf.data.experimental.assert_cardinality(n)).prefetch(tf.data.AUTOTUNE), n
+
+
+def stage_info(stage, train, epochs_run, cache):
+    return {"name": stage.name, "train": train, "epochs_run": epochs_run,
+            "optimizer": stage.optimizer, "lr": stage.lr, "schedule": stage.schedule, "cache": bool(cache)}
+
+
+def _one_hot(ds, n):
+    def f(*t):
+        return (t[0], tf.one_hot(t[1], n)) + tuple(t[2:])
+    return ds.map(f)
+
+
+def uses_cache(plan: Plan, stage) -> bool:
+    r = plan.recipe
+    fs = FreezeSpec.parse(plan.stage_train(stage))
+    frozen = fs.kind == "frozen" or (fs.kind == "top" and fs.n == 0)
+    return frozen and r.feature_cache and not (r.spatial_dropout and r.head == "conv")
+
+
+def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts: Checkpoints,
+               resume_from: str | None, verbose: int) -> Outcome:
+    """Train every stage from the resume point on; the model ends on the best validated weights."""
+    r, strategy = plan.recipe, plan.strategy
+    start_stage, start_epoch, es_state = 0, 0, None
+    if resume_from is not None:
+        info = Checkpoints.manifest(resume_from)
+        start_stage, start_epoch = int(info["stage"]), int(info["epoch"])
+        es_state = info.get("early_stopping")
+        log.info("resuming from %s (stage %d, epoch %d)", resume_from, start_stage, start_epoch)
+        run.truncate_metrics(lambda s, e: s < start_stage or (s == start_stage and e <= start_epoch))
+    out = Outcome()
+    extractor = None
+    last_cached = None  # (trainer, val features) when the final stage trained on the cache
+    n_classes = len(plan.classes)
+    for si, stage in enumerate(r.stages):
+        train = plan.stage_train(stage)
+        use_cache = uses_cache(plan, stage)
+        if si < start_stage:
+            out.stages.append(stage_info(stage, train, "restored", use_cache))
+            continue
+        with strategy.scope():
+            apply_freeze(asm.backbone, plan.spec, train, freeze_bn=plan.freeze_bn)
+        if use_cache:
+            trainer, pool = cache_trainer(r, asm.head, int(asm.feature_model.output.shape[-1]))
+            feat_model = asm.feature_model if pool is None else keras.Model(
+                asm.feature_model.input, pool(asm.feature_model.output), name="pooled_features")
+            if extractor is None or extractor.weights_key != _digest(feat_model):
+                extractor = FeatureExtractor(feat_model, r.feature_engine)
+            ftr, val_feats = cached_features(plan, bundle, extractor, asm.tap)
+            views = ftr.shape[0]
+            train_x, steps = cached_dataset(plan, ftr.reshape((-1,) + ftr.shape[2:]),
+                                            np.tile(bundle.train.y, views), r.seed)
+            last_cached = (trainer, val_feats)
+
+            def validate(trainer=trainer, val_feats=val_feats):
+                return val_metrics(call_direct(trainer, val_feats), bundle.val.y)
+        else:
+            trainer, last_cached = asm.model, None
+            steps = math.ceil(len(bundle.train) / plan.global_batch)
+            train_x = train_dataset(bundle.train, plan.global_batch, augment=r.augment,
+                                    backend=r.augment_backend, sampling=r.sampling,
+                                    weights=plan.class_weights, seed=r.seed + si, whole_batches=plan.replicas > 1)
+
+            def validate():
+                return val_metrics(dist_predict(asm.model, bundle.val.x, max(plan.global_batch, 64)),
+                                   bundle.val.y)
+        lr = plan.stage_lr(stage)
+        with strategy.scope():
+            opt = make_optimizer(stage, lr, steps, r.clipnorm)
+            if r.label_smoothing:
+                loss = keras.losses.CategoricalCrossentropy(label_smoothing=r.label_smoothing)
+                acc = keras.metrics.CategoricalAccuracy(name="accuracy")
+                train_x = _one_hot(train_x, n_classes)
+            else:
+                loss = keras.losses.SparseCategoricalCrossentropy()
+                acc = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+            trainer.compile(optimizer=opt, loss=loss, metrics=[acc])
+            patch_symbolic_build(trainer)
+            opt.build(trainer.trainable_variables)
+        ckpts.bind_optimizer(opt)
+        initial, state = 0, None
+        if si == start_stage and resume_from is not None:
+            # Mid-stage: weights and this stage's optimizer state. At a stage boundary: weights only
+            # (the next stage starts a fresh optimizer).
+            ckpts.restore(resume_from, with_optimizer=start_epoch > 0)
+            initial, state = start_epoch, es_state
+        hook = EpochHook(run, ckpts, si, every_epoch=not use_cache, validate=validate,
+                         patience=stage.patience, state=state)
+        callbacks = [hook, keras.callbacks.TerminateOnNaN()]
+        if stage.schedule == "plateau":
+            callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.1,
+                                                               patience=max(1, stage.patience // 2 or 2)))
+        if not use_cache:
+            callbacks.append(keras.callbacks.TensorBoard(str(run / "tensorboard" / stage.name),
+                                                         write_graph=False, update_freq="epoch"))
+        stopped_before = bool(state and stage.patience and state.get("wait", 0) >= stage.patience)
+        if initial < stage.epochs and not stopped_before:
+            t0 = time.time()
+            trainer.fit(train_x, epochs=stage.epochs, initial_epoch=initial, callbacks=callbacks,
+                        verbose=1 if verbose and not use_cache else 0)
+            if not use_cache:
+                out.train_seconds += time.time() - t0 - hook.val_seconds
+                out.train_images += (hook.epochs_run - initial) * len(bundle.train)
+        epochs_done = max(hook.epochs_run, initial)
+        if hook.nan:
+            out.nan_note = (f"Stage {stage.name!r} produced a NaN/inf loss and was stopped. Likely cause: "
+                            + rep.nan_diagnosis(r, lr, (float(bundle.train.x.min()), float(bundle.train.x.max()))))
+            out.stages.append(stage_info(stage, train, epochs_done, use_cache))
+            break
+        # Stage complete (a resume starts the next one), with the metrics of the weights it ends on.
+        known = hook.best_metrics if hook.restored else hook.last_metrics
+        ckpts.save(si + 1, 0, known if known is not None and hook.epochs_run else validate())
+        out.stages.append(stage_info(stage, train, epochs_done, use_cache))
+
+    ckpts.restore_best()  # the best validated weights across all stages, never a worse one
+    if last_cached is not None:
+        # The backbone did not change since the cache was filled: the head on the cached val
+        # vectors is what training measured (features from the fast engine, e.g. OpenVINO bf16).
+        trainer, val_feats = last_cached
+        out.fast_probs = call_direct(trainer, val_feats)
+        out.fast_path = f"head on cached features ({extractor.used})"
+    else:
+        out.fast_probs = dist_predict(asm.model, bundle.val.x, max(plan.global_batch, 64))
+        out.fast_path = f"Keras model under {plan.precision}"
+    out.extractor_stats = list(extractor.stats) if extractor is not None else []
+    return out
+
+
+def _digest(model) -> str:
+    from ..features.cache import weights_digest
+    return weights_digest(model)
