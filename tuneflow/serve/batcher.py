@@ -1,0 +1,132 @@
+"""Micro-batching: one queue and ONE inference thread that joins concurrent requests' images into model calls.
+
+Requests arrive already decoded and resized (float32 [n, S, S, 3]); the worker takes the first
+waiting request, then gathers more of the same kind (embed with given settings, classify) until
+``max_batch`` images or ``max_wait_ms`` have passed, runs one call of the predictor's
+prepared-batch function, and hands each request its own rows. One thread means one model call
+at a time: TensorFlow already spreads a call over every core, and the model's memory is paid once.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_STOP = object()
+
+
+@dataclass
+class _Item:
+    key: tuple
+    batch: np.ndarray
+    future: Future = field(default_factory=Future)
+
+
+class MicroBatcher:
+    """``submit(key, batch)`` -> Future of that batch's output rows. ``functions[key[0]](x, *key[1:])``
+    computes a joined batch; ``on_batch(n_images)`` is told each call's size (for metrics)."""
+
+    def __init__(self, functions: dict, max_batch: int = 64, max_wait_ms: float = 5.0, on_batch=None):
+        self.functions = functions
+        self.max_batch = max(1, int(max_batch))
+        self.max_wait_s = max(0.0, float(max_wait_ms)) / 1000.0
+        self.on_batch = on_batch
+        self._queue: queue.Queue = queue.Queue()
+        self._held: deque = deque()  # taken from the queue but of another kind, or not fitting: next
+        self._thread = threading.Thread(target=self._loop, name="tuneflow-inference", daemon=True)
+        self._lock = threading.Lock()
+        self._stopping = False
+        self.batches = 0
+
+    def start(self) -> "MicroBatcher":
+        self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def submit(self, key: tuple, batch: np.ndarray) -> Future:
+        item = _Item(tuple(key), batch)
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the inference worker is shutting down")
+            self._queue.put(item)
+        return item.future
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish every submitted batch, then end the worker (what SIGTERM's drain ends with)."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._queue.put(_STOP)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _next(self, timeout: float | None):
+        if self._held:
+            return self._held.popleft()
+        try:
+            return self._queue.get(timeout=timeout) if timeout is None or timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _gather(self, first: _Item) -> list[_Item]:
+        items, n = [first], len(first.batch)
+        deadline = time.monotonic() + self.max_wait_s
+        skipped: list = []
+        held, self._held = self._held, deque()
+        while n < self.max_batch:
+            if held:
+                item = held.popleft()
+            else:
+                item = self._next(deadline - time.monotonic())
+                if item is None:
+                    break
+            if item is _STOP:
+                skipped.append(item)
+                break
+            if item.key != first.key or n + len(item.batch) > self.max_batch:
+                skipped.append(item)
+                continue
+            items.append(item)
+            n += len(item.batch)
+        self._held = deque(skipped + list(held) + list(self._held))
+        return items
+
+    def _loop(self) -> None:
+        while True:
+            first = self._next(None)
+            if first is _STOP:
+                if self._held:  # work taken from the queue before the stop: do it first
+                    self._held.append(_STOP)
+                    continue
+                return
+            items = self._gather(first)
+            self._run(items)
+
+    def _run(self, items: list[_Item]) -> None:
+        fn = self.functions[items[0].key[0]]
+        args = items[0].key[1:]
+        try:
+            x = items[0].batch if len(items) == 1 else np.concatenate([it.batch for it in items])
+            # a single request larger than max_batch runs in max_batch slices
+            outs = [np.asarray(fn(x[i:i + self.max_batch], *args)) for i in range(0, len(x), self.max_batch)]
+            y = outs[0] if len(outs) == 1 else np.concatenate(outs)
+        except BaseException as exc:  # noqa: BLE001 - a failed model call fails its requests, not the worker
+            for it in items:
+                it.future.set_exception(exc)
+            return
+        self.batches += 1
+        if self.on_batch is not None:
+            self.on_batch(len(x))
+        start = 0
+        for it in items:
+            it.future.set_result(y[start:start + len(it.batch)])
+            start += len(it.batch)
