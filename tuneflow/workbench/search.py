@@ -1,0 +1,836 @@
+"""Hyperparameter search over recipe fields: an Optuna study in a journal file, one process per trial.
+
+Design (why each piece is the way it is):
+
+- The study lives in an Optuna journal file in the search folder (``optuna-journal.log``): a
+  search killed at any point and started again with the same command continues. Only the parent
+  process writes to it, and it holds an exclusive ``flock`` on ``search.lock`` while it runs, so
+  on a restart any trial still marked RUNNING belonged to a dead search: it is marked FAIL
+  (user attribute ``interrupted``) and its parameters are queued again. At most one trial per
+  ``--jobs`` slot is computed twice.
+- Each trial is ``tuneflow finetune BASE_RECIPE --set key=value ...`` (the public CLI) in a fresh
+  Python process, its run folder under ``trials/`` and its output in ``trials/NNNN.log``. TensorFlow
+  never runs in the parent, so the parent's memory does not grow trial after trial (in-process
+  tuners keep graphs, datasets and allocator pools alive). A child dies with its parent
+  (``PR_SET_PDEATHSIG`` on Linux).
+- Pruning: the parent polls every running trial's ``metrics.csv`` (the engine rewrites it
+  atomically after each epoch), reports each epoch's ``val_accuracy`` to the trial at step
+  ``epochs of earlier stages + epoch``, asks the pruner, and kills the child when told to prune.
+  The engine needs no hook for this; the price is a poll's latency (20 ms), during which a
+  cached-feature child may run an epoch or two more. Only complete lines are read (the engine
+  appends a row per epoch, so the last line may be half-written). Epoch counts in ``trials.csv`` are the
+  epochs that actually ran.
+- Coarse to fine: ``narrow=K`` adds K rounds, each its own study (``round1``, ...) over the
+  previous round's numeric ranges narrowed to its top 25% trials (on the log scale where the
+  range is logarithmic), widened by 10% of the old width; its first trial re-runs the previous
+  round's best parameters.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DataError, RecipeError, RunError
+from ..recipe import Recipe
+
+log = logging.getLogger("tuneflow")
+
+JOURNAL = "optuna-journal.log"
+LOCK = "search.lock"
+POLL_SECONDS = 0.02  # metrics.csv poll period; an epoch on cached features takes 10-50 ms
+PRESETS = ("default", "lr", "regularization")
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")
+GRID_POINTS = 3  # values per numeric range for --sampler grid: low, middle (on its scale), high
+TOP_FRACTION = 0.25  # --narrow keeps the range of the best quarter of a round's trials ...
+WIDEN = 0.10  # ... widened by 10% of the old range's width on each side
+FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+# The child: the public CLI in a fresh interpreter (-P: the working directory is not on sys.path).
+_CHILD = "import sys; from tuneflow.workbench.search import _child_main; sys.exit(_child_main(sys.argv[1:]))"
+
+
+@dataclass
+class SearchResult:
+    """What a search left in ``out``; ``best_*`` are None when no trial completed."""
+    out: Path
+    best_value: float | None
+    best_params: dict
+    best_run: Path | None
+    best_recipe: Path | None
+    trials_csv: Path
+    plot: Path | None
+    counts: dict = field(default_factory=dict)  # COMPLETE / PRUNED / FAIL -> number of trials
+    epochs: int = 0  # epochs run by all finished trials
+
+
+def default_space(recipe: Recipe, preset: str = "default") -> dict:
+    """The search space for ``recipe``: each stage's learning rate over two decades around its
+    default (log), L2 on a log scale, dropout and label smoothing linear, batch size categorical.
+
+    >>> from tuneflow.recipes import small_similar
+    >>> default_space(small_similar)["head.lr"]
+    {'type': 'float', 'low': 0.0001, 'high': 0.01, 'log': True}
+    """
+    if preset not in PRESETS:
+        raise RecipeError(f"Unknown search space preset {preset!r}; choose one of {', '.join(PRESETS)}, "
+                          "or give a JSON file.")
+    space: dict = {}
+    if preset in ("default", "lr"):
+        for s in recipe.stages:
+            space[f"{s.name}.lr"] = {"type": "float", "low": _sig(s.lr / 10), "high": _sig(min(s.lr * 10, 1.0)),
+                                     "log": True}
+    if preset in ("default", "regularization"):
+        space["l2"] = {"type": "float", "low": 1e-6, "high": 1e-2, "log": True}
+        space["dropout"] = {"type": "float", "low": 0.0, "high": 0.5}
+        space["label_smoothing"] = {"type": "float", "low": 0.0, "high": 0.2}
+        for s in recipe.stages:
+            if s.weight_decay > 0:
+                space[f"{s.name}.weight_decay"] = {"type": "float", "low": _sig(s.weight_decay / 10),
+                                                   "high": _sig(s.weight_decay * 10), "log": True}
+    if preset == "default":
+        space["batch_size"] = {"type": "categorical", "choices": sorted({16, 32, 64, recipe.batch_size})}
+    return {k: _normalize(k, v, "default search space") for k, v in space.items()}
+
+
+def load_space(spec, recipe: Recipe) -> dict:
+    """A space from a preset name, a JSON file, or a dict, checked against ``recipe``.
+
+    The JSON maps recipe keys (as for ``--set``) to ranges or choices::
+
+        {"head.lr": {"low": 1e-4, "high": 1e-1, "log": true},
+         "dropout": {"low": 0.0, "high": 0.5},
+         "head.epochs": {"low": 10, "high": 60},
+         "batch_size": [16, 32, 64]}
+
+    A list means categorical; integer ends (no ``log``) an integer range, otherwise floats.
+    """
+    where = "search space"
+    if spec is None:
+        spec = "default"
+    if isinstance(spec, (str, Path)):
+        text = str(spec)
+        if text in PRESETS:
+            spec = default_space(recipe, text)
+        else:
+            where = f"search space file {text}"
+            try:
+                spec = json.loads(Path(text).read_text())
+            except FileNotFoundError:
+                raise RecipeError(f"--space {text!r} is neither a preset ({', '.join(PRESETS)}) nor an "
+                                  "existing JSON file.") from None
+            except (OSError, ValueError) as exc:
+                raise RecipeError(f"Cannot read the {where}: {exc}.") from None
+    if not isinstance(spec, dict) or not spec:
+        raise RecipeError(f"The {where} must be a non-empty JSON object of key -> range; got {spec!r}.")
+    space = {}
+    for key, entry in spec.items():
+        space[key] = _normalize(key, entry, where)
+        for value in _probe_values(space[key]):
+            try:
+                recipe.override(f"{key}={_fmt(value)}")
+            except RecipeError as exc:
+                raise RecipeError(f"{where}: {key} = {value!r} does not fit recipe {recipe.name}: {exc}") from None
+    return space
+
+
+def narrow_space(space: dict, trials: list[tuple[dict, float]], top: float = TOP_FRACTION,
+                 widen: float = WIDEN) -> dict:
+    """Each numeric range narrowed to the min..max of the best ``top`` share of ``trials``
+    (``(params, val_accuracy)`` of completed trials; at least 2 kept), on the log scale for log
+    ranges, widened by ``widen`` x the old width each side and kept inside the old range.
+    Categorical choices shrink to those the best trials used.
+
+    >>> narrow_space({"x": {"type": "float", "low": 1e-4, "high": 1.0, "log": True}},
+    ...              [({"x": 1e-3}, 0.9), ({"x": 1e-2}, 0.8), ({"x": 0.5}, 0.1), ({"x": 0.9}, 0.1)])["x"]
+    {'type': 'float', 'low': 0.00039810717055349735, 'high': 0.025118864315095794, 'log': True}
+    """
+    if not trials:
+        raise RunError("Cannot narrow the search space: no trial of the previous round completed. "
+                       "Run more trials, or search without --narrow.")
+    ranked = sorted(trials, key=lambda t: -t[1])
+    best = ranked[:min(len(ranked), max(2, math.ceil(top * len(ranked))))]
+    out = {}
+    for key, s in space.items():
+        values = [p[key] for p, _ in best if key in p]
+        if not values:
+            out[key] = dict(s)
+        elif s["type"] == "categorical":
+            out[key] = {"type": "categorical", "choices": [c for c in s["choices"] if c in values]}
+        else:
+            to, back = (math.log10, lambda v: 10 ** v) if s.get("log") else (float, float)
+            lo0, hi0 = to(s["low"]), to(s["high"])
+            pad = widen * (hi0 - lo0)
+            lo = max(lo0, min(to(v) for v in values) - pad)
+            hi = min(hi0, max(to(v) for v in values) + pad)
+            new = dict(s, low=back(lo), high=back(hi))
+            if s["type"] == "int":
+                new["low"] = max(s["low"], math.floor(new["low"]))
+                new["high"] = min(s["high"], math.ceil(new["high"]))
+                if new["low"] == new["high"]:
+                    new["low"], new["high"] = max(s["low"], new["low"] - 1), min(s["high"], new["high"] + 1)
+            else:  # exact ends: a range is never pushed outside the old one by rounding
+                new["low"], new["high"] = max(s["low"], new["low"]), min(s["high"], new["high"])
+            out[key] = new
+    return out
+
+
+def search(recipe, data, trials: int, *, jobs: int = 1, out=None, sampler: str = "tpe", space=None,
+           overrides=(), fraction: float | None = None, classes=None, narrow: int = 0, seed: int = 0,
+           pruner: str = "median", prune_warmup: int | None = None, prune_startup: int = 5,
+           verbose: bool = True) -> SearchResult:
+    """Search recipe fields with Optuna, one ``tuneflow finetune`` process per trial.
+
+    Args:
+      recipe: a recipe name, a recipe JSON file, or a :class:`Recipe`.
+      data: what ``tuneflow finetune --data`` takes.
+      trials: finished trials wanted per round (complete, pruned, or failed on their own).
+      jobs: trials running at once.
+      out: the search folder (default ``searches/<recipe>-<timestamp>``); the same ``out``
+        continues a search.
+      sampler: ``tpe`` | ``random`` | ``grid`` (3 values per numeric range).
+      space: a preset (``default``, ``lr``, ``regularization``), a JSON file or a dict.
+      overrides: ``--set`` values applied to every trial (list of ``key=value`` or a dict).
+      fraction, classes: subsample every trial's data for speed; ``best_recipe.json`` keeps the
+        recipe's own values, so it trains on all the data.
+      narrow: coarse-to-fine rounds after the first, each over narrowed ranges.
+      pruner: ``median`` (a trial below the median of completed ones at the same epoch stops),
+        ``hyperband`` or ``none``; ``prune_warmup`` epochs are never pruned (default 10% of the
+        first stage), nor anything before ``prune_startup`` trials completed.
+
+    >>> r = search("small_similar", "data/digits", 20, out="searches/digits")  # doctest: +SKIP
+    >>> r.best_value, r.best_recipe                                             # doctest: +SKIP
+    """
+    import optuna
+
+    if trials < 1 or jobs < 1 or narrow < 0:
+        raise RecipeError(f"--trials {trials}, --jobs {jobs}, --narrow {narrow}: trials and jobs must be >= 1, "
+                          "narrow >= 0.")
+    if sampler not in SAMPLERS:
+        raise RecipeError(f"--sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}.")
+    if pruner not in PRUNERS:
+        raise RecipeError(f"--pruner {pruner!r}: choose one of {', '.join(PRUNERS)}.")
+    full = _resolve(recipe).override(*_pairs(overrides))
+    base = full
+    if fraction is not None:
+        base = base.override(f"fraction={fraction}")
+    if classes:
+        base = base.override(f"classes={classes if isinstance(classes, str) else ','.join(classes)}")
+    space0 = load_space(space, base)
+    data = _data_arg(data)
+    out = Path(out) if out is not None else Path("searches") / f"{base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = {"base_recipe": base.to_dict(), "full_recipe": full.to_dict(), "data": data, "space": space0}
+
+    _claim_folder(out)
+    lock = _lock(out)
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours to print
+    try:
+        storage = _storage(out / JOURNAL)
+        runner = _Runner(out, storage, base, config, data, jobs, sampler, seed, pruner, prune_warmup,
+                         prune_startup, verbose)
+        runner.check_config()
+        for r in range(narrow + 1):
+            runner.run_round(r, trials)
+        result = runner.write_outputs(final=True)
+    finally:
+        optuna.logging.set_verbosity(level)
+        lock.close()  # releases the flock
+    if verbose:
+        _summary(result, base.name, data)
+    return result
+
+
+class _Child:
+    """One trial's process and what the parent has read of its metrics.csv."""
+
+    def __init__(self, trial, proc, run: Path, log_file, offsets: list[int], t0: float):
+        self.trial, self.proc, self.run, self.log_file, self.offsets, self.t0 = trial, proc, run, log_file, offsets, t0
+        self.reported = 0  # metrics rows reported to the trial
+        self.stamp = None  # (mtime_ns, size) of metrics.csv when last read
+        self.best = (-math.inf, math.inf)  # best (val_accuracy, val_loss) over the epochs read
+
+
+class _Runner:
+    """The parent loop: asks Optuna for trials, runs them as child processes, reports and prunes."""
+
+    def __init__(self, out, storage, base, config, data, jobs, sampler, seed, pruner, prune_warmup,
+                 prune_startup, verbose):
+        self.out, self.storage, self.base, self.config, self.data = out, storage, base, config, data
+        self.jobs, self.sampler_name, self.seed, self.verbose = jobs, sampler, seed, verbose
+        self.pruner_name, self.prune_startup = pruner, prune_startup
+        self.prune_warmup = prune_warmup if prune_warmup is not None else max(1, base.stages[0].epochs // 10)
+        self.studies: list = []  # one per round so far
+        self.spaces: list[dict] = []
+        self.base_json = out / "base_recipe.json"
+        self.best_key = None
+
+    def check_config(self):
+        import optuna
+        names = [s.study_name for s in optuna.get_all_study_summaries(self.storage)]
+        if "round0" in names:
+            stored = optuna.load_study(study_name="round0", storage=self.storage).user_attrs.get("config", {})
+            diff = [k for k in ("base_recipe", "data", "space")
+                    if json.dumps(stored.get(k), sort_keys=True) != json.dumps(self.config[k], sort_keys=True)]
+            if diff:
+                raise RunError(f"{self.out} holds a search with a different {', '.join(diff)} "
+                               f"(its data: {stored.get('data')}; recipe: {stored.get('base_recipe', {}).get('name')}). "
+                               "Repeat that search's command to continue it, or choose another --out.")
+        _write_atomic(self.base_json, Recipe.from_dict(self.config["base_recipe"]).to_json())
+
+    def run_round(self, r: int, n: int):
+        import optuna
+        study = optuna.create_study(study_name=f"round{r}", storage=self.storage, direction="maximize",
+                                    load_if_exists=True)
+        if r == 0:
+            space = self.config["space"]
+            study.set_user_attr("config", self.config)
+        elif "space" in study.user_attrs:
+            space = study.user_attrs["space"]
+        else:  # a new round: narrow around the previous round's best, start from the best so far
+            prev = [(t.params, t.value) for t in self.studies[-1].get_trials(deepcopy=False)
+                    if t.state == optuna.trial.TrialState.COMPLETE]
+            space = narrow_space(self.spaces[-1], prev)
+            best = max(prev, key=lambda t: t[1])[0]
+            study.set_user_attr("space", space)
+            study.enqueue_trial({k: v for k, v in best.items() if k in space})
+            log.info("round %d: narrowed space %s", r, json.dumps(space))
+        self.studies.append(study)
+        self.spaces.append(space)
+        self._requeue_interrupted(study)
+        existing = len(study.get_trials(deepcopy=False))
+        study.sampler = self._sampler(space, self.seed + 1000 * r + existing)
+        study.pruner = self._pruner()
+        if self.sampler_name == "grid":
+            size = math.prod(len(v) for v in _grid(space).values())
+            if n > size:
+                log.info("grid of %d points: %d trials instead of %d", size, size, n)
+                n = size
+        self._loop(study, r, space, n)
+
+    def _loop(self, study, r, space, n):
+        dists = {k: _distribution(s) for k, s in space.items()}
+        running: list[_Child] = []
+        fails_in_row = 0
+        restore = _sigterm_as_interrupt()
+        try:
+            while True:
+                done = _count_finished(study)
+                if done >= n and not running:
+                    break
+                while len(running) < self.jobs and done + len(running) < n:
+                    running.append(self._launch(study.ask(dists), r))
+                for child in list(running):
+                    state = self._poll(study, child)
+                    if state is None:
+                        continue
+                    running.remove(child)
+                    fails_in_row = fails_in_row + 1 if state == "FAIL" else 0
+                    self.write_outputs(final=False)
+                    if fails_in_row >= max(3, self.jobs):
+                        raise RunError(f"{fails_in_row} trials in a row failed; the last one's log "
+                                       f"({child.log_file}) ends with:\n{_tail(child.log_file)}")
+                time.sleep(POLL_SECONDS)
+        finally:
+            for child in running:  # interrupted or failed: these trials run again on a restart
+                _kill(child.proc)
+                self._mark_interrupted(study, child.trial.number, child.trial.params)
+            restore()
+            if running:
+                self.write_outputs(final=False)
+
+    def _launch(self, trial, r: int) -> _Child:
+        params = trial.params
+        name = f"{trial.number:04d}" if r == 0 else f"round{r}-{trial.number:04d}"
+        run = self.out / "trials" / name
+        run.parent.mkdir(parents=True, exist_ok=True)
+        trial.set_user_attr("run", str(run.relative_to(self.out)))
+        recipe = self.base.override(*[f"{k}={_fmt(v)}" for k, v in params.items()])
+        offsets = [sum(s.epochs for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
+        cmd = [sys.executable, "-P", "-c", _CHILD, str(os.getpid()), "finetune", str(self.base_json),
+               "--data", self.data, "--out", str(run)]
+        for k, v in params.items():
+            cmd += ["--set", f"{k}={_fmt(v)}"]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.jobs > 1:  # J trials share the cores: without this each TensorFlow takes all of them
+            threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
+            env.setdefault("TF_NUM_INTRAOP_THREADS", threads)
+            env.setdefault("OMP_NUM_THREADS", threads)
+        log_path = run.with_name(name + ".log")
+        with open(log_path, "w") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        return _Child(trial, proc, run, log_path, offsets, time.time())
+
+    def _poll(self, study, child: _Child) -> str | None:
+        """Report new epochs; prune, or finish the trial when its process ended. Returns the
+        trial's final state, or None while it runs."""
+        from optuna.trial import TrialState
+        rc = child.proc.poll()
+        for row in self._new_rows(child):
+            step = child.offsets[row["stage"]] + row["epoch"]
+            acc, loss = row["val_accuracy"], row["val_loss"]
+            child.trial.report(acc, step)
+            child.reported += 1
+            if (acc, -loss) > (child.best[0], -child.best[1]):
+                child.best = (acc, loss)
+            if rc is None and self.pruner_name != "none" and child.trial.should_prune():
+                _kill(child.proc)
+                epochs = len(_read_rows(child.run / "metrics.csv"))  # the epochs that actually ran
+                self._finish(study, child, TrialState.PRUNED, epochs=epochs, at=step)
+                return "PRUNED"
+        if rc is None:
+            return None
+        report = _read_json(child.run / "report.json")
+        if rc != 0 or report is None or not _finite(report.get("val_accuracy")):
+            self._finish(study, child, TrialState.FAIL, epochs=child.reported, rc=rc)
+            return "FAIL"
+        self._finish(study, child, TrialState.COMPLETE, epochs=child.reported, report=report)
+        return "COMPLETE"
+
+    def _new_rows(self, child: _Child) -> list[dict]:
+        path = child.run / "metrics.csv"
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return []
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == child.stamp:
+            return []
+        child.stamp = stamp
+        return _read_rows(path)[child.reported:]
+
+    def _finish(self, study, child: _Child, state, epochs: int, report=None, rc=None, at=None):
+        from optuna.trial import TrialState
+        seconds = round(time.time() - child.t0, 2)
+        t = child.trial
+        t.set_user_attr("epochs", epochs)
+        t.set_user_attr("seconds", seconds)
+        if state == TrialState.COMPLETE:
+            t.set_user_attr("val_loss", report.get("val_loss"))
+            study.tell(t, report["val_accuracy"])
+            what = f"val accuracy {report['val_accuracy']:.4f}"
+        else:
+            if child.reported:
+                t.set_user_attr("val_accuracy", child.best[0])
+                t.set_user_attr("val_loss", child.best[1])
+            study.tell(t, state=state)
+            what = (f"pruned at epoch {at} (best val accuracy {child.best[0]:.4f})" if state == TrialState.PRUNED
+                    else f"failed (exit {rc}; log {child.log_file})")
+        if self.verbose:
+            params = ", ".join(f"{k}={_short(v)}" for k, v in t.params.items())
+            log.info("trial %s: %s, %d epochs, %.1f s  [%s]", child.run.name, what, epochs, seconds, params)
+
+    def _requeue_interrupted(self, study):
+        from optuna.trial import TrialState
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            log.info("trial %d was running when the search stopped: marked failed, queued again", t.number)
+            self._mark_interrupted(study, t.number, t.params)
+
+    def _mark_interrupted(self, study, number: int, params: dict):
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(
+            self.storage.get_study_id_from_name(study.study_name), number)
+        self.storage.set_trial_user_attr(trial_id, "interrupted", True)
+        study.tell(number, state=_state("FAIL"), skip_if_finished=True)
+        study.enqueue_trial(params)
+
+    def _sampler(self, space, seed):
+        import optuna
+        if self.sampler_name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if self.sampler_name == "grid":
+            return optuna.samplers.GridSampler(_grid(space), seed=seed)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10)
+
+    def _pruner(self):
+        import optuna
+        if self.pruner_name == "median":
+            return optuna.pruners.MedianPruner(n_startup_trials=self.prune_startup, n_warmup_steps=self.prune_warmup)
+        if self.pruner_name == "hyperband":
+            return optuna.pruners.HyperbandPruner(min_resource=self.prune_warmup,
+                                                  max_resource=sum(s.epochs for s in self.base.stages))
+        return optuna.pruners.NopPruner()
+
+    def trials(self) -> list[tuple[int, object]]:
+        return [(r, t) for r, s in enumerate(self.studies) for t in s.get_trials(deepcopy=False)
+                if t.state.name in FINISHED]
+
+    def write_outputs(self, final: bool) -> SearchResult:
+        rows = self.trials()
+        csv_path = self.out / "trials.csv"
+        params = sorted({k for _, t in rows for k in t.params})
+        lines = []
+        for r, t in rows:
+            a = t.user_attrs
+            lines.append({"round": r, "number": t.number, "state": t.state.name,
+                          **{k: t.params.get(k, "") for k in params},
+                          "val_accuracy": t.value if t.value is not None and t.state.name == "COMPLETE"
+                          else a.get("val_accuracy", ""),
+                          "val_loss": a.get("val_loss", ""), "epochs": a.get("epochs", ""),
+                          "seconds": a.get("seconds", ""), "run": a.get("run", "")})
+        _write_csv(csv_path, ["round", "number", "state", *params, "val_accuracy", "val_loss", "epochs", "seconds",
+                              "run"], lines)
+        complete = [(r, t) for r, t in rows if t.state.name == "COMPLETE"]
+        best = max(complete, key=lambda rt: (rt[1].value, -(rt[1].user_attrs.get("val_loss") or 0.0)), default=None)
+        best_recipe = self.out / "best_recipe.json"
+        best_run = None
+        if best is not None:
+            best_run = self.out / best[1].user_attrs["run"]
+            key = (best[0], best[1].number)
+            if key != self.best_key or not best_recipe.exists():
+                self._write_best(best_run, best, best_recipe)
+                self.best_key = key
+        plot = None
+        if final and rows:
+            plot = _plot(rows, self.spaces, self.out / "search.png")
+        counts = {s: sum(t.state.name == s for _, t in rows) for s in FINISHED}
+        return SearchResult(self.out, best[1].value if best else None, dict(best[1].params) if best else {},
+                            best_run, best_recipe if best else None, csv_path, plot, counts,
+                            sum(int(t.user_attrs.get("epochs") or 0) for _, t in rows))
+
+    def _write_best(self, run: Path, best, path: Path):
+        """The recipe as searched (``--set`` values kept, ``--fraction``/``--classes`` not) with
+        the best trial's parameters: what ``tuneflow finetune`` trains on all the data."""
+        r, t = best
+        recipe = Recipe.from_dict(self.config["full_recipe"]).override(
+            *[f"{k}={_fmt(v)}" for k, v in t.params.items()])
+        recipe = dataclasses.replace(
+            recipe, description=f"tuneflow search {self.out}: best trial {run.name} "
+                                f"(val accuracy {t.value:.4f}) of {recipe.name}")
+        _write_atomic(path, recipe.validate().to_json())
+
+
+def _resolve(recipe) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe.validate()
+    text = str(recipe)
+    if text == "auto":
+        raise RecipeError("search needs a recipe: run `tuneflow suggest DATA` and search the recipe it names.")
+    if text.endswith(".json") or Path(text).is_file():
+        try:
+            return Recipe.from_json(Path(text).read_text())
+        except OSError as exc:
+            raise RecipeError(f"Cannot read the recipe file {text}: {exc}.") from None
+        except ValueError as exc:
+            raise RecipeError(f"{text} is not a valid recipe file: {exc}") from None
+    import tuneflow.recipes as registry
+    return registry.get(text)
+
+
+def _pairs(overrides) -> list[str]:
+    if isinstance(overrides, dict):
+        return [f"{k.replace('__', '.')}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                for k, v in overrides.items()]
+    return list(overrides)
+
+
+def _data_arg(data) -> str:
+    text = str(data)
+    if text.startswith("tfds:"):
+        return text
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise DataError(f"--data {text}: no such folder. Give a folder of class folders or tfds:NAME.")
+    return str(path.resolve())  # trials may run from another working directory after a restart
+
+
+def _claim_folder(out: Path):
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file; give a folder for the search.")
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not (out / JOURNAL).exists():
+        raise RunError(f"--out {out} holds files but no tuneflow search ({JOURNAL} missing); "
+                       "choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _lock(out: Path):
+    import fcntl
+    f = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise RunError(f"Another tuneflow search is running in {out}; wait for it or stop it first.") from None
+    return f
+
+
+def _storage(path: Path):
+    """The journal storage at ``path``, after repairs that are safe because we hold the folder lock:
+    a line cut short by a kill is removed (Optuna would append after it and corrupt the next
+    record), and a lock file left by a killed writer is removed (Optuna would wait 30 s)."""
+    from optuna.storages import JournalStorage
+    try:
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+    except ImportError:  # optuna < 4.0
+        from optuna.storages import JournalFileOpenLock
+        from optuna.storages import JournalFileStorage as JournalFileBackend
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            log.info("%s: removing a record cut short by a kill (%d bytes)", path, len(data) - keep)
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+    stale = Path(str(path) + ".lock")
+    if stale.exists():
+        stale.unlink()
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+
+
+def _child_main(argv: list[str]) -> int:
+    """Entry of a trial's process: ``PARENT_PID finetune ...`` -> the tuneflow CLI."""
+    parent = int(argv[0])
+    if sys.platform.startswith("linux"):
+        import ctypes
+        try:  # PR_SET_PDEATHSIG = 1: the kernel kills this trial if the search process dies
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the search died before the line above took effect
+        return 1
+    from tuneflow.cli import main
+    return main(argv[1:])
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM stops the search like Ctrl-C (children killed, their trials queued again)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
+def _kill(proc):
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def _count_finished(study) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state.name in ("COMPLETE", "PRUNED")
+               or (t.state.name == "FAIL" and not t.user_attrs.get("interrupted")))
+
+
+def _state(name):
+    from optuna.trial import TrialState
+    return TrialState[name]
+
+
+def _normalize(key: str, entry, where: str) -> dict:
+    if isinstance(entry, list):
+        entry = {"choices": entry}
+    if not isinstance(entry, dict):
+        raise RecipeError(f"{where}: {key}: expected {{\"low\": .., \"high\": ..}} or a list of choices; got {entry!r}.")
+    allowed = {"type", "low", "high", "log", "step", "choices"}
+    if set(entry) - allowed:
+        raise RecipeError(f"{where}: {key}: unknown fields {sorted(set(entry) - allowed)}; use {sorted(allowed)}.")
+    if "choices" in entry:
+        choices = entry["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise RecipeError(f"{where}: {key}: choices must be a non-empty list; got {choices!r}.")
+        return {"type": "categorical", "choices": list(choices)}
+    if "low" not in entry or "high" not in entry:
+        raise RecipeError(f"{where}: {key}: a range needs low and high (or give choices); got {entry!r}.")
+    lo, hi, logscale = entry["low"], entry["high"], bool(entry.get("log", False))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)) or not lo < hi:
+        raise RecipeError(f"{where}: {key}: low < high, both numbers; got low={lo!r}, high={hi!r}.")
+    if logscale and lo <= 0:
+        raise RecipeError(f"{where}: {key}: a log range needs low > 0; got {lo!r}.")
+    kind = entry.get("type") or ("int" if isinstance(lo, int) and isinstance(hi, int) and not logscale else "float")
+    if kind not in ("int", "float"):
+        raise RecipeError(f"{where}: {key}: type {kind!r}; use int, float, or give choices.")
+    out = {"type": kind, "low": int(lo) if kind == "int" else float(lo), "high": int(hi) if kind == "int" else float(hi),
+           "log": logscale}
+    if "step" in entry:
+        out["step"] = entry["step"]
+    return out
+
+
+def _probe_values(s: dict) -> list:
+    return list(s["choices"]) if s["type"] == "categorical" else [s["low"], s["high"]]
+
+
+def _distribution(s: dict):
+    import optuna.distributions as d
+    if s["type"] == "categorical":
+        return d.CategoricalDistribution(s["choices"])
+    if s["type"] == "int":
+        return d.IntDistribution(s["low"], s["high"], log=s.get("log", False), step=s.get("step", 1))
+    return d.FloatDistribution(s["low"], s["high"], log=s.get("log", False), step=s.get("step"))
+
+
+def _grid(space: dict) -> dict:
+    grid = {}
+    for k, s in space.items():
+        if s["type"] == "categorical":
+            grid[k] = list(s["choices"])
+            continue
+        lo, hi = s["low"], s["high"]
+        if s.get("log"):
+            pts = [lo * (hi / lo) ** (i / (GRID_POINTS - 1)) for i in range(GRID_POINTS)]
+        else:
+            pts = [lo + (hi - lo) * i / (GRID_POINTS - 1) for i in range(GRID_POINTS)]
+        pts[0], pts[-1] = lo, hi  # exact ends, inside the distribution
+        grid[k] = sorted({round(p) for p in pts}) if s["type"] == "int" else pts
+    return grid
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return repr(v)  # round-trips exactly
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """metrics.csv rows (stage, epoch, val_accuracy, val_loss) from its complete lines: the engine
+    appends a row per epoch, so the last line may be half-written when we read it."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    data = data[:data.rfind(b"\n") + 1]
+    rows = []
+    for r in csv.DictReader(io.StringIO(data.decode("utf-8", errors="replace"))):
+        try:
+            rows.append({"stage": int(r["stage"]), "epoch": int(r["epoch"]),
+                         "val_accuracy": float(r["val_accuracy"]), "val_loss": float(r["val_loss"])})
+        except (KeyError, TypeError, ValueError):
+            continue  # a damaged row; the engine skips it too
+    return rows
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict]):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fields)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _plot(rows, spaces, path: Path) -> Path:
+    """search.png: the optimisation history (each trial's val accuracy, best so far) and one
+    scatter of val accuracy against each parameter (log axis for log ranges)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def acc(t):
+        if t.state.name == "COMPLETE":
+            return t.value
+        v = t.user_attrs.get("val_accuracy")
+        return v if _finite(v) else None
+
+    params = sorted({k for _, t in rows for k in t.params})
+    n = 1 + len(params)
+    cols = min(3, n)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
+    flat = axes.ravel()
+    ax = flat[0]
+    best, xs_best, ys_best, boundaries = -math.inf, [], [], []
+    styles = {"COMPLETE": dict(c="tab:blue", marker="o", label="complete"),
+              "PRUNED": dict(c="tab:gray", marker="x", label="pruned (best epoch)"),
+              "FAIL": dict(c="tab:red", marker="v", label="failed")}
+    seen = set()
+    for i, (r, t) in enumerate(rows):
+        if i and r != rows[i - 1][0]:
+            boundaries.append(i - 0.5)
+        y = acc(t)
+        if y is None:
+            continue
+        st = styles[t.state.name]
+        ax.scatter([i], [y], c=st["c"], marker=st["marker"], s=22,
+                   label=None if t.state.name in seen else st["label"])
+        seen.add(t.state.name)
+        if t.state.name == "COMPLETE" and y > best:
+            best = y
+        if best > -math.inf:
+            xs_best.append(i)
+            ys_best.append(best)
+    ax.step(xs_best, ys_best, where="post", c="tab:green", label="best so far")
+    for b in boundaries:
+        ax.axvline(b, ls=":", c="k", lw=0.8)
+    ax.set(title="optimisation history" + (" (dotted: narrowed rounds)" if boundaries else ""),
+           xlabel="trial (in order of finishing)", ylabel="val accuracy")
+    ax.legend(fontsize=7)
+    for j, p in enumerate(params, start=1):
+        ax = flat[j]
+        spec = next((s[p] for s in spaces if p in s), {})
+        for name in ("COMPLETE", "PRUNED"):
+            pts = [(t.params[p], acc(t)) for _, t in rows if t.state.name == name and p in t.params
+                   and acc(t) is not None]
+            if pts:
+                xs = [str(x) for x, _ in pts] if spec.get("type") == "categorical" else [x for x, _ in pts]
+                ax.scatter(xs, [y for _, y in pts], c=styles[name]["c"], marker=styles[name]["marker"], s=22)
+        if spec.get("log"):
+            ax.set_xscale("log")
+        ax.set(xlabel=p, ylabel="val accuracy")
+    for ax in flat[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _summary(result: SearchResult, name: str, data: str):
+    line = "-" * 64
+    c = result.counts
+    print(line)
+    print(f"tuneflow search {name} on {data}  ->  {result.out}")
+    print(f"  {sum(c.values())} trials: {c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, "
+          f"{c.get('FAIL', 0)} failed; {result.epochs} epochs run")
+    if result.best_value is not None:
+        params = ", ".join(f"{k}={_short(v)}" for k, v in result.best_params.items())
+        print(f"  best: {result.best_run.name}, val accuracy {result.best_value:.4f}  [{params}]")
+        print(f"  best recipe: {result.best_recipe}   (tuneflow finetune {result.best_recipe} --data ...)")
+    print(f"  trials: {result.trials_csv}" + (f"; plot: {result.plot}" if result.plot else ""))
+    print(line)
