@@ -13,6 +13,7 @@ is reported with its path and the previous good one is used.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -404,9 +405,17 @@ def _fsync_tree(folder: Path) -> None:
         fsync_dir(root)
 
 
+_TF_CAUSES = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+              "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+
+
 def _as_os_error(exc: BaseException) -> BaseException:
+    """TensorFlow's file errors carry the OS's reason in their text only: recover its errno."""
     if isinstance(exc, tf.errors.OpError):
-        return OSError(exc.message.split("\n")[0])  # TensorFlow's first line says why
+        for text, code in _TF_CAUSES.items():
+            if text in exc.message:
+                return OSError(code, text)
+        return OSError(exc.message.strip().splitlines()[-1][:300])
     return exc
 
 

@@ -77,12 +77,18 @@ def fault(point: str) -> None:
 
 def disk_error(path, exc: BaseException) -> RunError:
     """A RunError for a failed write: the path, the cause, and what to do."""
+    code = getattr(exc, "errno", None)
     reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-              errno.EPERM: "permission denied"}.get(getattr(exc, "errno", None))
-    reason = reason or getattr(exc, "strerror", None) or str(exc)
-    return RunError(f"Cannot write {path}: {reason}. Free some space or choose a writable --out "
-                    "(earlier checkpoints are intact; --resume continues from them).")
+              errno.EPERM: "permission denied"}.get(code) or getattr(exc, "strerror", None) or str(exc)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        todo = "Free some space, or choose a --out on another disk"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        todo = "Choose a --out you can write to"
+    else:
+        todo = "Check the disk and the folder"
+    return RunError(f"Cannot write {path}: {reason}. {todo}; earlier checkpoints are intact, and "
+                    "--resume continues from them.")
 
 
 def fsync_dir(path) -> None:
@@ -105,9 +111,10 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(3)}{TMP_TAG}")
 
 
-def atomic_write(path, data: bytes | str, fault_point: str | None = None) -> Path:
+def atomic_write(path, data: bytes | str, fault_point: str | None = None, label=None) -> Path:
     """Write ``data`` to ``path`` all or nothing: temporary name, fsync, rename, fsync the folder.
-    A failure raises :class:`RunError` naming ``path`` and removes the temporary file."""
+    A failure raises :class:`RunError` naming ``path`` (or ``label``, the file the user asked for)
+    and removes the temporary file."""
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
@@ -125,7 +132,7 @@ def atomic_write(path, data: bytes | str, fault_point: str | None = None) -> Pat
         fsync_dir(path.parent)
     except OSError as exc:
         _unlink_quietly(tmp)
-        raise disk_error(path, exc) from None
+        raise disk_error(label or path, exc) from None
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -157,6 +164,7 @@ class _Lock:
 
     def __init__(self, folder: Path):
         self.path = folder / LOCK
+        self.fd = None
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
@@ -334,13 +342,13 @@ class RunDir:
         """Record a top-level name as written by tuneflow (``run / name`` does this)."""
         top = Path(name).parts[0] if name else name
         if top and top not in self._registered():
-            self._register_all({top})
+            self._register_all({top}, label=self.path / name)
 
-    def _register_all(self, names: set[str]) -> None:
+    def _register_all(self, names: set[str], label=None) -> None:
         self._registered().update(names)
         if self.locked:  # only the process that owns the folder writes the marker
             atomic_write(self.path / MARKER, json.dumps({"tuneflow": 1, "names": sorted(self._names)},
-                                                        indent=1))
+                                                        indent=1), label=label)
 
     def _own_name(self, top: str) -> bool:
         names = self._registered()
