@@ -296,7 +296,11 @@ def imagenet_weights(variant: str, model: keras.Model | None = None) -> dict[str
             log.warning("converted %s ImageNet weights %s are bad (%s); converting "
                         "them again from %s", variant, path, exc, VARIANTS[variant].package)
     per_layer = _convert(variant)
-    _write_atomically(path, per_layer)
+    try:
+        _write_atomically(path, per_layer)
+    except OSError as exc:  # the cache only saves the next run 1-3 s; these weights are good
+        log.warning("could not cache converted %s ImageNet weights at %s (%s); they will be "
+                    "converted again next time", variant, path, exc)
     return per_layer
 
 
