@@ -9,30 +9,35 @@ DATA   ?= data/digits
 OUT    ?=
 ARGS   ?=
 
+# $(call q,VALUE): VALUE as one shell word, whatever it holds (spaces, quotes, $): wrapped in single
+# quotes, each ' inside written as '\''. ARGS and PYTEST_ARGS stay unquoted: they are several words.
+# (VENV and STAMP are make targets, which cannot hold spaces; the repository's own path may.)
+q = '$(subst ','\'',$(1))'
+
 .PHONY: install finetune test bench data clean
 
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
-	touch $(STAMP)
+	test -x $(call q,$(BIN)/python) || $(call q,$(PYTHON)) -m venv $(call q,$(VENV))
+	$(call q,$(BIN)/python) -m pip install -q --upgrade pip
+	$(call q,$(BIN)/python) -m pip install -q -e ".[test]"
+	touch $(call q,$(STAMP))
 
 finetune: $(STAMP)
-	$(BIN)/tuneflow finetune $(RECIPE) --data $(DATA) $(if $(OUT),--out $(OUT)) $(ARGS)
+	$(call q,$(BIN)/tuneflow) finetune $(call q,$(RECIPE)) --data $(call q,$(DATA)) $(if $(OUT),--out $(call q,$(OUT))) $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(call q,$(BIN)/python) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_recipes.py
-	$(BIN)/python benchmarks/bench_features.py
-	$(BIN)/python benchmarks/bench_precision.py
-	$(BIN)/python benchmarks/bench_pipeline.py
+	$(call q,$(BIN)/python) benchmarks/bench_recipes.py
+	$(call q,$(BIN)/python) benchmarks/bench_features.py
+	$(call q,$(BIN)/python) benchmarks/bench_precision.py
+	$(call q,$(BIN)/python) benchmarks/bench_pipeline.py
 
 data: $(STAMP)
-	$(BIN)/python data/make_digits.py
+	$(call q,$(BIN)/python) data/make_digits.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(call q,$(VENV)) .pytest_cache build *.egg-info
