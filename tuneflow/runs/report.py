@@ -1,7 +1,14 @@
-"""What a person reads after a run: plots, per-class metrics, a verdict and advice."""
+"""What a person reads after a run: plots, per-class metrics, baselines, a verdict and advice."""
 from __future__ import annotations
 
+import csv
+import os
+from pathlib import Path
+
 import numpy as np
+
+ALPHA = 0.05  # one-sided significance level for "better than the majority class"
+TOP_CONFUSED = 20  # classes shown in confusion.png when there are more (the CSV has them all)
 
 
 def per_class(y_true, y_pred, classes) -> tuple[dict, np.ndarray]:
@@ -13,8 +20,90 @@ def per_class(y_true, y_pred, classes) -> tuple[dict, np.ndarray]:
     return table, confusion_matrix(y_true, y_pred, labels=labels)
 
 
-def verdict(rows: list[dict]) -> tuple[str, str]:
-    """Under/over-fitting from the curves, and the advice that follows from it."""
+def majority_rate(y_val, n_classes: int | None = None) -> float:
+    """Accuracy of always answering the most frequent validation class: the bar to beat."""
+    y = np.asarray(y_val).astype(np.int64).ravel()
+    if not len(y):
+        return float("nan")
+    return float(np.bincount(y, minlength=n_classes or 0).max() / len(y))
+
+
+def majority_baseline(y_true, y_pred, classes, alpha: float = ALPHA) -> dict:
+    """How the model compares with always answering the majority validation class.
+
+    A model beats it when a one-sided exact binomial test rejects "each validation image is
+    right with probability = the majority rate" at ``alpha`` (caret's "Acc > NIR" test; R's
+    ``confusionMatrix``). On tiny validation sets a raw "accuracy > majority" would call one
+    lucky image a win: with 49 images at a majority rate of 0.653, 38 correct (0.776) are
+    needed, not 33. ``needed_correct`` is that smallest count (None when even all-correct
+    would not be significant: too few validation images to tell).
+
+    Keys: ``majority_rate``, ``majority_class``, ``num_val``, ``val_correct``, ``p_value``,
+    ``alpha``, ``needed_correct``, ``beats_majority``, ``predicted_classes`` (how many classes
+    the model predicts at all), ``only_answer`` (the class it always answers, when it collapsed
+    onto one; else None), ``val_classes`` (classes present in validation), ``num_classes``.
+    """
+    from scipy.stats import binom
+
+    y = np.asarray(y_true).astype(np.int64).ravel()
+    p = np.asarray(y_pred).astype(np.int64).ravel()
+    n = len(y)
+    counts = np.bincount(y, minlength=len(classes))
+    rate = majority_rate(y, len(classes))
+    correct = int((y == p).sum())
+    if n == 0:
+        return {"majority_rate": rate, "majority_class": None, "num_val": 0, "val_correct": 0,
+                "p_value": 1.0, "alpha": alpha, "needed_correct": None, "beats_majority": False,
+                "predicted_classes": 0, "only_answer": None, "val_classes": 0, "num_classes": len(classes)}
+    # P(X >= k) for X ~ Binomial(n, rate), for every k = 0..n: sf(k - 1).
+    tail = binom.sf(np.arange(n + 1) - 1, n, rate)
+    ok = np.nonzero(tail < alpha)[0]
+    return {"majority_rate": rate, "majority_class": str(classes[int(counts.argmax())]), "num_val": n,
+            "val_correct": correct, "p_value": float(tail[correct]), "alpha": alpha,
+            "needed_correct": int(ok[0]) if len(ok) else None,
+            "beats_majority": bool(tail[correct] < alpha),
+            "predicted_classes": int(len(np.unique(p))),
+            "only_answer": str(classes[int(p[0])]) if len(np.unique(p)) == 1 else None,
+            "val_classes": int((counts > 0).sum()), "num_classes": len(classes)}
+
+
+def chance_advice(b: dict, train_accuracy: float | None = None) -> str:
+    """Why a model is no better than the majority class, and what to try next."""
+    n, c, rate, n_classes = b["num_val"], b["val_correct"], b["majority_rate"], b["num_classes"]
+    why = (f"Val accuracy {c / n:.4f} ({c}/{n}) does not beat always answering "
+           f"'{b['majority_class']}' ({rate:.4f}) beyond luck (one-sided binomial test, "
+           f"p = {b['p_value']:.2f} >= {b['alpha']:g}")
+    why += (f"; at least {b['needed_correct']}/{n} correct are needed)." if b["needed_correct"] is not None
+            else f"; with {n} validation images no accuracy would be significant).")
+    tips = []
+    if b.get("val_classes", 2) < 2:
+        tips.append(f"validation holds only '{b['majority_class']}': give every class validation images")
+    elif b["only_answer"] is not None:
+        tips.append(f"the model answers '{b['only_answer']}' for every image: its head did not learn")
+    if train_accuracy is not None and train_accuracy - c / n > 0.1:
+        tips.append(f"train accuracy is {train_accuracy:.4f}: the head memorises the training images "
+                    "(raise L2 or dropout, or use fewer features)")
+    if b["needed_correct"] is None or n < 30:
+        tips.append(f"add validation images or use --set folds=5 ({n} images cannot tell a model from chance)")
+    # Imbalanced: the majority class holds 25% more than an even share (0.625 of two classes).
+    if b.get("val_classes", 2) >= 2 and rate > 1.25 / n_classes:
+        tips.append(f"the classes are imbalanced ({rate:.0%} of validation is '{b['majority_class']}'): "
+                    "try --set class_weight=balanced")
+    tips += ["features from another depth (recipe small_different, or --set taps=auto) or another "
+             "recipe (`tuneflow suggest DATA` names one)",
+             "more training images per class"]
+    return why + " Try: " + "; ".join(tips) + "."
+
+
+def verdict(rows: list[dict], baseline: dict | None = None) -> tuple[str, str]:
+    """Under/over-fitting from the curves, and the advice that follows from it.
+
+    With ``baseline`` (from :func:`majority_baseline` on the validation predictions), a model
+    that does not beat the majority class is "no better than chance", whatever its curves say.
+    """
+    if baseline is not None and baseline["num_val"] and not baseline["beats_majority"]:
+        train_acc = float(rows[-1]["accuracy"]) if rows and rows[-1].get("accuracy") not in ("", None) else None
+        return "no better than chance", chance_advice(baseline, train_acc)
     if not rows:
         return "unknown", "No epochs ran."
     last = rows[-1]
@@ -73,24 +162,101 @@ def plot_curves(rows, path, title):
     plt.close(fig)
 
 
-def plot_confusion(cm, classes, path):
+def most_confused(cm, top: int = TOP_CONFUSED) -> np.ndarray:
+    """Indices (ascending) of the ``top`` classes with the most off-diagonal counts, as true
+    class plus as predicted class: the rows and columns worth looking at."""
+    cm = np.asarray(cm)
+    n = len(cm)
+    if n <= top:
+        return np.arange(n)
+    off = cm.sum(0) + cm.sum(1) - 2 * np.diag(cm)
+    # stable sort: among equal masses the earlier class wins, so the choice is deterministic
+    return np.sort(np.argsort(-off, kind="stable")[:top])
+
+
+def plot_confusion(cm, classes, path, top: int = TOP_CONFUSED):
+    """confusion.png: the whole matrix up to ``top`` classes; beyond that, the ``top`` most
+    confused classes plus an "(other)" row and column holding everything else, so memory and
+    time stay bounded (the full matrix belongs in confusion.csv, see :func:`write_confusion`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    cm = np.asarray(cm)
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * n, 1.0 + 0.5 * n))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    keep = most_confused(cm, top)
+    labels = [_short(classes[i]) for i in keep]
+    shown = cm[np.ix_(keep, keep)].astype(np.int64)
+    title = None
+    if len(keep) < n:
+        rest = np.setdiff1d(np.arange(n), keep)
+        other_col = cm[np.ix_(keep, rest)].sum(1)  # shown true class, predicted as a hidden one
+        other_row = cm[np.ix_(rest, keep)].sum(0)  # hidden true class, predicted as a shown one
+        shown = np.block([[shown, other_col[:, None]],
+                          [other_row[None, :], np.full((1, 1), -1)]])  # -1: not drawn
+        labels.append("(other)")
+        title = f"{len(keep)} most-confused of {n} classes (all: confusion.csv)"
+    m = len(labels)
+    masked = np.ma.masked_less(shown, 0)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * m, 1.0 + 0.5 * m))
+    try:
+        ax.imshow(masked, cmap="Blues")
+        ax.set_xticks(range(m), labels, rotation=45, ha="right")
+        ax.set_yticks(range(m), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if title:
+            ax.set_title(title, fontsize=9)
+        hi = masked.max() if masked.count() else 0
+        for i in range(m):
+            for j in range(m):
+                if shown[i, j] >= 0:
+                    ax.text(j, i, int(shown[i, j]), ha="center", va="center",
+                            color="white" if shown[i, j] > hi / 2 else "black", fontsize=8)
+        fig.tight_layout()
+        _atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def write_confusion(cm, classes, run_dir, top: int = TOP_CONFUSED) -> tuple[Path, Path]:
+    """Write ``confusion.csv`` (the full matrix: rows true, columns predicted, with class names)
+    and ``confusion.png`` (at most ``top`` classes, see :func:`plot_confusion`) into ``run_dir``.
+
+    >>> write_confusion(cm, bundle.classes, run.path)   # doctest: +SKIP
+    """
+    run_dir = Path(run_dir)
+    cm = np.asarray(cm)
+    if cm.shape != (len(classes), len(classes)):
+        raise ValueError(f"confusion matrix of shape {cm.shape} for {len(classes)} classes; "
+                         "it must be (classes, classes).")
+    csv_path, png_path = run_dir / "confusion.csv", run_dir / "confusion.png"
+
+    def rows(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["true \\ predicted", *map(str, classes)])
+            for c, row in zip(classes, cm):
+                w.writerow([str(c), *(int(v) for v in row)])
+
+    _atomic(csv_path, rows)
+    plot_confusion(cm, classes, png_path, top)
+    return png_path, csv_path
+
+
+def _short(name, width: int = 24) -> str:
+    name = str(name)
+    return name if len(name) <= width else name[:width - 1] + "…"
+
+
+def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename onto ``path``: a reader never sees half a file, and a failed
+    write leaves no temporary file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def markdown(report: dict) -> str:
@@ -98,7 +264,8 @@ def markdown(report: dict) -> str:
              f"- backbone: **{report['backbone']}** ({report['weights']}), input {report['input_size']} px",
              f"- data: {report['data']} — {report['num_train']} train / {report['num_val']} val images, "
              f"{len(report['classes'])} classes",
-             f"- **val accuracy {report['val_accuracy']:.4f}**, val loss {report['val_loss']:.4f}",
+             f"- **val accuracy {report['val_accuracy']:.4f}**, val loss {report['val_loss']:.4f}"
+             + _baseline_note(report),
              ]
     if report.get("test_accuracy") is not None:
         lines.append(f"- test accuracy {report['test_accuracy']:.4f} (test split used once, at the end)")
@@ -134,3 +301,20 @@ def markdown(report: dict) -> str:
         lines += ["", "## Training stopped on NaN", "", report["nan"]]
     lines += ["", "![curves](curves.png)", "", "![confusion](confusion.png)", ""]
     return "\n".join(lines)
+
+
+def _baseline_note(report: dict) -> str:
+    """", majority-class rate 0.6531 ('yes', 32/49); ..." for the val accuracy line."""
+    rate = report.get("majority_rate")
+    if rate is None:
+        return ""
+    b = report.get("baseline") or {}
+    if not b.get("num_val"):
+        return f"; majority-class rate {rate:.4f}"
+    note = (f"; majority-class rate {rate:.4f} ('{b['majority_class']}', "
+            f"{round(rate * b['num_val'])}/{b['num_val']})")
+    if b.get("beats_majority"):
+        return note + f", beaten (binomial p = {b['p_value']:.2g})"
+    need = (f"{b['needed_correct']}/{b['num_val']} correct needed" if b.get("needed_correct") is not None
+            else "too few images to beat it")
+    return note + f", **not beaten** (binomial p = {b['p_value']:.2f}; {need})"
