@@ -186,6 +186,9 @@ def plot_confusion(cm, classes, path, top: int = TOP_CONFUSED):
     keep = most_confused(cm, top)
     labels = [_short(classes[i]) for i in keep]
     shown = cm[np.ix_(keep, keep)].astype(np.int64)
+    # Colours scaled to the classes shown: the "(other)" sums (hundreds of classes each) would
+    # otherwise wash the confusions out; they saturate instead, and their counts are printed.
+    hi = max(int(shown.max()), 1) if shown.size else 1
     title = None
     if len(keep) < n:
         rest = np.setdiff1d(np.arange(n), keep)
@@ -199,14 +202,13 @@ def plot_confusion(cm, classes, path, top: int = TOP_CONFUSED):
     masked = np.ma.masked_less(shown, 0)
     fig, ax = plt.subplots(figsize=(1.2 + 0.55 * m, 1.0 + 0.5 * m))
     try:
-        ax.imshow(masked, cmap="Blues")
+        ax.imshow(masked, cmap="Blues", vmin=0, vmax=hi)
         ax.set_xticks(range(m), labels, rotation=45, ha="right")
         ax.set_yticks(range(m), labels)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         if title:
             ax.set_title(title, fontsize=9)
-        hi = masked.max() if masked.count() else 0
         for i in range(m):
             for j in range(m):
                 if shown[i, j] >= 0:
