@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, make_image_folder
-from tuneflow.data import IMAGE_EXTENSIONS, DataError, decode_image, load_data, to_rgb8
+from tuneflow.data import IMAGE_EXTENSIONS, DataBundle, DataError, Split, check_bundle, decode_image, load_data, to_rgb8
 
 
 def _grey_ramp(h=16, w=32):
@@ -194,10 +194,26 @@ def test_16_bit_arrays_are_scaled():
 
 @pytest.mark.slow
 def test_cli_refuses_a_one_image_class_in_one_line(tmp_path):
-    root = make_image_folder(tmp_path / "my data", per_class={"cats": 5, "dogs": 1}, )
+    root = make_image_folder(tmp_path / "my data", classes=("cats", "dogs"), per_class={"cats": 5, "dogs": 1})
     r = subprocess.run([sys.executable, "-m", "tuneflow", "finetune", "small_similar", "--data", str(root),
                         "--out", str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "tuneflow: error: Each class needs at least 2 readable images" in r.stderr
     assert "'dogs' has 1" in r.stderr
+
+
+def test_a_hand_built_bundle_without_validation_images_of_a_class_is_refused():
+    x = np.zeros((4, 8, 8, 3), np.uint8)
+    bundle = DataBundle(["cat", "dog"], Split(x, np.array([0, 1, 0, 1])), Split(x[:2], np.array([0, 0])), source="mine")
+    with pytest.raises(DataError, match=r"in mine \(val\), to validate on.*'dog' has 0"):
+        check_bundle(bundle)
+    bundle.val.y[1] = 1
+    assert check_bundle(bundle) is bundle
+
+
+def test_a_quoted_home_folder_is_expanded(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "photos", per_class=4)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    b = load_data("~/photos", 16)  # what make passes for DATA="~/photos": the shell left it as is
+    assert b.source == str(tmp_path / "photos") and len(b.train) + len(b.val) == 8

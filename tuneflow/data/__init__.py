@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DataError
-from .sources import (IMAGE_EXTENSIONS, RESIZE_MODES, DataBundle, Split, check_resize, decode_image,
+from .sources import (IMAGE_EXTENSIONS, RESIZE_MODES, DataBundle, Split, check_bundle, check_resize, decode_image,
                       find_leaks, hash_split, load_arrays, load_folder, split_fraction, to_rgb8, to_square)
 
-__all__ = ["IMAGE_EXTENSIONS", "RESIZE_MODES", "DataBundle", "DataError", "Split", "decode_image", "find_leaks",
+__all__ = ["IMAGE_EXTENSIONS", "RESIZE_MODES", "DataBundle", "DataError", "Split", "check_bundle", "decode_image",
+           "find_leaks",
            "hash_split", "kfold", "to_rgb8", "to_square", "load_data", "split_fraction", "subsample"]
 
 

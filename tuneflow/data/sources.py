@@ -364,6 +364,16 @@ def _require_images(names: list[str], y: np.ndarray, minimum: int, where: Path |
                     "other classes with --set classes=NAME,NAME,...")
 
 
+def check_bundle(bundle: DataBundle) -> DataBundle:
+    """Refuse a bundle (one built by hand, or subsampled) in which a class has no training or no
+    validation image; return it unchanged otherwise."""
+    where = bundle.source or "the data"
+    _require_images(bundle.classes, bundle.train.y, 1, f"{where} (train)", [], "to train on")
+    _require_images(bundle.classes, bundle.val.y, 1, f"{where} (val)", [],
+                    "to validate on, or its accuracy is never measured")
+    return bundle
+
+
 def hash_split(keys: list[str], y: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) row indices: a row is validation when ``split_fraction(key) < val_fraction``.
 
