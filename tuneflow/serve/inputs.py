@@ -98,6 +98,19 @@ def _json_images(body: bytes) -> list[bytes]:
     return blobs
 
 
+_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+          (b"BM", "BMP"))
+
+
+def _signature(data: bytes) -> str | None:
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
 def decode_image(predictor, data: bytes, index: int, cfg: ServeConfig) -> np.ndarray:
     """Encoded bytes -> uint8 (H, W, 3) through the predictor's own decode, after cheap header
     checks that name the problem: empty, not an image, unsupported format, too many pixels."""
@@ -107,7 +120,11 @@ def decode_image(predictor, data: bytes, index: int, cfg: ServeConfig) -> np.nda
     try:
         with Image.open(io.BytesIO(data)) as im:  # reads the header only
             fmt, (w, h) = im.format, im.size
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        kind = _signature(data)
+        if kind:  # the right magic bytes, but the header does not parse: cut off or damaged
+            raise ApiError(422, "truncated_image", f"image {index} starts like a {kind} but its header is "
+                           f"cut short or damaged ({len(data)} bytes).", image=index) from exc
         raise ApiError(422, "not_an_image", f"image {index} is not an image: {len(data)} bytes starting "
                        f"{data[:12]!r}, in no image format PIL knows.", image=index) from exc
     if fmt not in SUPPORTED_FORMATS:
