@@ -218,7 +218,8 @@ def _unflatten(arrays: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
     for key, value in arrays.items():
         name, i = key.rsplit("/", 1)
         per_layer.setdefault(name, []).append((int(i), value))
-    return {name: [v for _, v in sorted(vals, key=lambda t: t[0])] for name, vals in per_layer.items()}
+    return {name: [v for _, v in sorted(vals, key=lambda t: t[0])]
+            for name, vals in per_layer.items()}
 
 
 class CorruptCacheError(TuneflowError):
@@ -279,7 +280,7 @@ def _misfit(model: keras.Model, per_layer: dict[str, list[np.ndarray]]) -> str:
 
 
 def imagenet_weights(variant: str, model: keras.Model | None = None) -> dict[str, list[np.ndarray]]:
-    """Converted ImageNet arrays per Keras layer: from the verified cache, else converted (0.3-0.8 s).
+    """ImageNet arrays per Keras layer: from the verified cache, else converted (0.3-0.8 s).
 
     A cache file that is unreadable, fails its checksum or (given ``model``) does not fit the
     model's layers is logged as a warning and converted again.
@@ -298,7 +299,7 @@ def imagenet_weights(variant: str, model: keras.Model | None = None) -> dict[str
     per_layer = _convert(variant)
     try:
         _write_atomically(path, per_layer)
-    except OSError as exc:  # the cache saves the next run 0.1-0.6 s (measured); these weights are good
+    except OSError as exc:  # the cache saves the next run 0.1-0.6 s; these weights are good
         log.warning("could not cache converted %s ImageNet weights at %s (%s); they will be "
                     "converted again next time", variant, path, exc)
     return per_layer

@@ -82,8 +82,8 @@ def _lite_spec(variant: efficientnet_lite.Variant) -> BackboneSpec:
     return BackboneSpec(
         name=variant.name, family=variant.name, preprocess="lite0", default_size=variant.size,
         min_size=32,
-        blocks=(("stem", r"^stem_"),) + tuple((f"stage{s}", rf"^block{s}[a-z]_") for s in range(1, 8))
-        + (("head", r"^top_"),),
+        blocks=(("stem", r"^stem_"),)
+        + tuple((f"stage{s}", rf"^block{s}[a-z]_") for s in range(1, 8)) + (("head", r"^top_"),),
         feature_dim=efficientnet_lite.HEAD_FILTERS,
         # the ends of stages 4 and 6 (strides 16 and 32) and the final features
         taps=(f"{variant.last_block(4)}_project_bn", f"{variant.last_block(6)}_add",
