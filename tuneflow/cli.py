@@ -65,28 +65,6 @@ def _parser():
     co.add_argument("runs", nargs="+", help="run folders")
     co.add_argument("--out", default="compare.png", help="the figure (val accuracy and loss curves)")
     co.add_argument("--json", action="store_true", help="print the rows as JSON")
-    se = sub.add_parser("search", help="hyperparameter search over recipe fields (Optuna), one process per trial")
-    se.add_argument("recipe", help="recipe name or recipe JSON file")
-    se.add_argument("--data", required=True, help="folder of class folders, or tfds:NAME[:SPLIT]")
-    se.add_argument("--trials", type=int, required=True, help="finished trials wanted (per round)")
-    se.add_argument("--jobs", type=int, default=1, help="trials running at once")
-    se.add_argument("--out", help="search folder (default searches/<recipe>-<timestamp>); the same --out continues a search")
-    se.add_argument("--sampler", default="tpe", choices=["tpe", "random", "grid"])
-    se.add_argument("--space", help="preset (default, lr, regularization) or a JSON file of key -> range")
-    se.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                    help="fixed override for every trial")
-    se.add_argument("--fraction", type=float, help="share of the images each trial uses (fast tuning)")
-    se.add_argument("--classes", help="comma-separated class subset each trial uses")
-    se.add_argument("--narrow", type=int, nargs="?", const=1, default=0, metavar="ROUNDS",
-                    help="then search again around the best trials (coarse to fine), ROUNDS times (default 1)")
-    se.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
-    se.add_argument("--prune-warmup", type=int, help="epochs never pruned (default 10%% of the first stage)")
-    se.add_argument("--prune-startup", type=int, default=5, help="completed trials before pruning starts")
-    se.add_argument("--seed", type=int, default=0, help="sampler seed")
-    co = sub.add_parser("compare", help="one table and one figure comparing run folders")
-    co.add_argument("runs", nargs="+", help="run folders")
-    co.add_argument("--out", default="compare.png", help="the figure (val accuracy and loss curves)")
-    co.add_argument("--json", action="store_true", help="print the rows as JSON")
     e = sub.add_parser("embed", help="write embeddings of images from a run (.npy, .parquet or .csv)")
     e.add_argument("run", help="run folder")
     e.add_argument("images", nargs="+", metavar="IMAGES_OR_FOLDER")
@@ -198,18 +176,6 @@ def _run(args) -> int:
                 print(f"  ImageNet head mean top-1 confidence  {result['imagenet_confidence']:.3f}")
             print(f"  {result['reason']}")
             print(f"suggested recipe: {result['recipe']}")
-        return 0
-    if args.cmd == "search":
-        from .workbench.search import search
-        search(args.recipe, args.data, args.trials, jobs=args.jobs, out=args.out, sampler=args.sampler,
-               space=args.space, overrides=args.overrides, fraction=args.fraction, classes=args.classes,
-               narrow=args.narrow, seed=args.seed, pruner=args.pruner, prune_warmup=args.prune_warmup,
-               prune_startup=args.prune_startup)
-        return 0
-    if args.cmd == "compare":
-        from .workbench.compare import compare, format_table
-        rows = compare(args.runs, args.out)
-        print(json.dumps(rows, indent=2) if args.json else format_table(rows) + f"\ncurves: {args.out}")
         return 0
     if args.cmd == "search":
         from .workbench.search import search
