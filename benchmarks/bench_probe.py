@@ -1,8 +1,11 @@
 """Linear probes on frozen Lite0 features: how resize mode and input size change what a converged
-logistic regression gets (the evidence behind ``resize=crop`` and the 288 px similar recipes).
+logistic regression gets (the evidence behind ``resize=crop`` and the 288 px similar recipes),
+and (``--probe``) how tuneflow's probe (tuneflow.training.probe) compares with scikit-learn's
+default logistic regression at each of the registry's depths.
 
     .venv/bin/python benchmarks/bench_probe.py DATA [size:resize ...]
     (default configurations: 224:squash 224:crop 288:crop)
+    .venv/bin/python benchmarks/bench_probe.py --probe DATA [size:resize ...]   (default 224:crop)
 """
 import json
 import sys
@@ -30,7 +33,93 @@ def probe(data: Path, size: int, resize: str) -> dict:
     return {"size": size, "resize": resize, "val_accuracy_by_C": acc, "best": max(acc.values())}
 
 
+SPLITS = 10  # repeated stratified 80/20 splits of train+val: the 49-image val set alone is too noisy
+
+
+def learn(data: Path, size: int, resize: str) -> dict:
+    """fit_probe against scikit-learn's default LogisticRegression at each Lite0 tap: on the
+    dataset's own split, and averaged over SPLITS random stratified splits of all its images."""
+    import time
+    import warnings
+
+    import keras
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedShuffleSplit
+    from threadpoolctl import threadpool_limits
+
+    from tuneflow import build_backbone
+    from tuneflow.backbones import get_spec
+    from tuneflow.data import load_data
+    from tuneflow.runs.report import majority_baseline
+    from tuneflow.training.distribute import predict
+    from tuneflow.training.probe import fit_probe
+    b = load_data(data, size, resize=resize)
+    bb = build_backbone("efficientnet_lite0", input_size=size)
+    taps = list(get_spec("efficientnet_lite0").taps)
+    pooled = keras.Model(bb.input, [keras.layers.GlobalAveragePooling2D()(bb.get_layer(t).output) for t in taps])
+    feats = [np.asarray(f, np.float32) for f in predict(pooled, [b.train.x, b.val.x], 64)]
+    n = len(b.train)
+    y_all = np.concatenate([b.train.y, b.val.y])
+
+    def sk(xtr, ytr, xte, yte):  # the default, as a user would call it (one BLAS thread, as ours)
+        with warnings.catch_warnings(), threadpool_limits(1, user_api="blas"):
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return float(LogisticRegression().fit(xtr, ytr).score(xte, yte))
+
+    rows = {}
+    for t, f in zip(taps, feats):
+        t0 = time.time()
+        probe = fit_probe(f[:n], b.train.y)
+        fit_s = time.time() - t0
+        ours = probe.score(f[n:], b.val.y)
+        base = majority_baseline(b.val.y, probe.predict(f[n:]), b.classes)
+        rep_ours, rep_sk = [], []
+        for tr, te in StratifiedShuffleSplit(SPLITS, test_size=0.2, random_state=0).split(f, y_all):
+            rep_ours.append(fit_probe(f[tr], y_all[tr]).score(f[te], y_all[te]))
+            rep_sk.append(sk(f[tr], y_all[tr], f[te], y_all[te]))
+        rows[t] = {"val_accuracy": ours, "chosen_C": probe.chosen_C, "inner_accuracy": probe.inner_accuracy,
+                   "fit_seconds": round(fit_s, 3), "converged": probe.converged,
+                   "binomial_p_vs_majority": base["p_value"],
+                   "sklearn_default_val_accuracy": sk(f[:n], b.train.y, f[n:], b.val.y),
+                   "splits_mean": float(np.mean(rep_ours)), "splits_se": float(np.std(rep_ours) / np.sqrt(SPLITS)),
+                   "sklearn_default_splits_mean": float(np.mean(rep_sk)),
+                   "sklearn_default_splits_se": float(np.std(rep_sk) / np.sqrt(SPLITS))}
+    return {"size": size, "resize": resize, "num_train": n, "num_val": len(b.val),
+            "majority_rate": base["majority_rate"], "needed_correct": base["needed_correct"], "taps": rows,
+            "best_tap_by_val": max(taps, key=lambda t: rows[t]["val_accuracy"]),
+            "best_tap_by_inner": max(taps, key=lambda t: rows[t]["inner_accuracy"] or 0),
+            "best_tap_by_splits": max(taps, key=lambda t: rows[t]["splits_mean"])}
+
+
+def main_learn(args):
+    data = Path(args[0])
+    if not data.exists():
+        print(f"skip: {data} not found")
+        return
+    rows = []
+    for c in args[1:] or ["224:crop"]:
+        size, resize = c.split(":")
+        r = learn(data, int(size), resize)
+        rows.append(r)
+        print(f"{data.name} {size} {resize}: {r['num_train']} train / {r['num_val']} val, majority "
+              f"{r['majority_rate']:.4f} (binomial test needs {r['needed_correct']} correct)")
+        for t, m in r["taps"].items():
+            print(f"  {t:20s} probe val {m['val_accuracy']:.4f} (C={m['chosen_C']:g}, inner "
+                  f"{m['inner_accuracy']:.4f}, {m['fit_seconds']:.2f} s, p={m['binomial_p_vs_majority']:.3f})"
+                  f"  sklearn default val {m['sklearn_default_val_accuracy']:.4f} | {SPLITS} splits: probe "
+                  f"{m['splits_mean']:.4f}±{m['splits_se']:.4f}  sklearn {m['sklearn_default_splits_mean']:.4f}"
+                  f"±{m['sklearn_default_splits_se']:.4f}", flush=True)
+        print(f"  best depth: by val {r['best_tap_by_val']}, by inner folds {r['best_tap_by_inner']}, "
+              f"by {SPLITS} splits {r['best_tap_by_splits']}")
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"probe_learn_{data.name}.json").write_text(json.dumps(rows, indent=2))
+
+
 def main():
+    if sys.argv[1:2] == ["--probe"]:
+        return main_learn(sys.argv[2:])
     data = Path(sys.argv[1])
     if not data.exists():
         print(f"skip: {data} not found")

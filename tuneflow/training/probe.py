@@ -33,6 +33,7 @@ from tuneflow.errors import DataError, RunError
 # (benchmarks/bench_probe.py --probe); the ends are there so a choice at the edge is visible.
 DEFAULT_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
 FOLDS = 5  # inner stratified folds (fewer when the rarest class has fewer training vectors)
+LARGE = 2000  # above this many training vectors, 3 folds: the choice is stable, fits cost more
 MAX_ITER = 2000  # L-BFGS iterations; standardised probes converge in tens to a few hundred
 TOL = 1e-6  # L-BFGS gradient tolerance (scikit-learn's default 1e-4 stops early at large C)
 
@@ -108,18 +109,19 @@ class LinearProbe:
 
 
 def fit_probe(x_train, y_train, *, sample_weight=None, n_classes: int | None = None, seed: int = 0,
-              grid=DEFAULT_GRID, folds: int = FOLDS, select: str = "accuracy") -> LinearProbe:
+              grid=DEFAULT_GRID, folds: int | None = None, select: str = "accuracy") -> LinearProbe:
     """Fit a probe on ``x_train`` (n, d) float features and integer labels ``y_train`` (n,).
 
     C is chosen from ``grid`` by the mean held-out accuracy over ``folds`` stratified folds of
-    the training data, ties to the lower held-out log-loss (``select="log_loss"``: by log-loss
-    alone). Held-out scores are sample-weighted when ``sample_weight`` is given, so class weights
-    shape both the fit and the choice. Then the probe is refit on all of ``x_train`` with that C.
+    the training data (default 5; 3 above 2000 vectors), ties to the lower held-out log-loss
+    (``select="log_loss"``: by log-loss alone). Held-out scores are sample-weighted when
+    ``sample_weight`` is given, so class weights shape both the fit and the choice. Then the
+    probe is refit on all of ``x_train`` with that C. Deterministic for a given ``seed``.
     Accuracy is the default because it is what the probe is for: on Lite0 features log-loss
     picks smaller C (it punishes the confident mistakes of a near-separable fit) and scored up
-    to 7 points lower over repeated splits of brain_mri_yn (benchmarks/bench_probe.py --probe). Deterministic for a given ``seed``. With fewer than 2 training
-    vectors in some class no folds are possible: the middle of the grid is used and
-    ``folds == 0``.
+    to 7 points lower over repeated splits of brain_mri_yn (benchmarks/bench_probe.py --probe).
+    With fewer than 2 training vectors in some class no folds are possible: the middle of the
+    grid is used and ``folds == 0``.
 
     ``sample_weight``: per-vector weights (n,), e.g. ``class_weights(...)[y_train]``.
     ``n_classes``: the number of classes (default ``max(y_train) + 1``); every class must have
@@ -155,6 +157,8 @@ def fit_probe(x_train, y_train, *, sample_weight=None, n_classes: int | None = N
     if not grid or min(grid) <= 0:
         raise DataError(f"fit_probe: grid {grid} must hold positive C values (inverse L2 strengths).")
 
+    if folds is None:
+        folds = FOLDS if len(y) <= LARGE else 3
     n_folds = min(int(folds), int(counts.min()))
     scores: dict[float, dict] = {}
     if n_folds >= 2 and len(grid) > 1:
