@@ -32,13 +32,23 @@ def trained(tmp_path_factory):
 def test_last_and_best_checkpoints_exist_and_best_is_never_worse(trained):
     res, _ = trained
     ck = res.run_dir / "checkpoints"
-    assert len(list((ck / "last").glob("*.index"))) == 2  # max_to_keep
-    best = json.loads((ck / "best" / "best.json").read_text())
+    c = Checkpoints(ck, res.model)
+    manifests = {Path(p).name: Checkpoints.manifest(p) for p in c.checkpoints()}
+    numbers = sorted(manifests)
+    # the newest 2 (max_to_keep), each stage's best and the best: nothing else
+    best = json.loads((ck / "best.json").read_text())
+    keep = set(numbers[-2:]) | {best["checkpoint"]} | {s["checkpoint"] for s in best["stages"].values()}
+    assert set(numbers) == keep
+    assert (manifests[numbers[-1]]["stage"], manifests[numbers[-1]]["epoch"]) == (2, 0)  # the run's end
     rows = list(csv.DictReader(open(res.run_dir / "metrics.csv")))
     assert best["val_accuracy"] == pytest.approx(max(float(r["val_accuracy"]) for r in rows), abs=1e-6)
-    c = Checkpoints(ck, res.model)
-    assert not c.maybe_save_best(9, 9, {"val_accuracy": best["val_accuracy"] - 0.1, "val_loss": 0.0})
-    assert json.loads((ck / "best" / "best.json").read_text()) == best
+    # a worse epoch saved later (into a copy of the run) never becomes the best
+    import shutil
+    shutil.copytree(ck, res.run_dir.parent / "ck-copy")
+    c = Checkpoints(res.run_dir.parent / "ck-copy", res.model)
+    c.save(9, 9, {"val_accuracy": best["val_accuracy"] - 0.1, "val_loss": 0.0})
+    after = json.loads((res.run_dir.parent / "ck-copy" / "best.json").read_text())
+    assert (after["checkpoint"], after["val_accuracy"]) == (best["checkpoint"], best["val_accuracy"])
 
 
 def test_truncated_checkpoint_is_detected_and_the_previous_one_used(trained, caplog):
@@ -47,8 +57,8 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_used(trained, cap
     run = res.run_dir.parent / "copy"
     shutil.copytree(res.run_dir, run)
     c = Checkpoints(run / "checkpoints", res.model)
-    newest, older = c.last.checkpoints[-1], c.last.checkpoints[-2]
-    data = next(Path(newest).parent.glob(Path(newest).name + ".data-*"))
+    newest, older = c.checkpoints()[-1], c.checkpoints()[-2]
+    data = next(Path(newest).glob("ckpt.data-*"))
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     with caplog.at_level("WARNING"):
         assert c.latest_good() == older
@@ -70,11 +80,21 @@ def test_restoring_into_another_backbone_names_the_variables(trained):
 def test_restore_model_round_trips_predictions(trained):
     res, _ = trained
     x = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3)).astype(np.float32)
-    fresh = keras.saving.load_model(res.run_dir / "model.keras")
+    fresh = keras.models.clone_model(res.model)  # built as training built it
     for w in fresh.weights:
         w.assign(np.zeros(w.shape, w.dtype))
     restore_model(fresh, res.run_dir)
     np.testing.assert_allclose(fresh.predict(x, verbose=0), res.model.predict(x, verbose=0), atol=1e-6)
+
+
+def test_restoring_into_a_differently_nested_model_is_an_error_not_a_silent_no_op(trained):
+    """Same layer names and shapes, other nesting (the graph TensorFlow matches by): without a check,
+    nothing would be restored and the model would keep its own weights."""
+    res, _ = trained
+    inner = keras.models.clone_model(res.model)
+    wrapped = keras.Sequential([keras.Input(res.model.input_shape[1:]), inner])
+    with pytest.raises(CheckpointMismatchError, match="nested differently"):
+        restore_model(wrapped, res.run_dir)
 
 
 STRATEGY_SCRIPT = textwrap.dedent("""
@@ -187,8 +207,8 @@ def test_early_stopping_state_survives_a_crash_and_resume(tmp_path, monkeypatch)
     with pytest.raises(_Crash):
         finetune("large_similar", data, tmp_path / "run", overrides=ov, verbose=0)
     monkeypatch.setattr(train.EpochHook, "on_epoch_end", original)
-    state = Checkpoints.manifest(Checkpoints(tmp_path / "run" / "checkpoints", keras.Sequential()).last
-                                 .latest_checkpoint)["early_stopping"]
+    state = Checkpoints.manifest(Checkpoints(tmp_path / "run" / "checkpoints", keras.Sequential())
+                                 .checkpoints()[-1])["early_stopping"]
     assert state["wait"] == 1 and state["best_epoch"] == 1
     res = finetune("large_similar", data, tmp_path / "run", overrides=ov, verbose=0, resume=True)
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))

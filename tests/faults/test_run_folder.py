@@ -15,7 +15,7 @@ from tuneflow.runs import folder as fmod
 from tuneflow.runs.folder import LOCK, MARKER, TMP_TAG, RunDir, RunExistsError, RunLockedError
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
-RECIPE = {"name": "large_similar", "batch_size": 32, "weights": "imagenet",
+RECIPE = {"name": "large_similar", "batch_size": 32, "weights": "imagenet", "classes": [],
           "stages": [{"name": "head", "lr": 0.001, "epochs": 30}, {"name": "finetune", "lr": 3e-05, "epochs": 3}]}
 
 
@@ -163,6 +163,9 @@ def test_resume_names_every_difference_and_keeps_recipe_json(tmp_path):
         assert "finetune.lr" not in msg  # only what differs
         assert (tmp_path / "r" / "recipe.json").read_text() == stored  # not overwritten
         assert run.check_resume(RECIPE, "a" * 16) == []
+        # Recipe.to_dict() holds tuples where recipe.json holds lists: the same recipe
+        as_tuples = {**RECIPE, "classes": (), "stages": tuple(RECIPE["stages"])}
+        assert run.check_resume(as_tuples, "a" * 16) == []
 
 
 def test_resume_with_force_continues_and_records_the_changes(tmp_path, caplog):

@@ -110,6 +110,23 @@ def check_compatible(ckpt, model) -> None:
             "trained with (see the run's recipe.json).")
 
 
+def read_model(model, ckpt) -> None:
+    """Read ``ckpt``'s model weights into ``model``, or raise CheckpointMismatchError when any of the
+    model's variables found no value: TensorFlow matches variables by the object graph (layers
+    nested alike), and without this check a differently nested model would silently keep its own."""
+    check_compatible(ckpt, model)
+    status = tf.train.Checkpoint(model=model).read(_resolve(ckpt)[0])
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as exc:
+        raise CheckpointMismatchError(
+            f"Checkpoint {ckpt} does not restore into this model: its variables have the right names and "
+            f"shapes, but its layers are nested differently from the model that was trained "
+            f"({str(exc).splitlines()[0][:160]}). Restore into the model as the run built it, e.g. "
+            "tuneflow.load(RUN, checkpoint=...), not into a loaded model.keras.") from None
+    status.expect_partial()
+
+
 def _scan(folder: Path) -> dict[int, dict]:
     """``number -> manifest`` of the complete checkpoints in ``folder`` (those with a manifest)."""
     found = {}
@@ -338,18 +355,16 @@ class Checkpoints:
 
     def restore(self, ckpt, with_optimizer: bool = True) -> tuple[int, int]:
         """Model (and, if asked, this stage's optimizer) from ``ckpt``; returns its (stage, epoch)."""
-        check_compatible(ckpt, self.model)
+        read_model(self.model, ckpt)  # every model variable must find its value
         prefix, _ = _resolve(ckpt)
         if with_optimizer:
-            self.ckpt.restore(prefix).expect_partial()
+            self.ckpt.read(prefix).expect_partial()
         else:
-            tf.train.Checkpoint(model=self.model, stage=self.stage, epoch=self.epoch).restore(
-                prefix).expect_partial()
+            tf.train.Checkpoint(stage=self.stage, epoch=self.epoch).read(prefix).expect_partial()
         return int(self.stage.numpy()), int(self.epoch.numpy())
 
     def _restore_model(self, ckpt) -> None:
-        check_compatible(ckpt, self.model)
-        tf.train.Checkpoint(model=self.model).restore(_resolve(ckpt)[0]).expect_partial()
+        read_model(self.model, ckpt)
 
     def best_record(self) -> dict | None:
         """What best.json says: the best checkpoint's name, stage, epoch, val_accuracy, val_loss,
@@ -463,14 +478,12 @@ def restore_model(model, checkpoint: str | Path) -> str:
         roots = [p / "checkpoints" / "best", p / "checkpoints" / "last", p / "best", p / "last", p]
         candidates = [c for r in roots if r.is_dir() for c in _legacy(r)]
         if not candidates and Path(str(p) + ".index").exists():
-            check_compatible(str(p), model)
-            tf.train.Checkpoint(model=model).restore(str(p)).expect_partial()
+            read_model(model, str(p))
             return str(p)
     for ckpt in candidates:
         problem = verify(ckpt)
         if problem is None:
-            check_compatible(ckpt, model)
-            tf.train.Checkpoint(model=model).restore(_resolve(ckpt)[0]).expect_partial()
+            read_model(model, ckpt)
             return ckpt
         log.warning("checkpoint %s is unusable: %s; trying an older one", ckpt, problem)
     raise NoCheckpointError(f"No usable checkpoint under {checkpoint}.")

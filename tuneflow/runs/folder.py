@@ -509,6 +509,7 @@ class RunDir:
         else:
             log.warning("%s has no recipe.json: the recipe cannot be checked against the run's", self.path)
         if stored is not None:
+            recipe = json.loads(json.dumps(recipe, default=str))  # as recipe.json holds it: tuples are lists
             old, new = _flatten(stored), _flatten(recipe)
             for key in sorted(set(old) | set(new), key=_key_order(recipe)):
                 if key in ignore:
