@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+from PIL import Image
 
 RESIZE_MODES = ("crop", "squash")
 
@@ -59,21 +60,45 @@ def resize_image(image: np.ndarray, size: int, mode: str = "crop") -> np.ndarray
     return _resize_fn(int(size), mode)(image).numpy()
 
 
-def _to_rgb8(im):
-    """Any PIL image -> RGB uint8, transparency over white, high bit depths scaled (not clipped)."""
-    from PIL import Image
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if im.mode.startswith("I;16") else (a.max() if a.max() > 255 else 255.0)
-        if im.mode == "I" and a.max() <= 65535 and a.min() >= 0 and a.max() > 255:
-            hi = 65535.0
-        a = np.clip(np.round(a / max(hi, 1e-12) * 255.0), 0, 255).astype(np.uint8)
-        return np.repeat(a[..., None], 3, axis=-1)
-    if im.mode in ("RGBA", "LA", "P", "PA", "RGBa", "La") or "transparency" in im.info:
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent -> white
-        im = Image.alpha_composite(bg, im)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """One channel of a high-bit-depth mode scaled (not clipped) to 0..255.
+
+    ``I;16*``: 16 bits, 65535 -> 255. ``I`` (32-bit int) and ``F`` (float) say nothing about their
+    range, so it is read from the values: 0..1 (float) or 0..255 as they are, 0..65535 as 16 bits,
+    anything else stretched from its minimum to its maximum."""
+    a = a.astype(np.float64)
+    finite = a[np.isfinite(a)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if mode.startswith("I;16"):
+        scale, offset = 255.0 / 65535.0, 0.0
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        scale, offset = 255.0, 0.0
+    elif lo >= 0 and hi <= 255:
+        scale, offset = 1.0, 0.0
+    elif lo >= 0 and hi <= 65535 and mode == "I":
+        scale, offset = 255.0 / 65535.0, 0.0
+    else:
+        scale, offset = 255.0 / max(hi - lo, 1e-12), lo
+    a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
+    return np.clip(np.round((a - offset) * scale), 0, 255).astype(np.uint8)
+
+
+def to_rgb8(im: Image.Image) -> np.ndarray:
+    """Any PIL image mode -> (H, W, 3) uint8 RGB.
+
+    16-bit and 32-bit modes (``I;16``, ``I;16B``, ``I``, ``F``) are scaled to 8 bits (PIL's own
+    ``convert`` clips them, so a 16-bit PNG would read as white); transparent pixels (``RGBA``,
+    ``LA``, ``PA``, ``P`` or a ``transparency`` entry) become white; ``CMYK``, ``YCbCr``, ``1``,
+    ``L`` and the rest go through PIL's conversion to RGB."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        grey = _scale_to_uint8(np.asarray(im), mode)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La", "P") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent -> white
+        return np.asarray(Image.alpha_composite(bg, rgba).convert("RGB"), np.uint8)
+    return np.asarray(im.convert("RGB"), np.uint8)
 
 
 def decode_pixels(item, max_pixels: int | None = None) -> np.ndarray:
@@ -87,7 +112,7 @@ def decode_pixels(item, max_pixels: int | None = None) -> np.ndarray:
     import warnings
     from pathlib import Path
 
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps, UnidentifiedImageError
 
     from .errors import DataError
     if isinstance(item, np.ndarray):
@@ -115,7 +140,7 @@ def decode_pixels(item, max_pixels: int | None = None) -> np.ndarray:
                                     f"exceeds the limit of {max_pixels} pixels per image.")
                 im.load()
                 im = ImageOps.exif_transpose(im)
-                return _to_rgb8(im)
+                return to_rgb8(im)
     except DataError:
         raise
     except FileNotFoundError:

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from ..imageops import RESIZE_MODES, resize_image
+from ..imageops import RESIZE_MODES, decode_pixels, resize_image, to_rgb8
 
 log = logging.getLogger("tuneflow.data")
 
@@ -148,51 +148,11 @@ def to_square(im: Image.Image, size: int, resize: str = "crop") -> Image.Image:
     return Image.fromarray(resize_image(to_rgb8(im), size, resize))
 
 
-def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
-    """One channel of a high-bit-depth mode scaled (not clipped) to 0..255.
-
-    ``I;16*``: 16 bits, 65535 -> 255. ``I`` (32-bit int) and ``F`` (float) say nothing about their
-    range, so it is read from the values: 0..1 (float) or 0..255 as they are, 0..65535 as 16 bits,
-    anything else stretched from its minimum to its maximum."""
-    a = a.astype(np.float64)
-    finite = a[np.isfinite(a)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    if mode.startswith("I;16"):
-        scale, offset = 255.0 / 65535.0, 0.0
-    elif mode == "F" and lo >= 0 and hi <= 1:
-        scale, offset = 255.0, 0.0
-    elif lo >= 0 and hi <= 255:
-        scale, offset = 1.0, 0.0
-    elif lo >= 0 and hi <= 65535 and mode == "I":
-        scale, offset = 255.0 / 65535.0, 0.0
-    else:
-        scale, offset = 255.0 / max(hi - lo, 1e-12), lo
-    a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
-    return np.clip(np.round((a - offset) * scale), 0, 255).astype(np.uint8)
-
-
-def to_rgb8(im: Image.Image) -> np.ndarray:
-    """Any PIL image mode -> (H, W, 3) uint8 RGB.
-
-    16-bit and 32-bit modes (``I;16``, ``I;16B``, ``I``, ``F``) are scaled to 8 bits (PIL's own
-    ``convert`` clips them, so a 16-bit PNG would read as white); transparent pixels (``RGBA``,
-    ``LA``, ``PA``, ``P`` or a ``transparency`` entry) become white; ``CMYK``, ``YCbCr``, ``1``,
-    ``L`` and the rest go through PIL's conversion to RGB."""
-    mode = im.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        grey = _scale_to_uint8(np.asarray(im), mode)
-        return np.repeat(grey[..., None], 3, axis=-1)
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La", "P") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent -> white
-        return np.asarray(Image.alpha_composite(bg, rgba).convert("RGB"), np.uint8)
-    return np.asarray(im.convert("RGB"), np.uint8)
-
-
 def decode_image(path: str | Path, size: int, resize: str = "crop") -> np.ndarray:
-    """Decode any file PIL reads to (size, size, 3) uint8 RGB, EXIF orientation applied."""
-    with Image.open(path) as im:
-        return resize_image(to_rgb8(ImageOps.exif_transpose(im)), size, resize)
+    """Decode any file PIL reads to (size, size, 3) uint8 RGB, EXIF orientation applied: the model's
+    own decoder (:func:`tuneflow.imageops.decode_pixels`) and resize, so training sees exactly the
+    pixels the exported model computes from the same file."""
+    return resize_image(decode_pixels(path), size, resize)
 
 
 def _decode_all(files: list[Path], size: int, desc: str, resize: str = "crop"):

@@ -140,7 +140,11 @@ def export_functions(models: ArtifactModels):
 
     def embed(x):
         out = run_core(x)
-        return {"embedding": tf.math.l2_normalize(out["pooled"], axis=1), "pooled": out["pooled"],
+        pooled = out["pooled"]
+        # x / |x| with a floor of 1e-30 (tf.math.l2_normalize floors |x| at 1e-6, which leaves
+        # features of a weak model far from unit length); an all-zero vector stays zero.
+        norm = tf.sqrt(tf.reduce_sum(tf.square(pooled), axis=1, keepdims=True))
+        return {"embedding": pooled / tf.maximum(norm, 1e-30), "pooled": pooled,
                 "penultimate": out["penultimate"]}
 
     s_bytes = [tf.TensorSpec([None], tf.string, name="images")]
@@ -151,8 +155,8 @@ def export_functions(models: ArtifactModels):
         "classify_pixels": (lambda images: classify(to_input(images)), s_pixels),
         "embed": (lambda images: embed(decode(images)), s_bytes),
         "embed_pixels": (lambda images: embed(to_input(images)), s_pixels),
-        "classify_resized": (classify, s_resized),
-        "embed_resized": (embed, s_resized),
+        "classify_resized": (lambda images: classify(images), s_resized),
+        "embed_resized": (lambda images: embed(images), s_resized),
     }
 
 

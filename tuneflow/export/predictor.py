@@ -92,7 +92,7 @@ class Predictor:
             return np.asarray(out["embedding"], np.float32)
         v = np.asarray(out[layer], np.float32)
         if normalize:
-            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-30)
         return v
 
     # -- convenience: lists of paths, bytes or arrays --------------------------------------

@@ -115,16 +115,20 @@ def read_model(model, ckpt) -> None:
     model's variables found no value: TensorFlow matches variables by the object graph (layers
     nested alike), and without this check a differently nested model would silently keep its own."""
     check_compatible(ckpt, model)
+    from tensorflow.python.util import object_identity
     status = tf.train.Checkpoint(model=model).read(_resolve(ckpt)[0])
-    try:
-        status.assert_existing_objects_matched()
-    except AssertionError as exc:
+    status.expect_partial()
+    # Only the model's weights must all find a value: a compiled model also tracks its metrics'
+    # and loss trackers' variables, which a checkpoint written before compile() does not hold.
+    matched = object_identity.ObjectIdentitySet(status._checkpoint.object_by_proto_id.values())
+    missing = [w.path for w in model.weights if w not in matched]
+    if missing:
         raise CheckpointMismatchError(
             f"Checkpoint {ckpt} does not restore into this model: its variables have the right names and "
             f"shapes, but its layers are nested differently from the model that was trained "
-            f"({str(exc).splitlines()[0][:160]}). Restore into the model as the run built it, e.g. "
-            "tuneflow.load(RUN, checkpoint=...), not into a loaded model.keras.") from None
-    status.expect_partial()
+            f"({len(missing)} weights found no value, e.g. {', '.join(missing[:3])}). Restore into the "
+            "model as the run built it, e.g. tuneflow.load(RUN, checkpoint=...), not into a loaded "
+            "model.keras.")
 
 
 def _scan(folder: Path) -> dict[int, dict]:

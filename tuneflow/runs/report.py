@@ -269,6 +269,21 @@ def markdown(report: dict) -> str:
              f"- **val accuracy {report['val_accuracy']:.4f}**, val loss {report['val_loss']:.4f}"
              + _baseline_note(report),
              ]
+    if report.get("evaluated"):
+        lines.append(f"- measured on: {report['evaluated']}; per-image results in val_predictions.csv")
+    fast = report.get("fast_path")
+    if fast:
+        same = "the same predictions" if not fast.get("predictions_differing") else (
+            f"{fast['predictions_differing']} predictions differ")
+        lines.append(f"- training's fast path ({fast['how']}, {fast['precision']}): val accuracy "
+                     f"{fast['val_accuracy']:.4f} ({same})")
+    if report.get("folds"):
+        lines.append(f"- {report['folds']}-fold cross-validation: val accuracy "
+                     f"{report['fold_mean_val_accuracy']:.4f} ± {report['val_accuracy_std']:.4f} "
+                     f"(folds: {', '.join(f'{a:.4f}' for a in report['fold_val_accuracy'])}); "
+                     + report.get("final_model_note", ""))
+    if report.get("adapted"):
+        lines.append(f"- recipe adapted to the backbone: {report['adapted']}")
     if report.get("test_accuracy") is not None:
         lines.append(f"- test accuracy {report['test_accuracy']:.4f} (test split used once, at the end)")
     speed = []
@@ -291,11 +306,17 @@ def markdown(report: dict) -> str:
     for c, m in report["per_class"].items():
         lines.append(f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
     if report.get("taps"):
-        lines += ["", "## Depth probe", "", "| tap | val accuracy |", "| --- | --- |"]
-        lines += [f"| {t} | {a:.4f} |" for t, a in report["taps"].items()]
+        lines += ["", "## Depth probe (chosen by cross-validation on the training images)", "",
+                  "| tap | cross-validated accuracy (train) | val accuracy |", "| --- | --- | --- |"]
+        for t, s in report["taps"].items():
+            s = s if isinstance(s, dict) else {"inner": float("nan"), "val": s}
+            lines.append(f"| {t}{' (kept)' if t == report.get('tap') else ''} | {s['inner']:.4f} | {s['val']:.4f} |")
     if report.get("skipped_files"):
         lines += ["", f"## Skipped files ({len(report['skipped_files'])})", ""]
         lines += [f"- {s}" for s in report["skipped_files"]]
+    if report.get("ignored_files"):
+        lines += ["", f"## Ignored files, not images ({len(report['ignored_files'])})", ""]
+        lines += [f"- {s}" for s in report["ignored_files"][:100]]
     if report.get("leaks"):
         lines += ["", f"## Train/val leaks ({len(report['leaks'])})", ""]
         lines += [f"- {a} == {b} ({k})" for a, b, k in report["leaks"]]

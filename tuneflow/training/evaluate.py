@@ -77,13 +77,14 @@ def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome
     y_pred = probs.argmax(1)
     table, cm = rep.per_class(bundle.val.y, y_pred, plan.classes)
     rows = run.metrics_rows()
-    verdict, advice = rep.verdict(rows)
+    baseline = rep.majority_baseline(bundle.val.y, y_pred, plan.classes)
+    verdict, advice = rep.verdict(rows, baseline)
     test_acc = None
     if bundle.test is not None and len(bundle.test):
         test_acc = float(np.mean(predict_split(predictor, bundle.test).argmax(1) == bundle.test.y))
     if rows:
         rep.plot_curves(rows, run / "curves.png", f"{r.name} · {plan.spec.name}")
-    rep.plot_confusion(cm, plan.classes, run / "confusion.png")
+    rep.write_confusion(cm, plan.classes, run.path)
     stats = outcome.extractor_stats
     return {
         "recipe": r.name, "backbone": plan.spec.name, "weights": str(r.weights),
@@ -97,7 +98,10 @@ def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome
         "fast_path": None if fast is None else {
             "how": outcome.fast_path, "precision": plan.precision, "val_accuracy": fast["val_accuracy"],
             "val_loss": fast["val_loss"], "predictions_differing": disagree},
-        "per_class": table, "confusion_matrix": cm.tolist(),
+        "majority_rate": baseline["majority_rate"], "baseline": baseline,
+        "per_class": table,
+        # 1000 classes would put a million numbers in the JSON: the full matrix is confusion.csv
+        "confusion_matrix": cm.tolist() if len(plan.classes) <= 50 else "confusion.csv",
         "train_counts": bundle.counts("train"), "class_weight": r.class_weight,
         "stages": outcome.stages, "epochs": len(rows), "cached_stages": sum(1 for s in outcome.stages if s["cache"]),
         "strategy": type(plan.strategy).__name__, "replicas": plan.replicas, "per_replica_batch": r.batch_size,
@@ -107,6 +111,8 @@ def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome
         "feature_engine": ", ".join(sorted({e for _, _, e in stats})) if stats else None,
         "feature_images_per_second": (sum(n for n, _, _ in stats) / max(sum(t for _, t, _ in stats), 1e-9))
         if stats else None,
-        "skipped_files": bundle.skipped, "leaks": bundle.leaks, "nan": outcome.nan_note,
+        "skipped_files": bundle.skipped, "ignored_files": list(getattr(bundle, "ignored", []) or []),
+        "leaks": bundle.leaks, "nan": outcome.nan_note,
+        "adapted": getattr(r, "adapted", None) or None,
         "selected_by": "best val_accuracy checkpoint across stages",
     }

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from ..backbones import get_spec
-from ..data import DataBundle, load_data, subsample
+from ..data import DataBundle, check_bundle, load_arrays, load_data, subsample
 from ..data.labels import normalize_array_data
 from ..errors import RecipeError, RunError
 from ..recipe import Recipe
@@ -94,12 +94,12 @@ def resolve_data(data, recipe: Recipe, size: int) -> DataBundle:
         if side != size:
             raise RecipeError(f"The DataBundle holds {side} px images but the recipe wants input_size={size}: "
                               f"load it with load_data(..., {size}) or --set input_size={side}.")
-        return subsample(data, recipe.fraction, recipe.classes, recipe.seed)
+        return check_bundle(subsample(data, recipe.fraction, recipe.classes, recipe.seed))
     if isinstance(data, (tuple, list, dict)) and not isinstance(data, str):
         arrays, classes = normalize_array_data(data)
-        from ..data.sources import load_arrays
-        bundle = load_arrays(arrays, size, recipe.val_fraction, classes=classes, resize=recipe.resize)
-        return subsample(bundle, recipe.fraction, recipe.classes, recipe.seed)
+        bundle = load_arrays(arrays, size, recipe.val_fraction, classes=classes, resize=recipe.resize,
+                             keep=recipe.classes or None)
+        return check_bundle(subsample(bundle, recipe.fraction, None, recipe.seed))
     return load_data(data, size, recipe.val_fraction, recipe.fraction, recipe.classes, recipe.seed, recipe.resize)
 
 
@@ -269,6 +269,6 @@ def _summary(report, path):
     if fast and fast.get("predictions_differing"):
         print(f"  (training's fast path, {fast['how']}: {fast['val_accuracy']:.4f}; "
               f"the figure above is the exported float32 model's)")
-    print(f"  verdict: {report['verdict']}")
+    print(f"  verdict: {report['verdict']} (majority-class rate {report['majority_rate']:.4f})")
     print(f"  wall time {report['wall_seconds']:.1f} s; report: {path}/report.md")
     print(line)

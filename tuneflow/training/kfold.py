@@ -19,7 +19,7 @@ log = logging.getLogger("tuneflow")
 
 # What the best fold leaves in the run folder itself, so the run is used like any other.
 FINAL_FILES = (SAVEDMODEL_DIR, KERAS_FILE, LABELS_FILE, PREDICTIONS_FILE, "backbone.weights.h5",
-               "backbone.json", "confusion.png", "curves.png")
+               "backbone.json", "confusion.png", "confusion.csv", "curves.png")
 
 
 def _finished_report(folder) -> dict | None:
@@ -70,6 +70,7 @@ def cross_validate(plan: Plan, bundle: DataBundle, run: RunDir, verbose, resume:
             "folds": r.folds, "fold_mean_val_accuracy": float(accs.mean()), "val_accuracy_std": float(accs.std()),
             "fold_mean_val_loss": float(losses.mean()), "val_loss_std": float(losses.std()),
             "fold_val_accuracy": accs.tolist(), "final_model": f"fold-{best + 1}",
+            "fold_mean_majority_rate": float(np.mean([f["majority_rate"] for f in folds])),
             "final_model_note": (f"The run's model is fold {best + 1}'s (the best of {r.folds} by val accuracy); "
                                  "val_accuracy is that fold's held-out accuracy, which as the best of "
                                  f"{r.folds} is optimistic: quote fold_mean_val_accuracy "
