@@ -799,7 +799,7 @@ def _plot(rows, spaces, path: Path) -> Path:
     for b in boundaries:
         ax.axvline(b, ls=":", c="k", lw=0.8)
     ax.set(title="optimisation history" + (" (dotted: narrowed rounds)" if boundaries else ""),
-           xlabel="trial (in order of finishing)", ylabel="val accuracy")
+           xlabel="trial (rounds in order, then trial number)", ylabel="val accuracy")
     ax.legend(fontsize=7)
     for j, p in enumerate(params, start=1):
         ax = flat[j]
