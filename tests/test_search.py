@@ -21,6 +21,9 @@ from tuneflow.workbench.search import default_space, load_space, narrow_space, s
 # a good learning rate and stay at the first epoch's accuracy at 1e-6, so good and bad trials
 # differ clearly, and a trial on cached features takes seconds.
 FAST = ["--set", "input_size=32", "--set", "precision=float32", "--set", "head.epochs=3"]
+# The head trained by its optimizer over epochs (curves to prune), where recipes can also fit it by L-BFGS.
+SGD = {"head_solver": "sgd"} if "head_solver" in Recipe.__dataclass_fields__ else {}
+FAST += [x for k, v in SGD.items() for x in ("--set", f"{k}={v}")]
 
 
 def _cmd(out, data, trials, *extra):
@@ -46,11 +49,19 @@ def data(tmp_path):
 
 @pytest.mark.parametrize("name", registry.NAMES)
 def test_default_space_fits_every_recipe(name):
-    recipe = registry.get(name)
+    recipe = registry.get(name).override(**SGD)
     space = load_space("default", recipe)
     assert {f"{s.name}.lr" for s in recipe.stages} <= set(space)
     assert space[f"{recipe.stages[0].name}.lr"]["log"] and not space["dropout"].get("log")
     assert space == default_space(recipe)
+
+
+@pytest.mark.skipif(not SGD, reason="recipes have no head_solver")
+def test_default_space_refuses_a_head_fitted_by_lbfgs():
+    with pytest.raises(RecipeError, match="head_solver=sgd"):
+        default_space(registry.get("small_similar").override("head_solver=lbfgs"))
+    space = default_space(registry.get("large_similar").override("head_solver=lbfgs"))
+    assert "finetune.lr" in space and "head.lr" not in space  # only the trained stage's LR
 
 
 def test_space_file_errors_name_the_key_and_what_is_valid(tmp_path):
@@ -94,14 +105,14 @@ def test_search_refuses_a_folder_that_is_not_a_search_or_is_in_use(tmp_path, dat
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(RunError, match="no tuneflow search"):
-        search("small_similar", data, 1, out=other, verbose=False)
+        search("small_similar", data, 1, out=other, overrides=SGD, verbose=False)
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
     busy = tmp_path / "busy"
     busy.mkdir()
     with open(busy / "search.lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(RunError, match="Another tuneflow search is running"):
-            search("small_similar", data, 1, out=busy, verbose=False)
+            search("small_similar", data, 1, out=busy, overrides=SGD, verbose=False)
 
 
 @pytest.mark.slow

@@ -77,30 +77,47 @@ class SearchResult:
 def default_space(recipe: Recipe, preset: str = "default") -> dict:
     """The search space for ``recipe``: each stage's learning rate over two decades around its
     default (log), L2 on a log scale, dropout and label smoothing linear, batch size categorical.
+    Stages whose linear head is fitted by L-BFGS (``head_solver``) have no learning rate, and a
+    recipe made only of such stages has nothing here to search: that is an error saying so.
 
     >>> from tuneflow.recipes import small_similar
-    >>> default_space(small_similar)["head.lr"]
+    >>> default_space(small_similar.override("head_solver=sgd"))["head.lr"]  # doctest: +SKIP
     {'type': 'float', 'low': 0.0001, 'high': 0.01, 'log': True}
     """
     if preset not in PRESETS:
         raise RecipeError(f"Unknown search space preset {preset!r}; choose one of {', '.join(PRESETS)}, "
                           "or give a JSON file.")
+    trained = [s for s in recipe.stages if not _solved_in_closed_form(recipe, s)]
+    if not trained:
+        raise RecipeError(
+            f"{recipe.name} fits its linear head by L-BFGS (head_solver={recipe.head_solver}): it has no "
+            "learning rate, dropout, L2 or batch size to search, and chooses its L2 strength itself. Search "
+            "with --set head_solver=sgd (the stage's optimizer and epochs), or give --space over fields that "
+            "apply (input_size, resize, head, ...).")
     space: dict = {}
     if preset in ("default", "lr"):
-        for s in recipe.stages:
+        for s in trained:
             space[f"{s.name}.lr"] = {"type": "float", "low": _sig(s.lr / 10), "high": _sig(min(s.lr * 10, 1.0)),
                                      "log": True}
     if preset in ("default", "regularization"):
         space["l2"] = {"type": "float", "low": 1e-6, "high": 1e-2, "log": True}
         space["dropout"] = {"type": "float", "low": 0.0, "high": 0.5}
         space["label_smoothing"] = {"type": "float", "low": 0.0, "high": 0.2}
-        for s in recipe.stages:
+        for s in trained:
             if s.weight_decay > 0:
                 space[f"{s.name}.weight_decay"] = {"type": "float", "low": _sig(s.weight_decay / 10),
                                                    "high": _sig(s.weight_decay * 10), "log": True}
     if preset == "default":
         space["batch_size"] = {"type": "categorical", "choices": sorted({16, 32, 64, recipe.batch_size})}
     return {k: _normalize(k, v, "default search space") for k, v in space.items()}
+
+
+def _solved_in_closed_form(recipe: Recipe, stage) -> bool:
+    """True where the recipe fits the stage's linear head on cached features by L-BFGS, so its
+    optimizer fields do not apply (``Recipe.head_solver``: "auto" means exactly these stages)."""
+    solver = getattr(recipe, "head_solver", "sgd")  # recipes from before head_solver train by epochs
+    applies = recipe.head == "linear" and recipe.feature_cache and stage.train == "frozen"
+    return applies and solver in ("lbfgs", "auto")  # a trained backbone stage always runs epochs
 
 
 def load_space(spec, recipe: Recipe) -> dict:
