@@ -5,7 +5,9 @@ the parent process's memory over many trials.
         [--sampler random] [--pruner median]
     (DATA defaults to ../shared/datasets/ants_bees; JSON in benchmarks/results/search_<data>.json)
 
-Both arms run ``tuneflow search small_similar`` with the default space. With ``--sampler random``
+Both arms run ``tuneflow search small_similar`` with the default space, its head trained by its
+optimizer over epochs (``head_solver=sgd`` where recipes have that field: an L-BFGS head has no
+epochs to prune). With ``--sampler random``
 (the default here) both arms draw the same configurations, so "same best accuracy" means the best
 configuration was not pruned. Parent RSS is sampled every 0.2 s from /proc; its growth is the
 peak after the first trial finished minus the value at that moment (imports done by then).
@@ -33,8 +35,10 @@ def rss_mb(pid: int) -> float:
 
 def run_search(work: Path, name: str, data: str, trials: int, jobs: int, extra: list[str]) -> dict:
     out = work / name
+    from tuneflow.recipe import Recipe
+    sgd = ["--set", "head_solver=sgd"] if "head_solver" in Recipe.__dataclass_fields__ else []
     cmd = [sys.executable, "-m", "tuneflow", "search", "small_similar", "--data", data, "--trials", str(trials),
-           "--jobs", str(jobs), "--out", str(out), "--seed", "0", *extra]
+           "--jobs", str(jobs), "--out", str(out), "--seed", "0", *sgd, *extra]
     print(" ".join(cmd), flush=True)
     t0 = time.time()
     with open(work / f"{name}.log", "w") as log:
