@@ -54,6 +54,42 @@ def test_batcher_groups_by_key_fails_only_the_failing_batch_and_drains_on_stop()
         b.submit(("ok", 1.0), np.zeros((1, 1), np.float32))
 
 
+class FakePredictor:
+    """Only for routing checks without TensorFlow: 2 classes, the embedding is the mean colour."""
+    classes = ["x", "y"]
+    embedding_dim = 3
+    info = {"backbone": "fake", "tuneflow_version": "0"}
+
+    def decode(self, data, max_pixels=None):
+        from tuneflow.imageops import decode_pixels
+        return decode_pixels(data, max_pixels=max_pixels)
+
+    def prepare(self, images):
+        return np.stack([im[:2, :2].astype(np.float32) for im in images])
+
+    def embed_prepared(self, x, layer="pooled", normalize=True):
+        return x.mean(axis=(1, 2))
+
+    def classify_prepared(self, x):
+        p = x.mean(axis=(1, 2, 3)) / 255.0
+        return np.stack([1 - p, p], axis=1)
+
+
+def test_app_routes_without_an_index_or_a_model_process():
+    from fastapi.testclient import TestClient
+
+    from tuneflow.serve import ServeConfig, create_app
+    with TestClient(create_app(FakePredictor(), ServeConfig(max_wait_ms=1))) as c:
+        assert c.get("/readyz").json() == {"status": "ready"}
+        r = c.post("/v1/search", files=[("files", ("a.png", _png()))])
+        assert r.status_code == 404 and r.json()["code"] == "no_index"
+        r = c.post("/v1/classify?top=1", files=[("files", ("a.png", _png(value=200))), ("files", ("b.png", _png(value=10)))])
+        assert [p["class"] for p in r.json()["predictions"]] == ["y", "x"]  # request order kept
+        r = c.post("/v1/embed", json={"images": [base64.b64encode(_png(value=30)).decode()]})
+        assert r.json() == {"embeddings": [[30.0, 30.0, 30.0]], "dim": 3}
+        assert c.get("/v1/info").json()["serving"]["max_batch"] == 64
+
+
 @pytest.fixture(scope="module")
 def serving_run(tmp_path_factory):
     """One small real run per session, shared by the serving tests (Lite0 ImageNet weights, 64 px)."""
@@ -124,7 +160,10 @@ def test_server_errors_parity_load_and_drain(serving_run, tmp_path):
     run, images = serving_run
     predictor = tuneflow.load(run)
     val = _val_paths(run)
-    server = Server(run, "--max-images", "64", "--max-pixels", "1000000", "--max-request-bytes", "3000000")
+    from tuneflow.index import build_index
+    build_index(run, val, tmp_path / "idx")
+    server = Server(run, "--max-images", "64", "--max-pixels", "1000000", "--max-request-bytes", "3000000",
+                    "--index", tmp_path / "idx")
     try:
         url = server.wait_listening()
         with httpx.Client(base_url=url, timeout=60) as c:
@@ -150,7 +189,10 @@ def test_server_errors_parity_load_and_drain(serving_run, tmp_path):
             preds = r.json()["predictions"]
             assert [p["class"] for p in preds] == [d["class"] for d in predictor.predict(val[:4])]
             assert all(len(p["top"]) == 2 and p["top"][0][0] == p["class"] for p in preds)
-            assert c.post("/v1/search", files=[("files", ("x.png", _png()))]).json()["code"] == "no_index"
+            r = c.post("/v1/search?k=3", files=[("files", (p.name, p.read_bytes())) for p in val[2:4]])
+            results = r.json()["results"]
+            assert [hits[0]["path"] for hits in results] == [str(p) for p in val[2:4]]
+            assert all(len(hits) == 3 and hits[0]["score"] == pytest.approx(1.0, abs=1e-5) for hits in results)
 
             # every bad input: a 4xx JSON error naming the problem (and the limit), server keeps serving
             jpeg = io.BytesIO()
