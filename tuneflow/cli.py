@@ -112,6 +112,11 @@ def _parser():
     m.add_argument("images", nargs="+", metavar="IMAGE")
     m.add_argument("-k", type=int, default=5)
     m.add_argument("--json", action="store_true")
+    pk = sub.add_parser("pack", help="write a folder of class folders as TFRecord shards that --data accepts")
+    pk.add_argument("data", help="folder of class folders (optionally under train/ val/ test/)")
+    pk.add_argument("--out", required=True, help="new or empty folder for the shards and tuneflow_pack.json")
+    pk.add_argument("--classes", help="comma-separated class subset to pack")
+    pk.add_argument("--shard-mb", type=float, default=128, help="shard size in MB of encoded images")
     return p
 
 
@@ -194,6 +199,14 @@ def _run(args) -> int:
         from .data.augment import preview
         bundle = load_data(args.data, args.size)
         print(preview(bundle.train.x[::max(1, len(bundle.train) // 4)][:4], args.preset, args.backend, args.out))
+        return 0
+    if args.cmd == "pack":
+        from .data.pack import pack
+        meta = pack(args.data, args.out, classes=args.classes.split(",") if args.classes else None,
+                    shard_bytes=int(args.shard_mb * 2**20))
+        n = {k: len(v["keys"]) for k, v in meta["splits"].items()}
+        print(f"packed {sum(n.values())} images ({', '.join(f'{v} {k}' for k, v in n.items())}) of "
+              f"{len(meta['classes'])} classes into {args.out}; train with --data {args.out}")
         return 0
     if args.cmd == "predict":
         from .export.cli import predict_command

@@ -5,9 +5,12 @@ import numpy as np
 
 from ..errors import DataError
 from .sources import (IMAGE_EXTENSIONS, RESIZE_MODES, DataBundle, Split, check_bundle, check_resize, decode_image,
-                      find_leaks, hash_split, load_arrays, load_folder, split_fraction, to_rgb8, to_square)
+                      find_leaks, hash_split, load_arrays, load_folder, split_fraction, stratified_pick, to_rgb8,
+                      to_square)
+from .store import ImageRows, concat_rows
 
-__all__ = ["IMAGE_EXTENSIONS", "RESIZE_MODES", "DataBundle", "DataError", "Split", "check_bundle", "decode_image",
+__all__ = ["IMAGE_EXTENSIONS", "RESIZE_MODES", "DataBundle", "DataError", "ImageRows", "Split", "check_bundle",
+           "decode_image",
            "find_leaks",
            "hash_split", "kfold", "to_rgb8", "to_square", "load_data", "split_fraction", "subsample"]
 
@@ -17,7 +20,9 @@ def load_data(data, size: int, val_fraction: float = 0.2, fraction: float = 1.0,
               resize: str = "crop") -> DataBundle:
     """Load any supported source at ``size`` pixels, then subsample if asked.
 
-    ``data``: a folder path, ``"tfds:NAME[:SPLIT]"``, ``(x, y)`` arrays or a dict of them.
+    ``data``: a folder path, a folder of TFRecord shards written by ``tuneflow pack``,
+    ``"tfds:NAME[:SPLIT]"``, ``(x, y)`` arrays or a dict of them. Folders and shards are
+    subsampled (``classes``, ``fraction``) before decoding, so only the images kept are read.
     ``resize``: ``"crop"`` (shorter side to ``size``, centre square) or ``"squash"``.
     ``classes``: train on these classes only; the others are never read, so a broken class
     can be left out.
@@ -31,7 +36,10 @@ def load_data(data, size: int, val_fraction: float = 0.2, fraction: float = 1.0,
         from .tfds_source import load_tfds
         bundle = load_tfds(str(data), size, val_fraction, resize, keep=classes)
     else:
-        bundle = load_folder(data, size, val_fraction, resize, classes=classes)
+        from .pack import is_packed, load_packed
+        if is_packed(data):
+            return load_packed(data, size, val_fraction, resize, classes=classes, fraction=fraction, seed=seed)
+        return load_folder(data, size, val_fraction, resize, classes=classes, fraction=fraction, seed=seed)
     return subsample(bundle, fraction, None, seed)
 
 
@@ -58,12 +66,7 @@ def subsample(bundle: DataBundle, fraction: float = 1.0, classes=None, seed: int
         rng = np.random.default_rng(seed)
         for name in ("train", "val"):
             s = getattr(bundle, name)
-            idx = []
-            for c in range(len(bundle.classes)):
-                members = np.where(s.y == c)[0]
-                n = max(1, int(round(len(members) * fraction))) if len(members) else 0
-                idx.extend(rng.choice(members, n, replace=False))
-            setattr(bundle, name, s.take(np.sort(np.asarray(idx, np.int64))))
+            setattr(bundle, name, s.take(stratified_pick(s.y, len(bundle.classes), fraction, rng)))
     return bundle
 
 
@@ -72,7 +75,7 @@ def kfold(bundle: DataBundle, k: int, seed: int = 0):
     if k < 2:
         raise DataError(f"folds={k}: K-fold cross-validation needs at least 2 folds.")
     from sklearn.model_selection import StratifiedKFold
-    x = np.concatenate([bundle.train.x, bundle.val.x])
+    x = concat_rows([bundle.train.x, bundle.val.x])  # a view when both are rows of one store
     y = np.concatenate([bundle.train.y, bundle.val.y])
     files = bundle.train.files + bundle.val.files
     pool = Split(x, y, files if len(files) == len(y) else [])

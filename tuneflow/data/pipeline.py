@@ -1,4 +1,7 @@
-"""tf.data pipelines over decoded arrays: shuffled or class-balanced, weighted, augmented, batched."""
+"""tf.data pipelines over decoded arrays: shuffled or class-balanced, weighted, augmented, batched, sharded.
+
+The arrays may be memory-mapped stores (:class:`tuneflow.data.store.ImageRows`): batches are
+gathered by index, so only the rows of the batches in flight are in memory."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,6 +9,7 @@ import tensorflow as tf
 
 from .augment import make_augmenter
 from .sources import Split
+from .store import iter_chunks
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -42,7 +46,8 @@ def _epoch_indices(y: np.ndarray, sampling: str, rng: np.random.Generator) -> np
 
 def train_dataset(split: Split, batch_size: int, *, augment="none", backend: str = "keras",
                   sampling: str = "shuffle", weights: np.ndarray | None = None, seed: int = 0,
-                  repeat: bool = False, whole_batches: bool = False) -> tf.data.Dataset:
+                  repeat: bool = False, whole_batches: bool = False,
+                  shard: tuple[int, int] | None = None) -> tf.data.Dataset:
     """Batches of ``(images float32 0..255, labels[, sample_weight])`` for training.
 
     Indices are drawn per epoch in NumPy (shuffled or class-balanced), batches are
@@ -50,21 +55,39 @@ def train_dataset(split: Split, batch_size: int, *, augment="none", backend: str
     epoch with a few random repeats so every batch is full: with several replicas, a short last
     batch would leave a replica an empty slice (oneDNN's BatchNorm fails on those). Sample weights are
     attached per example, so class weights reach the loss whatever Keras path consumes it.
+
+    ``shard=(num_workers, index)``: this worker's share of each epoch. Every worker draws the same
+    epoch order (same ``seed``) and keeps every ``num_workers``-th index from ``index`` on, so each
+    index is read by exactly one worker per epoch. Every worker runs the same number of batches
+    (collective ops need it): a share one shorter than the others gets one random repeat when that
+    would otherwise cost it a batch.
     """
     if sampling not in ("shuffle", "balanced"):
         raise ValueError(f"sampling={sampling!r}: choose 'shuffle' or 'balanced'.")
+    workers, index = shard if shard is not None else (1, 0)
+    if not (isinstance(workers, (int, np.integer)) and workers >= 1 and 0 <= index < workers):
+        raise ValueError(f"shard={shard!r}: expected (num_workers >= 1, index in 0..num_workers-1).")
     x, y = split.x, split.y
     rng = np.random.default_rng(seed)
-    n_batches = int(np.ceil(len(y) / batch_size))
+    n_batches = int(np.ceil(int(np.ceil(len(y) / workers)) / batch_size))
 
     def batches():
+        epoch = 0
         while True:
             idx = _epoch_indices(y, sampling, rng)
-            short = (-len(idx)) % batch_size
-            if whole_batches and short:
-                idx = np.concatenate([idx, rng.choice(len(y), short, replace=len(y) < short)])
+            if workers > 1:
+                idx = idx[index::workers]
+                want = n_batches * batch_size if whole_batches else (n_batches - 1) * batch_size + 1
+                if len(idx) < want:  # own generator: every worker's epoch order stays the same
+                    pad = np.random.default_rng([seed, epoch, index]).choice(len(y), want - len(idx))
+                    idx = np.concatenate([idx, pad])
+            else:
+                short = (-len(idx)) % batch_size
+                if whole_batches and short:
+                    idx = np.concatenate([idx, rng.choice(len(y), short, replace=len(y) < short)])
             for b in range(n_batches):
                 yield idx[b * batch_size:(b + 1) * batch_size]
+            epoch += 1
             if not repeat:
                 return
 
@@ -92,6 +115,16 @@ def train_dataset(split: Split, batch_size: int, *, augment="none", backend: str
 
 
 def eval_dataset(split: Split, batch_size: int) -> tf.data.Dataset:
-    """Un-augmented, ordered batches of ``(images, labels)``."""
-    ds = tf.data.Dataset.from_tensor_slices((split.x, split.y)).batch(batch_size)
+    """Un-augmented, ordered batches of ``(images, labels)``, read a batch at a time (never the
+    whole split as one tensor)."""
+    x, y = split.x, split.y
+
+    def batches():
+        for i, chunk in enumerate(iter_chunks(x, batch_size)):
+            yield chunk, y[i * batch_size:i * batch_size + len(chunk)]
+
+    s = tuple(x.shape[1:])
+    sig = (tf.TensorSpec((None,) + s, tf.uint8), tf.TensorSpec([None], tf.as_dtype(y.dtype)))
+    ds = tf.data.Dataset.from_generator(batches, output_signature=sig)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(int(np.ceil(len(y) / batch_size))))
     return ds.map(lambda a, b: (tf.cast(a, tf.float32), b)).prefetch(AUTOTUNE)

@@ -4,6 +4,9 @@ Every source ends as a :class:`DataBundle`: RGB uint8 arrays at the model's inpu
 size for train / val (/ test), class names, and what was skipped or suspicious.
 Decoding happens once, up front, in parallel, with a progress bar: a corrupt file
 is found and skipped before training starts, never in the middle of an epoch.
+Splitting, class subsets and ``fraction`` work on file lists, before anything is decoded;
+large datasets are decoded into a memory-mapped store (:mod:`tuneflow.data.store`), so a
+split's ``x`` may be an :class:`~tuneflow.data.store.ImageRows` view rather than an array.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError
 from ..imageops import RESIZE_MODES, decode_pixels, resize_image, to_rgb8
+from .store import ImageRows, decode_rows, file_entries, iter_chunks, source_key
 
 log = logging.getLogger("tuneflow.data")
 
@@ -48,7 +52,7 @@ IMAGE_EXTENSIONS = _pil_extensions()  # .jpg .png .webp .tif .ppm .jfif ... as t
 
 @dataclass
 class Split:
-    x: np.ndarray  # (N, S, S, 3) uint8 RGB
+    x: np.ndarray  # (N, S, S, 3) uint8 RGB: an array, or an ImageRows view of a memory-mapped store
     y: np.ndarray  # (N,) int32 class indices
     files: list[str] = field(default_factory=list)  # source of each row ('' for arrays)
 
@@ -57,7 +61,8 @@ class Split:
 
     def take(self, idx) -> "Split":
         idx = np.asarray(idx, dtype=np.int64)
-        return Split(self.x[idx], self.y[idx], [self.files[i] for i in idx] if self.files else [])
+        x = self.x.take(idx) if isinstance(self.x, ImageRows) else self.x[idx]  # a view: no pixels read
+        return Split(x, self.y[idx], [self.files[i] for i in idx] if self.files else [])
 
 
 @dataclass
@@ -81,7 +86,8 @@ class DataBundle:
         for name in ("train", "val"):
             s = getattr(self, name)
             h.update(name.encode())
-            h.update(np.ascontiguousarray(s.x).data)
+            for chunk in iter_chunks(s.x):  # same digest as the whole array at once, bounded memory
+                h.update(np.ascontiguousarray(chunk).data)
             h.update(s.y.astype(np.int32).tobytes())
         h.update("\n".join(self.classes).encode())
         return h.hexdigest()[:16]
@@ -156,38 +162,72 @@ def decode_image(path: str | Path, size: int, resize: str = "crop") -> np.ndarra
 
 
 def _decode_all(files: list[Path], size: int, desc: str, resize: str = "crop"):
-    x = np.zeros((len(files), size, size, 3), np.uint8)
-    ok = np.ones(len(files), bool)
-    skipped = []
-
-    def work(i):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                x[i] = decode_image(files[i], size, resize)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure means "unreadable"
-            ok[i] = False
-            skipped.append(f"{files[i]} ({type(exc).__name__}: {exc})")
-
-    workers = min(8, (os.cpu_count() or 2) * 2)
-    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        list(tqdm(pool.map(work, range(len(files))), total=len(files), desc=desc, unit="img",
-                  leave=False, disable=len(files) < 200))
-    for s in skipped:
-        log.warning("skipping unreadable image: %s", s)
-    return x, ok, sorted(skipped)
+    """(x, ok, skipped) for ``files``: in RAM when small, else a memory-mapped store keyed by the
+    files' names, sizes and mtimes (:func:`tuneflow.data.store.decode_rows`)."""
+    key = source_key(file_entries(files), size, resize, "files")
+    return decode_rows(files, [str(f) for f in files], size, resize,
+                       lambda f: decode_image(f, size, resize), desc, key)
 
 
-def _load_split(named: dict[str, list[Path]], classes: list[str], size: int, desc: str,
-                resize: str = "crop"):
-    files, labels = [], []
-    for ci, c in enumerate(classes):
-        for f in named.get(c, []):
-            files.append(f)
-            labels.append(ci)
-    x, ok, skipped = _decode_all(files, size, desc, resize)
-    y = np.asarray(labels, np.int32)
-    return Split(x[ok], y[ok], [str(f) for f, k in zip(files, ok) if k]), skipped
+def stratified_pick(y: np.ndarray, n_classes: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Sorted row indices keeping ``fraction`` of each class (at least 1 of a class that has any)."""
+    idx = []
+    for c in range(n_classes):
+        members = np.where(y == c)[0]
+        n = max(1, int(round(len(members) * fraction))) if len(members) else 0
+        idx.extend(rng.choice(members, n, replace=False))
+    return np.sort(np.asarray(idx, np.int64))
+
+
+def _class_keys(files, labels, names) -> list[str]:
+    """Class-relative names, the input of the hash split (``cat/img001.jpg``)."""
+    return [f"{names[c]}/{Path(f).name}" for f, c in zip(files, labels)]
+
+
+def assemble(names: list[str], parts: dict[str, tuple[list[str], np.ndarray]], decode_split, *,
+             val_fraction: float, fraction: float, seed: int, pool_where, split_where: dict, skipped: list[str]):
+    """Split, subsample and decode file lists into (train, val, test) :class:`Split` s.
+
+    ``parts``: per split, (class-relative keys, labels) in file order; ``decode_split(selected)``
+    decodes the chosen rows of every split at once (``selected``: split -> sorted row indices)
+    and returns (x, ok, files, skipped) over their concatenation. ``fraction`` < 1 picks files
+    before decoding, exactly as :func:`tuneflow.data.subsample` picks rows after it: per class of
+    the train then the val split, with ``default_rng(seed)``.
+    """
+    selected = {k: np.arange(len(v[1])) for k, v in parts.items()}
+    if fraction < 1:
+        rng = np.random.default_rng(seed)
+        if "val" not in parts:
+            keys, y = parts["train"]
+            tr, va = hash_split(keys, y, val_fraction)  # as the split after decoding will be
+            pick = [tr[stratified_pick(y[tr], len(names), fraction, rng)],
+                    va[stratified_pick(y[va], len(names), fraction, rng)]]
+            selected["train"] = np.sort(np.concatenate(pick))
+        else:
+            for k in ("train", "val"):
+                selected[k] = stratified_pick(parts[k][1], len(names), fraction, rng)
+    x, ok, files, sk = decode_split(selected)
+    skipped = skipped + sk
+    out, lo = {}, 0
+    for k in parts:
+        n = len(selected[k])
+        rows = lo + np.where(ok[lo:lo + n])[0]
+        y = parts[k][1][selected[k]][ok[lo:lo + n]]
+        xs = x.take(rows) if isinstance(x, ImageRows) else (x[lo:lo + n] if ok[lo:lo + n].all() else x[rows])
+        out[k] = Split(xs, np.asarray(y, np.int32), [files[i] for i in rows])
+        lo += n
+    if "val" not in out:  # split after decoding, so unreadable files cannot empty a class's val
+        _require_images(names, out["train"].y, 2, pool_where, skipped,
+                        f"1 to train on and 1 to validate on, since tuneflow holds out "
+                        f"val_fraction={val_fraction} of each class")
+        keys = _class_keys(out["train"].files, out["train"].y, names)
+        tr, va = hash_split(keys, out["train"].y, val_fraction)
+        out["train"], out["val"] = out["train"].take(tr), out["train"].take(va)
+    else:
+        _require_images(names, out["train"].y, 1, split_where["train"], skipped, "to train on")
+        _require_images(names, out["val"].y, 1, split_where["val"], skipped,
+                        "to validate on, or its accuracy is never measured")
+    return out, skipped
 
 
 def _find_splits(root: Path) -> dict[str, Path]:
@@ -205,19 +245,15 @@ def _find_splits(root: Path) -> dict[str, Path]:
     return {k: v[0] for k, v in found.items()}
 
 
-def load_folder(root: str | Path, size: int, val_fraction: float = 0.2, resize: str = "crop",
-                classes=None) -> DataBundle:
-    """Class folders (optionally under train/ val/ test/) decoded to a bundle; ``classes``
-    keeps only those class folders (nothing else is read or checked)."""
-    check_resize(resize)
+def scan_folder(root, classes=None):
+    """Walk a data folder without decoding anything: (root, class names, split folders, where the
+    pool is, what was skipped or ignored, split -> (files, labels)); ``classes`` keeps only those."""
     root = Path(root).expanduser()  # "~/photos" quoted by a shell or make stays unexpanded
     if not root.exists():
         raise DataError(f"Data folder {root} does not exist. Pass a folder of class folders "
                         "(root/<class>/*.jpg, optionally under train/ and val/) or tfds:NAME.")
     if not root.is_dir():
         raise DataError(f"--data {root} is a file; pass a folder of class folders or tfds:NAME.")
-    if not 0 < val_fraction < 1:
-        raise DataError(f"val_fraction={val_fraction} must be in (0, 1).")
     splits = _find_splits(root)
     scan = _Scan()
     if splits:
@@ -244,22 +280,33 @@ def load_folder(root: str | Path, size: int, val_fraction: float = 0.2, resize: 
         named = {"train": _class_dirs(root, scan)}
         names = _check_classes(_keep(named["train"], classes, root), root)
         pool_where = root
-    parts, skipped = {}, list(scan.skipped)
+    lists = {}
     for k in ("train", "val", "test"):
         if k in named:
-            parts[k], sk = _load_split(named[k], names, size, f"decode {k}", resize)
-            skipped += sk
-    if "val" not in parts:  # split after decoding, so unreadable files cannot empty a class's val
-        _require_images(names, parts["train"].y, 2, pool_where, skipped,
-                        f"1 to train on and 1 to validate on, since tuneflow holds out "
-                        f"val_fraction={val_fraction} of each class")
-        keys = [f"{names[c]}/{Path(f).name}" for f, c in zip(parts["train"].files, parts["train"].y)]
-        tr, va = hash_split(keys, parts["train"].y, val_fraction)
-        parts["train"], parts["val"] = parts["train"].take(tr), parts["train"].take(va)
-    else:
-        _require_images(names, parts["train"].y, 1, splits["train"], skipped, "to train on")
-        _require_images(names, parts["val"].y, 1, splits["val"], skipped,
-                        "to validate on, or its accuracy is never measured")
+            files = [f for c in names for f in named[k].get(c, [])]
+            labels = np.asarray([ci for ci, c in enumerate(names) for _ in named[k].get(c, [])], np.int32)
+            lists[k] = (files, labels)
+    return root, names, splits, pool_where, scan, lists
+
+
+def load_folder(root: str | Path, size: int, val_fraction: float = 0.2, resize: str = "crop",
+                classes=None, fraction: float = 1.0, seed: int = 0) -> DataBundle:
+    """Class folders (optionally under train/ val/ test/) decoded to a bundle; ``classes``
+    keeps only those class folders (nothing else is read or checked); ``fraction`` keeps that
+    share of each class of train and val, chosen before decoding (see :func:`assemble`)."""
+    check_resize(resize)
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction={val_fraction} must be in (0, 1).")
+    root, names, splits, pool_where, scan, lists = scan_folder(root, classes)
+
+    def decode_split(selected):
+        files = [f for k, (fl, _) in lists.items() for f in np.asarray(fl, object)[selected[k]]]
+        x, ok, sk = _decode_all(files, size, "decode", resize)
+        return x, ok, [str(f) for f in files], sk
+
+    parts, skipped = assemble(names, {k: (_class_keys(fl, y, names), y) for k, (fl, y) in lists.items()},
+                              decode_split, val_fraction=val_fraction, fraction=fraction, seed=seed,
+                              pool_where=pool_where, split_where=splits, skipped=list(scan.skipped))
     if scan.ignored:
         shown = ", ".join(str(p) for p in scan.ignored[:5]) + (" ..." if len(scan.ignored) > 5 else "")
         log.info("ignored %d files that are not images PIL reads (by extension): %s", len(scan.ignored), shown)
@@ -364,6 +411,12 @@ def _average_hash(x: np.ndarray) -> np.ndarray:
     return np.packbits(g > g.mean(1, keepdims=True), axis=1)
 
 
+def _chunked_hash(x) -> np.ndarray:
+    """:func:`_average_hash` a few hundred rows at a time (8 bytes per image kept)."""
+    parts = [_average_hash(c) for c in iter_chunks(x)]
+    return np.concatenate(parts) if parts else np.zeros((0, 8), np.uint8)
+
+
 def find_leaks(bundle: DataBundle) -> list[tuple[str, str, str]]:
     """Pairs of (train, val) images that are byte-identical or perceptually identical."""
     leaks = []
@@ -371,14 +424,15 @@ def find_leaks(bundle: DataBundle) -> list[tuple[str, str, str]]:
     if tr.files and va.files:
         digests = {}
         for f in tr.files:
-            digests.setdefault(hashlib.sha1(Path(f).read_bytes()).hexdigest(), f)
+            if os.path.isfile(f):  # packed data names files that may no longer exist
+                digests.setdefault(hashlib.sha1(Path(f).read_bytes()).hexdigest(), f)
         for f in va.files:
-            d = hashlib.sha1(Path(f).read_bytes()).hexdigest()
+            d = hashlib.sha1(Path(f).read_bytes()).hexdigest() if os.path.isfile(f) else None
             if d in digests:
                 leaks.append((digests[d], f, "identical bytes"))
     if len(tr) and len(va):
         seen = {(a, b) for a, b, _ in leaks}
-        th, vh = _average_hash(tr.x), _average_hash(va.x)
+        th, vh = _chunked_hash(tr.x), _chunked_hash(va.x)
         index = {}
         for i, h in enumerate(th):
             index.setdefault(h.tobytes(), i)
@@ -395,6 +449,8 @@ def find_leaks(bundle: DataBundle) -> list[tuple[str, str, str]]:
 
 
 def _resize_array(x: np.ndarray, size: int, resize: str = "crop", name: str = "train") -> np.ndarray:
+    if isinstance(x, ImageRows) and x.shape[1:] == (size, size, 3):
+        return x  # already decoded at this size into a store (TFDS streaming): read nothing
     x = np.asarray(x)
     if x.ndim == 3:
         x = np.repeat(x[..., None], 3, axis=-1)

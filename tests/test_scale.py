@@ -1,0 +1,287 @@
+"""Data at any size: the memory-mapped image store, file-list subsampling, sharding, packing, streamed caches."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, SHARED, make_image_folder
+from tuneflow.data import DataError, ImageRows, load_data
+from tuneflow.data.pack import is_packed, load_packed, pack
+from tuneflow.data.sources import load_folder
+
+
+@pytest.fixture
+def on_disk(monkeypatch):
+    """Every dataset goes to the memory-mapped store (threshold: 1 byte)."""
+    monkeypatch.setenv("TUNEFLOW_INMEMORY_MAX_BYTES", "1")
+
+
+def _load_both(monkeypatch, data, size, **kw):
+    monkeypatch.setenv("TUNEFLOW_INMEMORY_MAX_BYTES", str(10**12))
+    mem = load_data(data, size, **kw)
+    monkeypatch.setenv("TUNEFLOW_INMEMORY_MAX_BYTES", "1")
+    disk = load_data(data, size, **kw)
+    return mem, disk
+
+
+def _assert_same(mem, disk):
+    assert isinstance(disk.train.x, ImageRows) and isinstance(mem.train.x, np.ndarray)
+    assert mem.classes == disk.classes
+    for name in ("train", "val"):
+        a, b = getattr(mem, name), getattr(disk, name)
+        assert a.files == b.files
+        np.testing.assert_array_equal(a.y, b.y)
+        np.testing.assert_array_equal(a.x, np.asarray(b.x))
+    assert mem.fingerprint() == disk.fingerprint()
+    assert mem.leaks == disk.leaks and mem.skipped == disk.skipped
+
+
+def test_memmap_and_inmemory_paths_give_identical_bundles(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "d", per_class=12, size=24)
+    Image.open(root / "a" / "a_x_000.png").save(root / "b" / "dup_of_a0.png")  # a train/val leak maybe
+    mem, disk = _load_both(monkeypatch, root, 32)
+    _assert_same(mem, disk)
+    sub_mem, sub_disk = _load_both(monkeypatch, root, 32, fraction=0.5, seed=3)
+    _assert_same(sub_mem, sub_disk)
+    assert len(sub_disk.train) + len(sub_disk.val) < len(disk.train) + len(disk.val)
+    # ImageRows behaves as the engine indexes it
+    x = disk.train.x
+    assert x.shape == mem.train.x.shape and x.dtype == np.uint8 and len(x) == len(mem.train.x)
+    np.testing.assert_array_equal(x[2:5], mem.train.x[2:5])
+    np.testing.assert_array_equal(x[[4, 0, 4]], mem.train.x[[4, 0, 4]])
+    np.testing.assert_array_equal(x[::3][:2], mem.train.x[::3][:2])
+    assert (x.min(), x.max()) == (mem.train.x.min(), mem.train.x.max())
+
+
+def test_fraction_picks_files_before_decoding_the_same_images_as_subsampling_after(tmp_path, monkeypatch):
+    from tuneflow.data import subsample
+    root = make_image_folder(tmp_path / "d", per_class=20, size=16)
+    before = load_data(root, 16, fraction=0.3, seed=5)
+    after = subsample(load_folder(root, 16), 0.3, None, 5)
+    for name in ("train", "val"):
+        assert getattr(before, name).files == getattr(after, name).files
+    # fewer files decoded: a file outside the pick may even be corrupt
+    decoded = []
+    import tuneflow.data.sources as src
+    real = src.decode_image
+    monkeypatch.setattr(src, "decode_image", lambda f, *a: decoded.append(f) or real(f, *a))
+    load_data(root, 16, fraction=0.3, seed=5)
+    assert len(decoded) == len(before.train) + len(before.val) < 40
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "ants_bees").exists(), reason="needs ../shared/datasets/ants_bees")
+def test_memmap_and_inmemory_agree_on_real_data(monkeypatch):
+    mem, disk = _load_both(monkeypatch, SHARED / "ants_bees", 64)
+    _assert_same(mem, disk)
+
+
+def test_store_is_reused_and_a_partial_store_is_never_read(tmp_path, monkeypatch, on_disk):
+    import tuneflow.data.sources as src
+    from tuneflow.data.store import store_root
+    root = make_image_folder(tmp_path / "d", per_class=6, size=16)
+    first = load_folder(root, 16)
+    stores = sorted(store_root().glob("*.npy"))
+    assert first.train.x.path in map(str, stores) and Path(first.train.x.path).with_suffix(".json").exists()
+    assert not list(store_root().glob("*.part"))
+
+    decoded = []
+    real = src.decode_image
+    monkeypatch.setattr(src, "decode_image", lambda f, *a: decoded.append(f) or real(f, *a))
+    again = load_folder(root, 16)  # same files, sizes, mtimes: nothing decoded
+    assert again.fingerprint() == first.fingerprint() and decoded == []
+    # without its manifest (a run killed before the completion marker) the store is decoded again
+    Path(first.train.x.path).with_suffix(".json").unlink()
+    assert load_folder(root, 16).fingerprint() == first.fingerprint() and len(decoded) == 12
+    # a changed file changes the key: a new store
+    os.utime(root / "a" / "a_x_000.png", ns=(1, 1))
+    assert load_folder(root, 16).train.x.path != first.train.x.path
+
+
+def _truncated_jpeg(path: Path, size=40):
+    """A JPEG whose header reads fine and whose data stops half way: fails only while decoding."""
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
+    data = buf.getvalue()
+    path.write_bytes(data[:len(data) // 2])
+    with Image.open(path) as im:  # the header alone is valid
+        assert im.size == (size, size)
+
+
+def test_corrupt_file_met_mid_decode_is_skipped_and_named(tmp_path, on_disk):
+    root = make_image_folder(tmp_path / "d", per_class=10, size=16)
+    bad = root / "a" / "a_x_004b.jpg"  # sorts into the middle of class a
+    _truncated_jpeg(bad)
+    bundle = load_folder(root, 16)
+    assert isinstance(bundle.train.x, ImageRows)
+    assert [s for s in bundle.skipped if s.startswith(str(bad))], bundle.skipped
+    assert str(bad) not in bundle.train.files + bundle.val.files
+    assert len(bundle.train) + len(bundle.val) == 20
+    row = bundle.train.files.index(str(root / "a" / "a_x_005.png")) if str(root / "a" / "a_x_005.png") in \
+        bundle.train.files else None
+    if row is not None:  # the rows after the bad one hold their own pixels, not a neighbour's
+        from tuneflow.data import decode_image
+        np.testing.assert_array_equal(bundle.train.x[row], decode_image(root / "a" / "a_x_005.png", 16))
+
+
+def _epochs(split, shard, epochs, batch=4, whole=False):
+    from tuneflow.data.pipeline import train_dataset
+    ds = train_dataset(split, batch, shard=shard, repeat=True, seed=7, whole_batches=whole)
+    per_epoch = None
+    out = []
+    it = iter(ds)
+    from tuneflow.data.pipeline import train_dataset as _  # noqa: F401
+    n_batches = int(np.ceil(int(np.ceil(len(split) / shard[0])) / batch))
+    for _e in range(epochs):
+        labels = [next(it)[1].numpy() for _b in range(n_batches)]
+        out.append(np.concatenate(labels))
+        per_epoch = n_batches
+    return out, per_epoch
+
+
+@pytest.mark.parametrize("n", [23, 21])
+def test_shards_cover_every_index_once_per_epoch(n):
+    from tuneflow.data import Split
+    x = np.zeros((n, 8, 8, 3), np.uint8)
+    split = Split(x, np.arange(n, dtype=np.int32))  # the label is the row number
+    a, nb_a = _epochs(split, (2, 0), 3)
+    b, nb_b = _epochs(split, (2, 1), 3)
+    assert nb_a == nb_b  # same number of steps on every worker (collectives need it)
+    for e in range(3):
+        seen = np.concatenate([a[e], b[e]])
+        assert set(seen) == set(range(n))
+        extra = len(seen) - n
+        assert extra <= 1  # at most one padded repeat, on a share one shorter than the other
+        if n == 23:  # shares of 12 and 11 fill 3 batches of 4 each: exactly once
+            assert extra == 0 and sorted(seen) == list(range(n))
+    assert not np.array_equal(a[0], a[1])  # reshuffled every epoch
+    with pytest.raises(ValueError, match="shard"):
+        _epochs(split, (2, 2), 1)
+
+
+@pytest.mark.slow
+def test_two_worker_processes_read_disjoint_shares(tmp_path):
+    """Two processes (as two MultiWorkerMirroredStrategy workers would be) each read their share."""
+    code = textwrap.dedent("""
+        import json, sys
+        import numpy as np
+        from tuneflow.data import Split
+        from tuneflow.data.pipeline import train_dataset
+        idx = int(sys.argv[1])
+        split = Split(np.zeros((50, 8, 8, 3), np.uint8), np.arange(50, dtype=np.int32))
+        ds = train_dataset(split, 5, shard=(2, idx), seed=11)
+        print(json.dumps([int(v) for _, y in ds for v in y.numpy()]))
+    """)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], stdout=subprocess.PIPE, env=env, cwd=REPO)
+             for i in range(2)]
+    seen = [json.loads(p.communicate(timeout=300)[0].decode().strip().splitlines()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert len(seen[0]) == len(seen[1]) == 25 and sorted(seen[0] + seen[1]) == list(range(50))
+
+
+def test_eval_dataset_streams_store_rows(tmp_path, on_disk):
+    from tuneflow.data.pipeline import eval_dataset
+    bundle = load_folder(make_image_folder(tmp_path / "d", per_class=7, size=16), 16)
+    xs, ys = zip(*[(a.numpy(), b.numpy()) for a, b in eval_dataset(bundle.train, 4)])
+    np.testing.assert_array_equal(np.concatenate(xs), np.asarray(bundle.train.x, np.float32))
+    np.testing.assert_array_equal(np.concatenate(ys), bundle.train.y)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_pack_then_load_gives_the_folders_bundle(tmp_path, monkeypatch, split):
+    root = make_image_folder(tmp_path / "d", per_class=9, size=20, split=split)
+    bad = (root / "train" if split else root) / "b" / "b_zz.jpg"
+    _truncated_jpeg(bad)
+    shards = tmp_path / "shards"
+    meta = pack(root, shards, shard_bytes=4000)  # several shards per split
+    assert is_packed(shards) and not is_packed(root)
+    assert len(meta["splits"]["train"]["shards"]) > 1
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+    for threshold in ("1", str(10**12)):  # into the store, and into RAM
+        monkeypatch.setenv("TUNEFLOW_INMEMORY_MAX_BYTES", threshold)
+        want = load_folder(root, 24)
+        got = load_data(str(shards), 24)
+        assert got.classes == want.classes and got.fingerprint() == want.fingerprint()
+        for name in ("train", "val"):
+            a, b = getattr(want, name), getattr(got, name)
+            np.testing.assert_array_equal(np.asarray(a.x), np.asarray(b.x))
+            assert a.files == b.files
+        assert [s for s in got.skipped if s.startswith(str(bad))]
+    sub = load_packed(shards, 24, classes=["a", "b"], fraction=0.5, seed=1)
+    ref = load_data(root, 24, classes=["a", "b"], fraction=0.5, seed=1)
+    assert sub.train.files == ref.train.files and sub.val.files == ref.val.files
+    with pytest.raises(DataError, match="not an empty folder"):
+        pack(root, shards)
+
+
+def test_pack_cli(tmp_path):
+    from tuneflow.cli import main
+    root = make_image_folder(tmp_path / "d", per_class=4, size=16, classes=("a", "b", "c"))
+    assert main(["pack", str(root), "--out", str(tmp_path / "s"), "--classes", "a,c"]) == 0
+    assert load_data(str(tmp_path / "s"), 16).classes == ["a", "c"]
+    assert main(["pack", str(root), "--out", str(tmp_path / "s")]) == 2  # refuses a non-empty folder
+
+
+def test_feature_cache_written_as_it_goes_and_read_back_mapped(on_disk):
+    from tuneflow.features import cache as fcache
+    calls = []
+
+    def fill(out):
+        for i in range(0, len(out), 7):
+            out[i:i + 7] = np.arange(i, min(len(out), i + 7))[:, None] * np.ones(5, np.float32)
+            calls.append(i)
+    feats, hit = fcache.cached_into("scale-test", (30, 5), np.float32, fill)
+    assert not hit and isinstance(feats, np.memmap) and feats[29, 4] == 29
+    again, hit = fcache.cached_into("scale-test", (30, 5), np.float32, fill)
+    assert hit and len(calls) == 5 and np.array_equal(again, feats)
+    path = fcache.cache_root() / "scale-test.npy"
+    raw = bytearray(path.read_bytes())  # damage one byte on disk: the checksum finds it
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    _, hit = fcache.cached_into("scale-test", (30, 5), np.float32, fill)
+    assert not hit and len(calls) == 10
+    assert not list(fcache.cache_root().glob("*.part"))
+
+
+RSS_PROBE = textwrap.dedent("""
+    import json, sys
+    from tuneflow.data.sources import load_folder
+
+    def rss():
+        f = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
+        return {k: int(f[k].split()[0]) for k in ("RssAnon", "RssFile", "VmHWM")}  # kB
+
+    small = load_folder(sys.argv[1], 96)
+    a = rss()
+    big = load_folder(sys.argv[2], 96)
+    big.fingerprint()
+    b = rss()
+    print(json.dumps({"small": a, "big": b, "n": [len(small.train) + len(small.val), len(big.train) + len(big.val)]}))
+""")
+
+RSS_BOUND_KB = 12_000  # RssAnon growth allowed going from 120 to 1,200 images (their pixels: 33 MB)
+
+
+@pytest.mark.slow
+def test_rss_growth_over_a_10x_larger_dataset_stays_bounded(tmp_path):
+    small = make_image_folder(tmp_path / "small", per_class=60, size=24)
+    big = make_image_folder(tmp_path / "big", per_class=600, size=24, seed=1)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TUNEFLOW_HOME": str(tmp_path / "home")}
+    grown = {}
+    for mode, threshold in (("disk", "1"), ("memory", str(10**12))):
+        out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(small), str(big)], capture_output=True,
+                             env={**env, "TUNEFLOW_INMEMORY_MAX_BYTES": threshold}, cwd=REPO, timeout=600)
+        assert out.returncode == 0, out.stderr.decode()[-2000:]
+        r = json.loads(out.stdout.decode().strip().splitlines()[-1])
+        assert r["n"] == [120, 1200]
+        grown[mode] = r["big"]["RssAnon"] - r["small"]["RssAnon"]
+    assert grown["disk"] < RSS_BOUND_KB, grown
+    assert grown["memory"] > 1200 * 96 * 96 * 3 / 1024 * 0.9, grown  # the probe sees pixels held in RAM

@@ -1,0 +1,272 @@
+"""Decoded images kept on disk and memory-mapped when they would not fit comfortably in RAM.
+
+A dataset whose decoded pixels (N x S x S x 3 bytes) exceed :func:`inmemory_max_bytes` is decoded
+chunk by chunk into ``$TUNEFLOW_HOME/images/<key>.npy`` (written under a temporary name, renamed
+when complete, then a JSON manifest written last as the completion marker) and read back as a
+read-only memory map: pages are the kernel's file cache, evictable, so the process's own memory
+(RssAnon) stays flat whatever the dataset size. The key covers every input's name, size and
+modification time, the pixel size and the resize mode: a second load of the same data reuses
+the store without decoding. :class:`ImageRows` is the array-like view a :class:`~tuneflow.data.Split`
+holds: row subsets without copying, rows read on demand.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..home import tuneflow_home
+
+log = logging.getLogger("tuneflow.data")
+
+STORE_VERSION = 1  # bump when the decoder or the layout changes: old stores are not reused
+CHUNK_ROWS = 256  # rows decoded and written at a time: 256 x 224^2 x 3 B = 38 MB of buffer
+DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB of decoded pixels in RAM at most (~6,800 images at 224 px)
+
+
+def inmemory_max_bytes() -> int:
+    """Decoded bytes above which images go to a memory-mapped store: ``$TUNEFLOW_INMEMORY_MAX_BYTES``,
+    or 1 GiB, or an eighth of physical memory when that is smaller."""
+    env = os.environ.get("TUNEFLOW_INMEMORY_MAX_BYTES")
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            from ..errors import DataError
+            raise DataError(f"TUNEFLOW_INMEMORY_MAX_BYTES={env!r} is not a number of bytes; "
+                            "set it to e.g. 2e9, or unset it for the default (1 GiB).") from None
+    try:
+        phys = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        phys = 8 * DEFAULT_MAX_BYTES
+    return int(min(DEFAULT_MAX_BYTES, phys // 8))
+
+
+def store_root() -> Path:
+    return tuneflow_home() / "images"
+
+
+class ImageRows:
+    """Rows ``index`` of an (N, S, S, 3) uint8 array (usually a read-only memory map), as an array.
+
+    Indexing with an int, a slice or an index array returns a NumPy array of just those rows
+    (read from disk on demand); :meth:`take` returns another view without reading anything;
+    :meth:`chunks` walks the rows a few hundred at a time. ``np.asarray(rows)`` reads them all.
+    """
+
+    def __init__(self, base: np.ndarray, index: np.ndarray | None = None, path: str = ""):
+        self.base = base
+        self.index = None if index is None else np.asarray(index, np.int64)
+        self.path = path
+
+    def __len__(self) -> int:
+        return len(self.base) if self.index is None else len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self),) + tuple(self.base.shape[1:])
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.base.ndim
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def _rows(self, key) -> np.ndarray:
+        """Base-row numbers for ``key`` (an int, slice or index/bool array over this view)."""
+        own = np.arange(len(self)) if self.index is None else self.index
+        return own[key]
+
+    def __getitem__(self, key):
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        if self.index is None and isinstance(key, slice) and key.step in (None, 1):
+            out = np.array(self.base[key])  # one contiguous read
+        else:
+            rows = self._rows(key)
+            if np.ndim(rows) == 0:
+                out = np.array(self.base[int(rows)])
+            else:
+                order = np.argsort(rows, kind="stable")  # read in file order, then put back
+                out = np.empty((len(rows),) + tuple(self.base.shape[1:]), self.base.dtype)
+                out[order] = self.base[rows[order]]
+        if not rest:
+            return out
+        return out[(slice(None),) + rest] if out.ndim == self.base.ndim else out[rest]
+
+    def take(self, idx) -> "ImageRows":
+        return ImageRows(self.base, self._rows(np.asarray(idx, np.int64)), self.path)
+
+    def chunks(self, rows: int = CHUNK_ROWS):
+        for i in range(0, len(self), rows):
+            yield self[i:i + rows]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def astype(self, dtype) -> np.ndarray:
+        return np.asarray(self, dtype)
+
+    def min(self):
+        return min((c.min() for c in self.chunks()), default=np.uint8(0))
+
+    def max(self):
+        return max((c.max() for c in self.chunks()), default=np.uint8(0))
+
+    def __repr__(self) -> str:
+        return f"ImageRows({self.shape}, {self.dtype}, {self.path or 'in memory'})"
+
+
+def iter_chunks(x, rows: int = CHUNK_ROWS):
+    """Consecutive row blocks of an array or :class:`ImageRows`, each a NumPy array."""
+    if isinstance(x, ImageRows):
+        yield from x.chunks(rows)
+        return
+    for i in range(0, len(x), rows):
+        yield x[i:i + rows]
+
+
+def concat_rows(parts):
+    """Rows of several arrays one after another: a view when all are views of one store."""
+    if parts and all(isinstance(p, ImageRows) for p in parts) and all(p.base is parts[0].base for p in parts):
+        return ImageRows(parts[0].base, np.concatenate([p._rows(slice(None)) for p in parts]), parts[0].path)
+    return np.concatenate([np.asarray(p) for p in parts])
+
+
+def source_key(entries, size: int, resize: str, extra: str = "") -> str:
+    """What decoded pixels depend on: each input's identity (path, bytes, mtime), size and mode."""
+    from PIL import __version__ as pil_version
+    h = hashlib.sha256(f"v{STORE_VERSION}|pil{pil_version}|{size}|{resize}|{extra}".encode())
+    for e in entries:
+        h.update(str(e).encode("utf-8", "surrogateescape"))
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def file_entries(files) -> list[tuple[str, int, int]]:
+    """(path, bytes, mtime in ns) per file: a changed file changes the store key."""
+    out = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            out.append((str(f), st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((str(f), -1, -1))  # unreadable now: decoding names it
+    return out
+
+
+def _open_store(key: str):
+    """A complete store for ``key``: (ImageRows over it, ok mask, skipped), or None."""
+    path, manifest = store_root() / f"{key}.npy", store_root() / f"{key}.json"
+    if not (path.exists() and manifest.exists()):
+        return None
+    try:
+        meta = json.loads(manifest.read_text())
+        base = np.load(path, mmap_mode="r")
+        if list(base.shape) != meta["shape"] or not meta.get("complete"):
+            raise ValueError(f"shape {base.shape}, manifest {meta.get('shape')}")
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("decoded-image store %s is damaged (%s); decoding again", path, exc)
+        return None
+    ok = np.zeros(len(base), bool)
+    ok[np.asarray(meta["ok"], np.int64)] = True
+    return ImageRows(base, None, str(path)), ok, list(meta["skipped"])
+
+
+def decode_rows(items, names, size: int, resize: str, decode, desc: str = "decode",
+                key: str | None = None):
+    """Decode ``items`` (paths, encoded bytes, ...; an iterable of known length ``len(names)``) with
+    ``decode(item) -> (size, size, 3) uint8``, in parallel, chunk by chunk.
+
+    Returns ``(x, ok, skipped)``: ``x`` an (N, size, size, 3) array (in RAM below
+    :func:`inmemory_max_bytes`, else an :class:`ImageRows` over a store keyed by ``key``; a
+    complete store with that key is reused without decoding), ``ok`` which rows decoded, and
+    ``skipped`` one line per item that failed, naming it (``names[i]``) and the error.
+    """
+    n = len(names)
+    nbytes = n * size * size * 3
+    on_disk = key is not None and nbytes > inmemory_max_bytes()
+    if on_disk:
+        found = _open_store(key)
+        if found is not None:
+            log.info("decoded images: reusing %s (%d images)", found[0].path, n)
+            for s in found[2]:
+                log.warning("skipping unreadable image: %s", s)
+            return found
+    ok = np.ones(n, bool)
+    skipped = []
+    workers = min(8, (os.cpu_count() or 2) * 2)
+    if on_disk:
+        root = store_root()
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=root, suffix=".npy.part")
+        f = os.fdopen(fd, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": (n, size, size, 3)}
+        np.lib.format.write_array_header_1_0(f, header)
+        buf = np.zeros((CHUNK_ROWS, size, size, 3), np.uint8)
+        x = None
+        log.info("decoding %d images (%.1f GB) to %s", n, nbytes / 1e9, root)
+    else:
+        x = np.zeros((n, size, size, 3), np.uint8)
+    try:
+        it = iter(items)
+        with ThreadPoolExecutor(workers) as pool, tqdm(total=n, desc=desc, unit="img", leave=False,
+                                                        disable=n < 200) as bar:
+            for lo in range(0, n, CHUNK_ROWS):
+                hi = min(n, lo + CHUNK_ROWS)
+                chunk = [next(it) for _ in range(hi - lo)]
+                out = x[lo:hi] if x is not None else buf[:hi - lo]
+
+                def work(i, chunk=chunk, out=out, lo=lo):
+                    try:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            out[i] = decode(chunk[i])
+                    except Exception as exc:  # noqa: BLE001 - any decoder failure means "unreadable"
+                        out[i] = 0
+                        ok[lo + i] = False
+                        skipped.append(f"{names[lo + i]} ({type(exc).__name__}: {exc})")
+
+                list(pool.map(work, range(hi - lo)))  # one chunk's futures at a time: bounded memory
+                if x is None:
+                    f.write(out.tobytes())
+                bar.update(hi - lo)
+        skipped.sort()
+        if x is None:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            path = store_root() / f"{key}.npy"
+            os.replace(tmp, path)
+            meta = {"version": STORE_VERSION, "shape": [n, size, size, 3], "resize": resize,
+                    "ok": np.where(ok)[0].tolist(), "skipped": skipped, "complete": True}
+            mtmp = path.with_suffix(".json.part")
+            mtmp.write_text(json.dumps(meta))
+            os.replace(mtmp, path.with_suffix(".json"))  # written last: the completion marker
+            x = ImageRows(np.load(path, mmap_mode="r"), None, str(path))
+    finally:
+        if on_disk:
+            if not f.closed:
+                f.close()
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    for s in skipped:
+        log.warning("skipping unreadable image: %s", s)
+    return x, ok, skipped
