@@ -60,12 +60,41 @@ class ImageRows:
     Indexing with an int, a slice or an index array returns a NumPy array of just those rows
     (read from disk on demand); :meth:`take` returns another view without reading anything;
     :meth:`chunks` walks the rows a few hundred at a time. ``np.asarray(rows)`` reads them all.
+    Rows of a store are read with ``pread`` into fresh buffers rather than touched through the
+    mapping: the pages stay in the kernel's cache, not in this process's resident set, so its
+    RSS (VmHWM included) does not grow with the number of images read.
     """
 
     def __init__(self, base: np.ndarray, index: np.ndarray | None = None, path: str = ""):
         self.base = base
         self.index = None if index is None else np.asarray(index, np.int64)
         self.path = path
+        self._fd = None
+
+    def _read_sorted(self, rows: np.ndarray) -> np.ndarray:
+        """Base rows ``rows`` (ascending) read from the file, consecutive runs in one call each."""
+        shape = tuple(self.base.shape[1:])
+        out = np.empty((len(rows),) + shape, self.base.dtype)
+        if not isinstance(self.base, np.memmap) or not len(rows):
+            out[:] = self.base[rows]
+            return out
+        if self._fd is None:
+            self._fd = os.open(self.base.filename, os.O_RDONLY)
+        row_bytes = out[0].nbytes
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+            view, pos = memoryview(flat[a:b]).cast("B"), self.base.offset + int(rows[a]) * row_bytes
+            while len(view):  # pread may return less than asked (2 GB per call on Linux)
+                got = os.preadv(self._fd, [view], pos)
+                if got <= 0:
+                    raise OSError(f"{self.base.filename}: unexpected end of file at byte {pos}")
+                view, pos = view[got:], pos + got
+        return out
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     def __len__(self) -> int:
         return len(self.base) if self.index is None else len(self.index)
@@ -88,23 +117,36 @@ class ImageRows:
 
     def _rows(self, key) -> np.ndarray:
         """Base-row numbers for ``key`` (an int, slice or index/bool array over this view)."""
-        own = np.arange(len(self)) if self.index is None else self.index
-        return own[key]
+        if self.index is not None:
+            return self.index[key]
+        n = len(self.base)  # identity view: never build an arange of a million rows per batch
+        if isinstance(key, slice):
+            return np.arange(*key.indices(n))
+        if isinstance(key, (int, np.integer)):
+            if not -n <= key < n:
+                raise IndexError(f"row {key} out of range for {n} rows")
+            return np.int64(key % n)
+        key = np.asarray(key)
+        if key.dtype == bool:
+            return np.flatnonzero(key)
+        rows = key.astype(np.int64) % max(n, 1)
+        if key.size and (key.min() < -n or key.max() >= n):
+            raise IndexError(f"rows {key.min()}..{key.max()} out of range for {n} rows")
+        return rows
 
     def __getitem__(self, key):
         rest = ()
         if isinstance(key, tuple):
             key, rest = key[0], key[1:]
-        if self.index is None and isinstance(key, slice) and key.step in (None, 1):
-            out = np.array(self.base[key])  # one contiguous read
+        rows = self._rows(key)
+        if np.ndim(rows) == 0:
+            out = self._read_sorted(np.asarray([rows], np.int64))[0]
+        elif len(rows) < 2 or (np.diff(rows) > 0).all():
+            out = self._read_sorted(rows)
         else:
-            rows = self._rows(key)
-            if np.ndim(rows) == 0:
-                out = np.array(self.base[int(rows)])
-            else:
-                order = np.argsort(rows, kind="stable")  # read in file order, then put back
-                out = np.empty((len(rows),) + tuple(self.base.shape[1:]), self.base.dtype)
-                out[order] = self.base[rows[order]]
+            order = np.argsort(rows, kind="stable")  # read in file order, then put back
+            out = np.empty((len(rows),) + tuple(self.base.shape[1:]), self.base.dtype)
+            out[order] = self._read_sorted(rows[order])
         if not rest:
             return out
         return out[(slice(None),) + rest] if out.ndim == self.base.ndim else out[rest]
