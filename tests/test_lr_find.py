@@ -1,0 +1,99 @@
+"""LR range test: exact restore, the three rules, the CLI's JSON, phase-aware stages, lr=auto."""
+import json
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import make_image_folder
+from tuneflow.cli import main
+from tuneflow.errors import RecipeError
+from tuneflow.workbench.lr_find import lr_find, range_test, resolve_auto_lr, suggest, valley
+
+FAST = {"input_size": 32, "precision": "float32", "head_solver": "sgd"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("lrf") / "data", per_class=16)
+
+
+def _batches(x, y, batch=8):
+    while True:
+        for b in range(0, len(y), batch):
+            yield x[b:b + batch], y[b:b + batch]
+
+
+def test_range_test_puts_model_and_optimizer_back_exactly():
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 6)).astype("float32"), rng.integers(0, 3, 64)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.BatchNormalization(), keras.layers.Dense(3, activation="softmax")])
+    opt = keras.optimizers.Adam(1e-3)
+    model.compile(opt, "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)  # moments, iterations and BN statistics are not zero
+    before = [v.numpy().copy() for v in model.variables + opt.variables]
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    curve = range_test(model, opt, lambda t, p, sample_weight=None: loss(t, p, sample_weight=sample_weight),
+                       _batches(x, y), 1e-5, 10.0, steps=60)
+    assert len(curve["lrs"]) > 10 and curve["lrs"][1] > curve["lrs"][0]
+    after = [v.numpy() for v in model.variables + opt.variables]
+    assert len(before) == len(after)
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(b, a)
+    assert float(opt.learning_rate) == pytest.approx(1e-3)
+
+
+def test_rules_on_a_known_curve():
+    lrs = list(np.logspace(-6, 1, 80))
+    # Flat, a steep fall centred at 1e-3, a minimum near 1e-1, then a rise.
+    losses = [2.0 - 1.5 / (1 + math.exp(-3 * (math.log10(lr) + 3))) + 0.5 * max(0, math.log10(lr) + 1) ** 2
+              for lr in lrs]
+    found = suggest({"lrs": lrs, "losses": losses, "smoothed": losses, "stopped": "end of range"})
+    assert found["rule"] == "valley"
+    best = lrs[int(np.argmin(losses))]
+    assert 1e-4 < found["suggested_lr"] < best
+    assert found["steep"] == pytest.approx(1e-3, rel=0.25)
+    assert found["min"] == pytest.approx(best / 10)
+    assert valley(lrs, losses) == found["suggested_lr"]
+    with pytest.raises(RecipeError, match="rule="):
+        suggest({"lrs": lrs, "losses": losses, "smoothed": losses, "stopped": ""}, rule="best")
+
+
+def test_cli_json_on_the_head_stage(folder, tmp_path, capsys):
+    argv = ["lr-find", "small_similar", "--data", str(folder), "--out", str(tmp_path), "--json"]
+    for k, v in FAST.items():
+        argv += ["--set", f"{k}={v}"]
+    assert main(argv) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert sorted(found) == ["min", "rule", "steep", "suggested_lr"]
+    assert found["rule"] == "valley"
+    for k in ("suggested_lr", "steep", "min"):
+        assert math.isfinite(found[k]) and 1e-8 <= found[k] <= 10, found
+    assert (tmp_path / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_unfrozen_stage_trains_images_and_says_what_it_did(folder, tmp_path):
+    found = lr_find("large_similar", folder, stage="finetune", steps=15, out=tmp_path,
+                    overrides={**FAST, "batch_size": 8})
+    assert found["stage"] == "finetune" and len(found["lrs"]) <= 15
+    assert 1e-7 <= found["suggested_lr"] <= 10
+    with pytest.raises(RecipeError, match="has stages"):
+        lr_find("large_similar", folder, stage=5, overrides=FAST, out=tmp_path)
+
+
+def test_resolve_auto_lr_replaces_only_auto_lr_keys(folder, tmp_path):
+    fixed = ["input_size=32", "precision=float32", "head_solver=sgd"]
+    assert resolve_auto_lr("small_similar", folder, fixed) == fixed  # nothing to resolve: unchanged
+    out = resolve_auto_lr("small_similar", folder, ["head.lr=auto"] + fixed, out=tmp_path)
+    assert out[1:] == fixed and out[0].startswith("head.lr=")
+    lr = float(out[0].split("=", 1)[1])
+    assert 1e-7 <= lr <= 10
+    as_dict = resolve_auto_lr("small_similar", folder, {"head__lr": "auto", **dict(p.split("=") for p in fixed)},
+                              out=tmp_path)
+    assert as_dict["head__lr"] == pytest.approx(lr)  # deterministic: same data, seed and range
+    from tuneflow.training.finetune import resolve_recipe
+    assert resolve_recipe("small_similar", out).stages[0].lr == pytest.approx(lr)

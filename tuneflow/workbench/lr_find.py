@@ -1,0 +1,339 @@
+"""The LR range test: the learning rate grown exponentially over a few steps, loss recorded, a suggestion."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import RecipeError
+
+log = logging.getLogger("tuneflow")
+
+START_LR, END_LR = 1e-7, 10.0  # the range swept; 10 is also the recipe's upper bound for an lr
+STEPS = 100  # optimizer steps over the range: ~12 per decade, as fastai's default num_it
+BETA = 0.98  # exponential moving average of the loss (debiased), for the rule and the plot only
+DIVERGE = 4.0  # stop once the smoothed loss exceeds this many times its minimum
+RULES = ("valley", "steep", "min")
+
+
+def range_test(model, optimizer, loss_fn, batches, start_lr: float = START_LR, end_lr: float = END_LR,
+               steps: int = STEPS, diverge: float = DIVERGE) -> dict:
+    """Train ``model`` with ``optimizer`` on ``batches`` (an iterator of (x, y[, w])) while the LR
+    grows from ``start_lr`` to ``end_lr`` by a constant factor per step; stop after ``steps`` or on
+    divergence. Every model and optimizer variable (weights, BN statistics, moments, iteration
+    count, learning rate) is put back afterwards, so the caller's objects are as they were.
+
+    Returns ``{"lrs", "losses", "smoothed", "stopped"}`` (the LR each step ran at, its raw loss).
+    """
+    import tensorflow as tf
+    train_vars = model.trainable_variables
+    if not train_vars:
+        raise RecipeError("The LR range test found nothing to train: every layer of the model is frozen.")
+    if not optimizer.built:  # its moments must exist now, to be saved and put back
+        optimizer.build(train_vars)
+    saved = [(v, np.array(v.numpy(), copy=True)) for v in list(model.variables) + list(optimizer.variables)]
+    saved_lr = float(np.asarray(optimizer.learning_rate))
+    factor = (end_lr / start_lr) ** (1.0 / max(1, steps - 1))
+
+    @tf.function
+    def step(x, y, w):
+        with tf.GradientTape() as tape:
+            probs = model(x, training=True)
+            loss = loss_fn(y, probs, sample_weight=w) + (tf.add_n([tf.cast(l, tf.float32) for l in model.losses]) if model.losses else 0.0)
+        grads = tape.gradient(loss, train_vars)
+        optimizer.apply_gradients(zip(grads, train_vars))
+        return loss
+
+    lrs, losses, smoothed = [], [], []
+    avg, best, stopped = 0.0, math.inf, "end of range"
+    try:
+        for i in range(steps):
+            lr = start_lr * factor ** i
+            optimizer.learning_rate = lr
+            b = next(batches)
+            w = b[2] if len(b) > 2 else tf.ones_like(tf.cast(b[1], tf.float32))
+            loss = float(step(tf.convert_to_tensor(b[0]), tf.convert_to_tensor(b[1]), w))
+            lrs.append(lr)
+            losses.append(loss)
+            if not math.isfinite(loss):
+                stopped = f"NaN/Inf loss at lr {lr:.3g}"
+                break
+            avg = BETA * avg + (1 - BETA) * loss
+            s = avg / (1 - BETA ** (i + 1))
+            smoothed.append(s)
+            best = min(best, s)
+            if s > diverge * best:
+                stopped = f"diverged at lr {lr:.3g} (smoothed loss {s:.3g} > {diverge:g} x minimum {best:.3g})"
+                break
+    finally:
+        for v, value in saved:
+            v.assign(value)
+        optimizer.learning_rate = saved_lr
+    return {"lrs": lrs, "losses": losses, "smoothed": smoothed, "stopped": stopped}
+
+
+def valley(lrs, losses) -> float:
+    """fastai's "valley" rule: the longest run of steps over which the smoothed loss keeps falling
+    (the longest decreasing subsequence of the curve, O(n^2) for n <= a few hundred), and the LR
+    at about half-way into its middle third (start + len/3 + len/6): inside the steep descent, safely
+    before the minimum, where the loss is still falling fastest for a whole stretch."""
+    n = len(losses)
+    lds, max_start, max_end = [1] * n, 0, 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and lds[i] < lds[j] + 1:
+                lds[i] = lds[j] + 1
+            if lds[max_end] < lds[i]:
+                max_end, max_start = i, i - lds[i]
+    sections = (max_end - max_start) / 3
+    return float(lrs[min(n - 1, max_start + int(sections) + int(sections / 2))])
+
+
+def steepest(lrs, losses) -> float:
+    """The LR where the smoothed loss falls fastest per unit of log(LR)."""
+    if len(losses) < 2:
+        return float(lrs[0])
+    g = np.diff(losses) / np.diff(np.log(lrs))
+    return float(lrs[int(np.argmin(g))])
+
+
+def minimum_tenth(lrs, losses) -> float:
+    """One tenth of the LR at the smoothed loss's minimum (Smith's rule of thumb)."""
+    return float(lrs[int(np.argmin(losses))] / 10)
+
+
+def suggest(curve: dict, rule: str = "valley") -> dict:
+    """The three rules on the smoothed curve (points after the divergence excluded)."""
+    if rule not in RULES:
+        raise RecipeError(f"rule={rule!r}: choose one of {', '.join(RULES)}.")
+    n = len(curve["smoothed"])
+    if n < 3:
+        raise RecipeError(f"The LR range test stopped after {n} steps ({curve['stopped']}): too few to "
+                          "suggest an LR. Lower the start of the range (start_lr) or check the data.")
+    lrs, s = curve["lrs"][:n], np.asarray(curve["smoothed"])
+    if "diverged" in curve["stopped"]:
+        lrs, s = lrs[:-1], s[:-1]
+    found = {"valley": valley(lrs, s), "steep": steepest(lrs, s), "min": minimum_tenth(lrs, s)}
+    return {"suggested_lr": found[rule], "rule": rule, "steep": found["steep"], "min": found["min"]}
+
+
+def plot(curve: dict, found: dict, path: Path, title: str = "") -> Path:
+    """Loss against LR (log x): raw loss faint, smoothed loss, the three suggestions marked."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.subplots()
+    n = len(curve["smoothed"])
+    lrs = np.asarray(curve["lrs"][:n])
+    ax.plot(curve["lrs"][:len(curve["losses"])], curve["losses"], color="0.75", lw=0.8, label="loss per batch")
+    ax.plot(lrs, curve["smoothed"], color="C0", lw=1.8, label=f"smoothed (EMA {BETA})")
+    marks = (("valley", "C3", "o"), ("steep", "C2", "^"), ("min", "C1", "s"))
+    for key, color, marker in marks:
+        lr = found["suggested_lr"] if key == found["rule"] else found[key]
+        y = float(np.interp(np.log(lr), np.log(lrs), curve["smoothed"]))
+        label = {"valley": "valley", "steep": "steepest slope", "min": "minimum / 10"}[key]
+        ax.plot([lr], [y], marker=marker, color=color, ms=9, ls="none",
+                label=f"{label}: {lr:.2g}" + (" (suggested)" if key == found["rule"] else ""))
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    lo, hi = min(curve["smoothed"]), max(curve["smoothed"][:max(1, n // 10)])
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), max(hi, lo) + 0.6 * (hi - lo + 1e-9))
+    ax.set_title(title or "LR range test")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+    return path
+
+
+def _batches(arrays, batch: int, seed: int):
+    """Endless shuffled mini-batches of in-memory arrays (new order every pass)."""
+    rng = np.random.default_rng(seed)
+    n = len(arrays[1])
+    while True:
+        idx = rng.permutation(n)
+        for b in range(0, n - (n % batch if n > batch else 0), batch):
+            sel = idx[b:b + batch]
+            yield tuple(a[sel] for a in arrays)
+
+
+def _stage_index(recipe, stage) -> int:
+    names = [s.name for s in recipe.stages]
+    if isinstance(stage, str) and not stage.isdigit():
+        if stage not in names:
+            raise RecipeError(f"stage={stage!r}: {recipe.name} has stages {', '.join(names)}.")
+        return names.index(stage)
+    i = int(stage)
+    if not 0 <= i < len(names):
+        raise RecipeError(f"stage={stage}: {recipe.name} has stages 0..{len(names) - 1} ({', '.join(names)}).")
+    return i
+
+
+def prepare(recipe, data, overrides=()):
+    """(recipe, bundle, plan) as ``finetune`` would make them, on one device (the test's batch is
+    the per-replica batch: with ``scale_lr`` the stage's multiplier is applied on top)."""
+    import keras
+    import tensorflow as tf
+
+    from ..backbones import get_spec
+    from ..training.distribute import choose_precision
+    from ..training.finetune import resolve_data, resolve_recipe
+    from ..training.plan import Plan
+    recipe = resolve_recipe(recipe, overrides)
+    precision = choose_precision(recipe.precision)
+    keras.mixed_precision.set_global_policy(precision)
+    bundle = resolve_data(data, recipe, recipe.input_size or get_spec(recipe.backbone).default_size)
+    return recipe, bundle, Plan.make(recipe, bundle, tf.distribute.get_strategy(), precision)
+
+
+def head_on_cache(plan, bundle, asm):
+    """(trainer, train features, val features) for the head on cached pooled features."""
+    import keras
+
+    from ..features.extractor import FeatureExtractor
+    from ..training.stages import cache_trainer, cached_features
+    trainer, pool = cache_trainer(plan.recipe, asm.head, int(asm.feature_model.output.shape[-1]))
+    feat = asm.feature_model if pool is None else keras.Model(
+        asm.feature_model.input, pool(asm.feature_model.output), name="pooled_features")
+    ftr, fva = cached_features(plan, bundle, FeatureExtractor(feat, plan.recipe.feature_engine), asm.tap)
+    return trainer, np.asarray(ftr[0], np.float32), np.asarray(fva, np.float32)
+
+
+def lr_find(recipe, data, stage=0, overrides=(), out=None, *, start_lr: float = START_LR,
+            end_lr: float = END_LR, steps: int = STEPS, rule: str = "valley") -> dict:
+    """Run the LR range test for one stage of ``recipe`` on ``data``; write ``lr_find.png`` in ``out``.
+
+    A frozen stage trains the head on cached pooled features (seconds); any other stage applies its
+    freeze spec and trains the whole model on image batches. For a stage after the first, the
+    head is first set by a linear probe on the frozen features (what the head stage would leave),
+    so the test measures the stage itself, not a random head.
+
+    >>> lr_find("small_similar", "data/digits", overrides={"head_solver": "sgd"})  # doctest: +SKIP
+    {'suggested_lr': 0.0025, 'rule': 'valley', 'steep': ..., 'min': ..., ...}
+    """
+    from ..training.finetune import preserved_global_state
+    if not 0 < start_lr < end_lr:
+        raise RecipeError(f"start_lr={start_lr:g}, end_lr={end_lr:g}: need 0 < start_lr < end_lr.")
+    if steps < 5:
+        raise RecipeError(f"steps={steps}: the range test needs at least 5 steps (default {STEPS}).")
+    with preserved_global_state():
+        return _lr_find(recipe, data, stage, overrides, out, start_lr, end_lr, steps, rule)
+
+
+def _lr_find(recipe, data, stage, overrides, out, start_lr, end_lr, steps, rule) -> dict:
+    import keras
+
+    from ..backbones import apply_freeze
+    from ..data.pipeline import train_dataset
+    from ..training.assemble import build
+    from ..training.optim import make_optimizer
+    from ..training.stages import uses_cache
+    recipe, bundle, plan = prepare(recipe, data, overrides)
+    si = _stage_index(recipe, stage)
+    st = recipe.stages[si]
+    asm = build(plan, plan.taps()[0])
+    cached = uses_cache(plan, st)
+    if si > 0 and recipe.head == "linear":
+        _probe_head(plan, bundle, asm)
+    w_all = plan.class_weights
+    if cached:
+        trainer, ftr, _ = head_on_cache(plan, bundle, asm)
+        y = bundle.train.y
+        arrays = (ftr, y) if w_all is None else (ftr, y, w_all[y].astype(np.float32))
+        batches = _batches(arrays, plan.global_batch, recipe.seed)
+        what = f"stage {st.name!r}: head on cached features"
+    else:
+        apply_freeze(asm.backbone, plan.spec, plan.stage_train(st), freeze_bn=plan.freeze_bn)
+        trainer = asm.model
+        ds = train_dataset(bundle.train, plan.global_batch, augment=recipe.augment, backend=recipe.augment_backend,
+                           sampling=recipe.sampling, weights=w_all, seed=recipe.seed + si, repeat=True)
+        batches = iter(ds)
+        what = f"stage {st.name!r}: train={plan.stage_train(st)} on images"
+    opt = make_optimizer(replace(st, schedule="constant"), start_lr, 1, recipe.clipnorm)
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing)
+    k = len(plan.classes)
+
+    def loss_fn(y, p, sample_weight=None):
+        import tensorflow as tf
+        return loss(tf.one_hot(tf.cast(y, tf.int32), k), tf.cast(p, tf.float32), sample_weight=sample_weight)
+
+    log.info("LR range test, %s, lr %.1e..%.1e over %d steps", what, start_lr, end_lr, steps)
+    curve = range_test(trainer, opt, loss_fn, batches, start_lr, end_lr, steps)
+    found = suggest(curve, rule)
+    # The recipe's lr is multiplied by global_batch / batch_size under scale_lr; the suggestion is for the field.
+    out_dir = Path(out) if out is not None else Path.cwd()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = plot(curve, found, out_dir / "lr_find.png",
+               f"{recipe.name}, {what} ({len(curve['lrs'])} steps; {curve['stopped']})")
+    log.info("LR range test: %s; suggested lr %.3g (%s), steepest %.3g, minimum/10 %.3g -> %s",
+             curve["stopped"], found["suggested_lr"], rule, found["steep"], found["min"], png)
+    return {**found, "stage": st.name, "stopped": curve["stopped"], "lrs": curve["lrs"],
+            "losses": curve["losses"], "smoothed": curve["smoothed"], "plot": str(png),
+            "note": ("the stage's linear head is fitted by L-BFGS (head_solver=auto/lbfgs), which uses no lr; "
+                     "the suggestion applies with --set head_solver=sgd")
+            if cached and recipe.head == "linear" and recipe.head_solver in ("auto", "lbfgs") else ""}
+
+
+def _probe_head(plan, bundle, asm) -> None:
+    """Set the linear head to a probe fitted on the frozen backbone's pooled features."""
+    from ..backbones import apply_freeze
+    from ..training.probe import fit_probe
+    apply_freeze(asm.backbone, plan.spec, "frozen", freeze_bn=plan.freeze_bn)
+    _, ftr, _ = head_on_cache(plan, bundle, asm)
+    w = None if plan.class_weights is None else plan.class_weights[bundle.train.y]
+    probe = fit_probe(ftr, bundle.train.y, sample_weight=w, n_classes=len(plan.classes), seed=plan.recipe.seed)
+    probe.write_into(asm.head.get_layer(asm.head.layers[-1].name))
+
+
+def is_auto_lr(key: str, value) -> bool:
+    return isinstance(value, str) and value.strip().lower() == "auto" and key.replace("__", ".").endswith(".lr")
+
+
+def resolve_auto_lr(recipe, data, overrides=(), out=None):
+    """``overrides`` with every ``STAGE.lr=auto`` (or ``stages.N.lr=auto``, ``head__lr="auto"``)
+    replaced by the LR range test's suggestion for that stage, the other overrides applied first.
+    Returns the same form it was given (a list of ``key=value`` strings or a dict).
+
+    >>> resolve_auto_lr("large_similar", "data/digits", ["head.lr=auto", "batch_size=16"])  # doctest: +SKIP
+    ['head.lr=0.0021', 'batch_size=16']
+    """
+    as_dict = isinstance(overrides, dict)
+    items = list(overrides.items()) if as_dict else [tuple(p.split("=", 1)) if "=" in p else (p, None)
+                                                    for p in overrides]
+    auto = [i for i, (k, v) in enumerate(items) if is_auto_lr(k, v)]
+    if not auto:
+        return overrides
+    fixed = [(k, v) for k, v in items if not is_auto_lr(k, v)]
+    fixed_form = dict(fixed) if as_dict else [f"{k}={v}" for k, v in fixed]
+    from ..training.finetune import resolve_recipe
+    base = resolve_recipe(recipe, fixed_form)
+    for i in auto:
+        key = items[i][0].replace("__", ".")
+        head = key.rsplit(".", 1)[0]
+        stage = head.split(".", 1)[1] if head.startswith("stages.") else head
+        found = lr_find(base, data, stage=stage, out=out)
+        lr = float(f"{min(found['suggested_lr'], END_LR):.3g}")
+        log.info("%s=auto -> %g (LR range test, %s rule)", items[i][0], lr, found["rule"])
+        items[i] = (items[i][0], lr if as_dict else f"{lr:g}")
+    return dict(items) if as_dict else [f"{k}={v}" for k, v in items]
+
+
+def cli_lr_find(args) -> int:
+    out = args.out
+    found = lr_find(args.recipe, args.data, stage=args.stage, overrides=args.overrides, out=out)
+    if args.json:
+        print(json.dumps({k: found[k] for k in ("suggested_lr", "rule", "steep", "min")}))
+    else:
+        print(f"suggested lr {found['suggested_lr']:.3g} ({found['rule']} rule); steepest slope "
+              f"{found['steep']:.3g}; minimum/10 {found['min']:.3g}  [{found['stopped']}]")
+        if found["note"]:
+            print(f"note: {found['note']}")
+        print(f"plot: {found['plot']}")
+    return 0
