@@ -113,6 +113,11 @@ class Recipe:
     class_weight: str = "none"  # none | balanced
     head: str = "linear"  # linear (GAP+Dense) | mlp | conv (1x1 conv + norm at the tap)
     head_hidden: int = 256  # units of the mlp/conv head
+    # How a linear head on cached features is fitted: "lbfgs" = multinomial logistic regression to
+    # convergence, L2 strength chosen by cross-validation on the training features (deterministic,
+    # seconds; the stage's epochs/lr/optimizer/dropout/l2 do not apply); "sgd" = the stage's
+    # optimizer for its epochs; "auto" = lbfgs where it applies (linear head, cached stage).
+    head_solver: str = "auto"
     dropout: float = 0.2  # before the classifier: 0.2 for small models, 0.5 for big heads
     spatial_dropout: float = 0.0  # on the feature map (conv head only)
     l1: float = 0.0  # on new layers
@@ -154,6 +159,7 @@ class Recipe:
         choose("resize", self.resize, ("crop", "squash"))
         choose("class_weight", self.class_weight, ("none", "balanced"))
         choose("head", self.head, HEADS)
+        choose("head_solver", self.head_solver, ("auto", "lbfgs", "sgd"))
         choose("norm", self.norm, NORMS)
         choose("replace_backbone_bn", self.replace_backbone_bn, ("", "instance", "group", "layer"))
         choose("precision", self.precision, PRECISIONS)

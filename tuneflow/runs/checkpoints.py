@@ -68,10 +68,26 @@ def _data_files(ckpt) -> list[Path]:
                   if f != manifest and not f.name.endswith(".manifest.json") and TMP_TAG not in f.name)
 
 
+def named_weights(model) -> dict:
+    """``layer/variable -> variable``. Keyed by the innermost layer's name (unique in a tuneflow model),
+    not ``v.path``, which differs between a freshly built model and a reloaded ``model.keras``; a
+    name that repeats falls back to the whole path."""
+    short = ["/".join(v.path.split("/")[-2:]) for v in model.weights]
+    return {(k if short.count(k) == 1 else v.path): v for k, v in zip(short, model.weights)}
+
+
 def variable_shapes(model) -> dict[str, list[int]]:
-    """``layer/variable -> shape``. Keyed by the innermost layer's name (unique in a tuneflow model),
-    not ``v.path``, which differs between a freshly built model and a reloaded ``model.keras``."""
-    return {"/".join(v.path.split("/")[-2:]): [int(d) for d in v.shape] for v in model.weights}
+    return {k: [int(d) for d in v.shape] for k, v in named_weights(model).items()}
+
+
+class _ByName(tf.Module):
+    """A model's weights for a checkpoint, by name: restored whatever the nesting of the model's
+    layers, and without what a compiled Keras model also tracks (its optimizer, whose state from one
+    stage does not fit the next stage's optimizer, and its metrics' variables)."""
+
+    def __init__(self, model):
+        super().__init__(name="weights")
+        self.by_name = named_weights(model)
 
 
 def verify(ckpt) -> str | None:
@@ -115,9 +131,31 @@ def read_model(model, ckpt) -> None:
     model's variables found no value: TensorFlow matches variables by the object graph (layers
     nested alike), and without this check a differently nested model would silently keep its own."""
     check_compatible(ckpt, model)
+    prefix, mpath = _resolve(ckpt)
+    if read_json(mpath).get("format") == 2:
+        status = tf.train.Checkpoint(weights=_ByName(model)).read(prefix)
+        try:
+            status.assert_existing_objects_matched()
+        except AssertionError as exc:
+            raise CheckpointMismatchError(
+                f"Checkpoint {ckpt} does not restore into this model: "
+                f"{str(exc).splitlines()[0][:200]}") from None
+        status.expect_partial()
+        return
+    # The layout before numbered folders saved the model's own object graph.
     from tensorflow.python.util import object_identity
-    status = tf.train.Checkpoint(model=model).read(_resolve(ckpt)[0])
-    status.expect_partial()
+    # The model's weights only: a compiled model also tracks its optimizer, whose variables in the
+    # checkpoint may belong to another stage's optimizer (Adam's moments vs SGD's momentum: same
+    # names, other shapes), so the optimizer is out of the object graph while reading.
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        model.optimizer = None
+    try:
+        status = tf.train.Checkpoint(model=model).read(prefix)
+        status.expect_partial()
+    finally:
+        if optimizer is not None:
+            model.optimizer = optimizer
     # Only the model's weights must all find a value: a compiled model also tracks its metrics'
     # and loss trackers' variables, which a checkpoint written before compile() does not hold.
     matched = object_identity.ObjectIdentitySet(status._checkpoint.object_by_proto_id.values())
@@ -211,7 +249,8 @@ class Checkpoints:
 
     def bind_optimizer(self, optimizer) -> None:
         """Each stage has its own optimizer: checkpoints from now on carry this one's state."""
-        objs = {"model": self.model, "stage": self.stage, "epoch": self.epoch}
+        self.optimizer = optimizer
+        objs = {"weights": _ByName(self.model), "stage": self.stage, "epoch": self.epoch}
         if optimizer is not None:
             objs["optimizer"] = optimizer
         self.ckpt = tf.train.Checkpoint(**objs)
@@ -237,7 +276,7 @@ class Checkpoints:
             os.rename(tmp, final)
             fsync_dir(self.folder)
             fault("after_rename_before_manifest")
-            manifest = {"number": number, "stage": int(stage), "epoch": int(epoch),
+            manifest = {"format": 2, "number": number, "stage": int(stage), "epoch": int(epoch),
                         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
                         "files": {f.name: _sha256(f) for f in _data_files(final)},
                         "variables": variable_shapes(self.model)}
@@ -359,12 +398,12 @@ class Checkpoints:
 
     def restore(self, ckpt, with_optimizer: bool = True) -> tuple[int, int]:
         """Model (and, if asked, this stage's optimizer) from ``ckpt``; returns its (stage, epoch)."""
-        read_model(self.model, ckpt)  # every model variable must find its value
-        prefix, _ = _resolve(ckpt)
-        if with_optimizer:
-            self.ckpt.read(prefix).expect_partial()
-        else:
-            tf.train.Checkpoint(stage=self.stage, epoch=self.epoch).read(prefix).expect_partial()
+        read_model(self.model, ckpt)  # every model weight must find its value
+        prefix, mpath = _resolve(ckpt)
+        objs = {"stage": self.stage, "epoch": self.epoch}
+        if with_optimizer and self.optimizer is not None:
+            objs["optimizer"] = self.optimizer
+        tf.train.Checkpoint(**objs).read(prefix).expect_partial()
         return int(self.stage.numpy()), int(self.epoch.numpy())
 
     def _restore_model(self, ckpt) -> None:
