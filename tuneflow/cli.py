@@ -65,6 +65,19 @@ def _parser():
     co.add_argument("runs", nargs="+", help="run folders")
     co.add_argument("--out", default="compare.png", help="the figure (val accuracy and loss curves)")
     co.add_argument("--json", action="store_true", help="print the rows as JSON")
+    lf = sub.add_parser("lr-find", help="LR range test for one stage of a recipe; suggests an lr, plots lr_find.png")
+    lf.add_argument("recipe", help="recipe name or recipe JSON file")
+    lf.add_argument("--data", required=True, help="folder of class folders, or tfds:NAME[:SPLIT]")
+    lf.add_argument("--stage", default="0", help="stage index or name (default 0)")
+    lf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    lf.add_argument("--out", help="folder for lr_find.png (default: the current folder)")
+    lf.add_argument("--json", action="store_true", help="print {suggested_lr, rule, steep, min} as JSON")
+    dr = sub.add_parser("doctor", help="data, label and model checks before training; writes doctor.md")
+    dr.add_argument("recipe", nargs="?", help="recipe name or JSON file (default small_similar)")
+    dr.add_argument("--data", required=True, help="folder of class folders, or tfds:NAME[:SPLIT]")
+    dr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    dr.add_argument("--out", help="folder for doctor.md and suspects.png (default: the current folder)")
+    dr.add_argument("--json", action="store_true", help="print {checks, verdict} as JSON")
     e = sub.add_parser("embed", help="write embeddings of images from a run (.npy, .parquet or .csv)")
     e.add_argument("run", help="run folder")
     e.add_argument("images", nargs="+", metavar="IMAGES_OR_FOLDER")
@@ -194,6 +207,12 @@ def _run(args) -> int:
         rows = compare(args.runs, args.out)
         print(json.dumps(rows, indent=2) if args.json else format_table(rows) + f"\ncurves: {args.out}")
         return 0
+    if args.cmd == "lr-find":
+        from .workbench.lr_find import cli_lr_find
+        return cli_lr_find(args)
+    if args.cmd == "doctor":
+        from .workbench.doctor import cli_doctor
+        return cli_doctor(args)
     if args.cmd == "augment-preview":
         from .data import load_data
         from .data.augment import preview
