@@ -14,7 +14,7 @@ ARGS   ?=
 # (VENV and STAMP are make targets, which cannot hold spaces; the repository's own path may.)
 q = '$(subst ','\'',$(1))'
 
-.PHONY: install finetune test bench data clean
+.PHONY: install finetune test test-fast bench data clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ finetune: $(STAMP)
 
 test: $(STAMP)
 	$(call q,$(BIN)/python) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: everything not marked slow (no real weights, subprocess fleets or real data).
+test-fast: $(STAMP)
+	$(call q,$(BIN)/python) -m pytest -m "not slow" -x -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(call q,$(BIN)/python) benchmarks/bench_recipes.py
