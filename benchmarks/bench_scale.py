@@ -9,6 +9,7 @@ resize into the store) and of the feature pass; images/s of the training input p
 
     .venv/bin/python benchmarks/bench_scale.py [N ...]          (default 2000 20000)
         --size 224 --feature-mode extractor|streamed --keep (keep the generated folders)
+    TUNEFLOW_INMEMORY_MAX_BYTES=1 .venv/bin/python benchmarks/bench_scale.py 2000   (store forced)
 
 ``extractor``: ``FeatureExtractor.compute`` as the recipes call it today (features concatenated in
 RAM); ``streamed``: the same OpenVINO model writing each batch into ``features.cache.cached_into``.
@@ -157,16 +158,18 @@ def main():
             if done.returncode:
                 sys.exit(done.stderr[-3000:])
             row = json.loads(done.stdout.strip().splitlines()[-1])
-        rows = [r for r in rows if (r["images"], r["size"], r["mode"]) != (row["images"], row["size"], row["mode"])]
+        same = ("images", "size", "mode", "in_store")
+        rows = [r for r in rows if [r[k] for k in same] != [row[k] for k in same]]
         rows.append(row)
         print(row, flush=True)
         out_path.parent.mkdir(exist_ok=True)
-        out_path.write_text(json.dumps({"rows": sorted(rows, key=lambda r: (r["mode"], r["images"]))}, indent=2))
+        rows.sort(key=lambda r: (r["mode"], r["images"], r["in_store"]))
+        out_path.write_text(json.dumps({"rows": rows}, indent=2))
         if "--keep" not in args:
             shutil.rmtree(folder)
     print("| images | mode | in store | load img/s | input img/s | feature img/s | peak RssAnon MB "
           "| peak RssFile MB | VmHWM MB |\n|---|---|---|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: (r["mode"], r["images"])):
+    for r in rows:
         print(f"| {r['images']} | {r['mode']} | {r['in_store']} | {r['load_images_per_second']} | "
               f"{r['input_pipeline_images_per_second']} | {r['feature_images_per_second']} | "
               f"{r['peak_rss_anon_mb']} | {r['peak_rss_file_mb']} | {r['vmhwm_mb']} |")

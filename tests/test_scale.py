@@ -285,3 +285,29 @@ def test_rss_growth_over_a_10x_larger_dataset_stays_bounded(tmp_path):
         grown[mode] = r["big"]["RssAnon"] - r["small"]["RssAnon"]
     assert grown["disk"] < RSS_BOUND_KB, grown
     assert grown["memory"] > 1200 * 96 * 96 * 3 / 1024 * 0.9, grown  # the probe sees pixels held in RAM
+
+
+@pytest.mark.slow
+def test_tfds_split_streams_into_the_store_and_is_reused(tmp_path):
+    """A prepared TFDS dataset (built offline) goes to the store chunk by chunk; a second load in a
+    new process reads the store and its labels, not the dataset."""
+    from test_data import TINY_TFDS_BUILDER
+    (tmp_path / "tinypkg").mkdir()
+    (tmp_path / "tinypkg" / "__init__.py").write_text("")
+    (tmp_path / "tinypkg" / "shapes.py").write_text(TINY_TFDS_BUILDER)
+    code = textwrap.dedent("""
+        import logging, tinypkg.shapes
+        logging.basicConfig(level=logging.INFO)
+        from tuneflow.data import ImageRows, load_data
+        b = load_data('tfds:tuneflow_tiny_shapes', 16)
+        assert isinstance(b.train.x, ImageRows), type(b.train.x)
+        print('LOADED', b.classes, len(b.train), len(b.val), int(b.val.x[b.val.y == 1].min()), b.fingerprint())
+    """)
+    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"), PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}",
+               TUNEFLOW_INMEMORY_MAX_BYTES="1", TUNEFLOW_HOME=str(tmp_path / "home"))
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    lines = [next((ln for ln in r.stdout.splitlines() if ln.startswith("LOADED")), r.stdout + r.stderr[-3000:])
+             for r in runs]
+    assert lines[0].startswith("LOADED ['dark', 'light'] 16 6 220") and lines[0] == lines[1], lines
+    assert "decoded images: reusing" in runs[1].stderr and "reusing" not in runs[0].stderr

@@ -12,6 +12,7 @@ holds: row subsets without copying, rows read on demand.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -69,6 +70,7 @@ class ImageRows:
         self.base = base
         self.index = None if index is None else np.asarray(index, np.int64)
         self.path = path
+        self.meta: dict = {}  # what the decoder kept beside the pixels (TFDS: the labels)
         self._fd = None
 
     def _read_sorted(self, rows: np.ndarray) -> np.ndarray:
@@ -152,7 +154,9 @@ class ImageRows:
         return out[(slice(None),) + rest] if out.ndim == self.base.ndim else out[rest]
 
     def take(self, idx) -> "ImageRows":
-        return ImageRows(self.base, self._rows(np.asarray(idx, np.int64)), self.path)
+        out = ImageRows(self.base, self._rows(np.asarray(idx, np.int64)), self.path)
+        out.meta = self.meta
+        return out
 
     def chunks(self, rows: int = CHUNK_ROWS):
         for i in range(0, len(self), rows):
@@ -228,11 +232,13 @@ def _open_store(key: str):
         return None
     ok = np.zeros(len(base), bool)
     ok[np.asarray(meta["ok"], np.int64)] = True
-    return ImageRows(base, None, str(path)), ok, list(meta["skipped"])
+    rows = ImageRows(base, None, str(path))
+    rows.meta = meta.get("extra") or {}
+    return rows, ok, list(meta["skipped"])
 
 
 def decode_rows(items, names, size: int, resize: str, decode, desc: str = "decode",
-                key: str | None = None):
+                key: str | None = None, extra=None):
     """Decode ``items`` (paths, encoded bytes, ...; an iterable of known length ``len(names)``) with
     ``decode(item) -> (size, size, 3) uint8``, in parallel, chunk by chunk.
 
@@ -240,6 +246,8 @@ def decode_rows(items, names, size: int, resize: str, decode, desc: str = "decod
     :func:`inmemory_max_bytes`, else an :class:`ImageRows` over a store keyed by ``key``; a
     complete store with that key is reused without decoding), ``ok`` which rows decoded, and
     ``skipped`` one line per item that failed, naming it (``names[i]``) and the error.
+    ``extra()``: a JSON-able dict, called once every item was read, kept in the store's manifest
+    and given back as ``x.meta`` when the store is reused (e.g. labels read beside the pixels).
     """
     n = len(names)
     nbytes = n * size * size * 3
@@ -273,7 +281,12 @@ def decode_rows(items, names, size: int, resize: str, decode, desc: str = "decod
                                                         disable=n < 200) as bar:
             for lo in range(0, n, CHUNK_ROWS):
                 hi = min(n, lo + CHUNK_ROWS)
-                chunk = [next(it) for _ in range(hi - lo)]
+                chunk = list(itertools.islice(it, hi - lo))
+                if len(chunk) < hi - lo:
+                    from ..errors import DataError
+                    raise DataError(f"The data ended after {lo + len(chunk)} of the {n} images it announced "
+                                    f"(last: {names[lo + len(chunk) - 1] if lo + len(chunk) else 'none'}); "
+                                    "it changed while being read: load it again.")
                 out = x[lo:hi] if x is not None else buf[:hi - lo]
 
                 def work(i, chunk=chunk, out=out, lo=lo):
@@ -298,11 +311,13 @@ def decode_rows(items, names, size: int, resize: str, decode, desc: str = "decod
             path = store_root() / f"{key}.npy"
             os.replace(tmp, path)
             meta = {"version": STORE_VERSION, "shape": [n, size, size, 3], "resize": resize,
-                    "ok": np.where(ok)[0].tolist(), "skipped": skipped, "complete": True}
+                    "ok": np.where(ok)[0].tolist(), "skipped": skipped, "complete": True,
+                    "extra": extra() if extra else {}}
             mtmp = path.with_suffix(".json.part")
             mtmp.write_text(json.dumps(meta))
             os.replace(mtmp, path.with_suffix(".json"))  # written last: the completion marker
             x = ImageRows(np.load(path, mmap_mode="r"), None, str(path))
+            x.meta = meta["extra"]
     finally:
         if on_disk:
             if not f.closed:
