@@ -158,8 +158,8 @@ def check_labels(plan, bundle, asm, out_dir):
     if len(flagged):
         shown = flagged[:SUSPECTS_SHOWN]
         names = [files[idx[i]] if files else f"image {idx[i]}" for i in shown]
-        captions = [f"given {plan.classes[y[i]]} ({probs[i, y[i]]:.2f})\nprobe: {plan.classes[probs[i].argmax()]} "
-                    f"({probs[i].max():.2f})" for i in shown]
+        captions = [f"{Path(n).name[:24]}\ngiven {plan.classes[y[i]]} ({probs[i, y[i]]:.2f}), probe: "
+                    f"{plan.classes[probs[i].argmax()]} ({probs[i].max():.2f})" for n, i in zip(names, shown)]
         png = image_grid(x_all[idx[shown]], captions, Path(out_dir) / "suspects.png",
                          "Images most likely mislabelled (cross-validated linear probe)")
     detail = (f"cross-validated linear probe on the frozen features: accuracy {acc:.3f} on {len(y)} images "
@@ -290,7 +290,7 @@ def _update_check(ratios, optimizer, lr):
     # every weight by lr), then the grown weights hide it.
     mid = float(np.max(finite))
     detail = (f"{optimizer} at lr {lr:g} moves the new layers' kernels by up to {mid:.2g} of their norm per "
-              f"step (first {len(finite)} steps; the notes' range is 1e-6..1e-2)")
+              f"step (first {len(finite)} steps; the notes give 1e-6..1e-2 as typical, above {UPDATE_HIGH:g} is too high)")
     if mid > UPDATE_HIGH:
         return _check("model.update_size", "warn", detail + ": the lr is too high",
                       f"lower the lr (about {lr * 1e-2 / mid:.2g} gives 1e-2 a step) or run `tuneflow lr-find`")

@@ -1,0 +1,76 @@
+"""tuneflow lr-find: is the range test's suggestion near the best LR of a grid of full runs?
+
+    .venv/bin/python benchmarks/bench_lr_find.py [--pairs DATA:RECIPE ...] [--grid 1e-4 3e-4 ...] [--set k=v ...]
+    (default pairs: data/digits and ../shared/datasets/ants_bees with small_similar, when present;
+     JSON in benchmarks/results/lr_find.json)
+
+For each dataset/recipe pair: the suggestion (valley rule, and the steepest-slope and minimum/10
+rules beside it) for stage 0, then one full ``finetune`` per grid LR (same seed, data and split),
+each scored by its reported val loss (ties: accuracy). The pair passes when the suggestion lies
+within half a decade (a factor 10**0.5 = 3.16) of the best grid LR. Recipes whose linear head is
+fitted by L-BFGS (no LR) run with ``head_solver=sgd``: their optimizer and epochs are then used.
+"""
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+def bench(data, recipe, grid, fixed) -> dict:
+    from tuneflow.training.finetune import finetune
+    from tuneflow.workbench.lr_find import lr_find
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.time()
+        found = lr_find(recipe, data, stage=0, overrides=fixed, out=tmp)
+        lr_seconds = time.time() - t0
+        stage = found["stage"]
+        runs = []
+        for lr in grid:
+            t0 = time.time()
+            res = finetune(recipe, data, Path(tmp) / f"lr{lr:g}", overrides=fixed + [f"{stage}.lr={lr:g}"], verbose=0)
+            runs.append({"lr": lr, "val_loss": res.report["val_loss"], "val_accuracy": res.report["val_accuracy"],
+                         "seconds": round(time.time() - t0, 1)})
+    best = min(runs, key=lambda r: (r["val_loss"], -r["val_accuracy"]))
+    off = {k: abs(math.log10(found[k] / best["lr"])) for k in ("suggested_lr", "steep", "min")}
+    return {"data": str(data), "recipe": recipe, "overrides": fixed, "stage": stage,
+            "suggested_lr": found["suggested_lr"], "steep": found["steep"], "min": found["min"],
+            "stopped": found["stopped"], "lr_find_seconds": round(lr_seconds, 1), "grid": runs,
+            "best_lr": best["lr"], "decades_off": {k: round(v, 2) for k, v in off.items()},
+            "within_half_decade": off["suggested_lr"] <= 0.5}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", nargs="+", help="DATA:RECIPE (default: digits and ants_bees with small_similar)")
+    p.add_argument("--grid", nargs="+", type=float, default=list(GRID))
+    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    p.add_argument("--out", default=str(HERE / "results" / "lr_find.json"))
+    args = p.parse_args(argv)
+    pairs = args.pairs or [f"{d}:small_similar" for d in (REPO / "data" / "digits", REPO.parent / "shared" / "datasets" / "ants_bees")
+                           if d.exists()]
+    fixed = ["head_solver=sgd"] + args.overrides
+    rows = []
+    for pair in pairs:
+        data, recipe = pair.rsplit(":", 1)
+        row = bench(data, recipe, args.grid, fixed)
+        rows.append(row)
+        print(f"{Path(data).name:12s} {recipe:16s} suggested {row['suggested_lr']:.2g} (steep {row['steep']:.2g}, "
+              f"min/10 {row['min']:.2g}); best grid lr {row['best_lr']:g}; {row['decades_off']['suggested_lr']:.2f} "
+              f"decades off -> {'ok' if row['within_half_decade'] else 'MISS'}", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join(["benchmarks/bench_lr_find.py"] + (argv or sys.argv[1:])),
+                               "pairs": rows, "within_half_decade": sum(r["within_half_decade"] for r in rows),
+                               "of": len(rows)}, indent=2))
+    print(f"{sum(r['within_half_decade'] for r in rows)} of {len(rows)} within half a decade; {out}")
+
+
+if __name__ == "__main__":
+    main()
