@@ -240,11 +240,26 @@ def test_suggest_reads_size_and_similarity(tmp_path, monkeypatch):
     small = make_image_folder(tmp_path / "s", per_class=10, size=48)
     big = make_image_folder(tmp_path / "b", per_class=30, size=48, seed=3)
     monkeypatch.setattr(sg, "LARGE_PER_CLASS", 20)
-    a = sg.suggest(small, input_size=64)
-    b = sg.suggest(big, input_size=64)
+    a = sg.suggest(small, input_size=64, candidates=("efficientnet_lite0",))
+    b = sg.suggest(big, input_size=64, candidates=("efficientnet_lite0",))
     assert a["recipe"].startswith("small_") and b["recipe"].startswith("large_")
     for r in (a, b):
         final, early = r["probe_accuracy"][r["final_tap"]], max(
             v for k, v in r["probe_accuracy"].items() if k != r["final_tap"])
         assert r["similar"] == (final >= early - sg.MARGIN)
         assert r["recipe"].endswith("similar" if r["similar"] else "different")
+
+
+def test_suggest_names_the_cheapest_backbone_within_the_margin(monkeypatch):
+    from tuneflow import suggest as sg
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 12)
+    x = rng.integers(0, 60, (24, 48, 48, 3)).astype(np.float32)
+    x[y == 1, 12:36, 12:36] = 230
+    monkeypatch.setattr(sg, "BACKBONE_MARGIN", 1.0)  # any accuracy ties: the cheapest must win
+    c = sg.choose_backbone(x, y, ("efficientnet_lite0", "efficientnet_lite1"))
+    assert c["backbone"] == "efficientnet_lite0" and set(c["probes"]) == {"efficientnet_lite0", "efficientnet_lite1"}
+    assert "cheapest" in c["reason"]
+    monkeypatch.setattr(sg, "BACKBONE_MARGIN", 0.0)
+    c = sg.choose_backbone(x, y, ("efficientnet_lite0", "efficientnet_lite1"), budget_seconds=0.0)
+    assert list(c["probes"]) == ["efficientnet_lite0"] and "budget" in c["reason"]

@@ -35,7 +35,8 @@ def _parser():
     r.add_argument("name", nargs="?")
     s = sub.add_parser("suggest", help="recommend a recipe from the data")
     s.add_argument("data")
-    s.add_argument("--backbone", default="efficientnet_lite0")
+    s.add_argument("--backbone", default=None,
+                   help="probe this backbone only (default: compare the EfficientNet-Lites, name the best per second)")
     s.add_argument("--json", action="store_true")
     a = sub.add_parser("augment-preview", help="write a PNG grid of augmented samples")
     a.add_argument("--data", required=True)
@@ -193,7 +194,8 @@ def _run(args) -> int:
             if result["imagenet_confidence"] is not None:
                 print(f"  ImageNet head mean top-1 confidence  {result['imagenet_confidence']:.3f}")
             print(f"  {result['reason']}")
-            print(f"suggested recipe: {result['recipe']}")
+            print(f"  {result['backbone_reason']}")
+            print(f"suggested recipe: {result['recipe']} with backbone {result['backbone']}")
         return 0
     if args.cmd == "search":
         from .workbench.search import search

@@ -1,4 +1,8 @@
-"""``suggest``: pick the cell of the transfer-learning table from the data itself.
+"""``suggest``: pick the cell of the transfer-learning table, and the backbone, from the data itself.
+
+Backbone: a cross-validated linear probe (L-BFGS, :mod:`tuneflow.training.probe`) on the final pooled
+features of each offline EfficientNet-Lite (cheapest first, within a time budget); the cheapest one
+within ``BACKBONE_MARGIN`` of the most accurate is named: accuracy per second.
 
 Size: training images per class (>= ``LARGE_PER_CLASS`` is "large").
 Similarity to ImageNet: a cross-validated linear probe on the backbone's final pooled
@@ -20,16 +24,51 @@ MARGIN = 0.02  # an earlier tap must beat the final one by 2 points to call the 
 SAMPLE_PER_CLASS = 60  # images per class the probe looks at (keeps suggest to seconds)
 
 
-def suggest(data, backbone: str = "efficientnet_lite0", input_size: int = 0, seed: int = 0) -> dict:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+CANDIDATES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")  # cheapest first
+BACKBONE_MARGIN = 0.005  # a costlier backbone must beat a cheaper one by half a point
+BUDGET_SECONDS = 180.0  # the backbone comparison stops trying costlier candidates after this
+
+
+def choose_backbone(x, y, candidates=CANDIDATES, budget_seconds: float = BUDGET_SECONDS, seed: int = 0) -> dict:
+    """Probe each candidate's final pooled features on images ``x`` (already at one size); return
+    ``{"backbone", "reason", "probes": {name: {"accuracy", "seconds", "images_per_second"}}}``."""
+    import time
+
+    import keras
+
+    from .features.extractor import FeatureExtractor
+    from .training.probe import fit_probe
+    probes, t_start = {}, time.time()
+    for name in candidates:
+        if probes and time.time() - t_start > budget_seconds:
+            break
+        t0 = time.time()
+        bb = build_backbone(name, weights="imagenet", input_size=int(x.shape[1]))
+        pooled = keras.Model(bb.input, keras.layers.GlobalAveragePooling2D()(bb.output))
+        feats = np.asarray(FeatureExtractor(pooled, "auto").run(x), np.float32)
+        probe = fit_probe(feats, y, seed=seed)
+        acc = probe.inner_accuracy if probe.inner_accuracy is not None else probe.score(feats, y)
+        secs = time.time() - t0
+        probes[name] = {"accuracy": float(acc), "seconds": round(secs, 2),
+                        "images_per_second": round(len(x) / max(secs, 1e-9), 1)}
+    best = max(p["accuracy"] for p in probes.values())
+    chosen = next(n for n in probes if probes[n]["accuracy"] >= best - BACKBONE_MARGIN)
+    tried = ", ".join(f"{n} {p['accuracy']:.3f} in {p['seconds']:.1f} s" for n, p in probes.items())
+    skipped = [n for n in candidates if n not in probes]
+    return {"backbone": chosen, "probes": probes,
+            "reason": f"cross-validated probe accuracy: {tried}; {chosen} is the cheapest within "
+                      f"{BACKBONE_MARGIN:.3f} of the best" + (f" (not tried within the {budget_seconds:.0f} s "
+                                                               f"budget: {', '.join(skipped)})" if skipped else "")}
+
+
+def suggest(data, backbone: str | None = None, input_size: int = 0, seed: int = 0,
+            candidates=CANDIDATES, budget_seconds: float = BUDGET_SECONDS) -> dict:
+    """Name the recipe (and, unless ``backbone`` is given, the backbone) for ``data``."""
+    from .training.probe import fit_probe
 
     from .data import load_data
 
-    spec = get_spec(backbone)
-    size = input_size or spec.default_size
+    size = input_size or get_spec(backbone or candidates[0]).default_size
     bundle = load_data(data, size)
     counts = np.bincount(bundle.train.y, minlength=len(bundle.classes))
     per_class = float(counts.mean())
@@ -37,6 +76,11 @@ def suggest(data, backbone: str = "efficientnet_lite0", input_size: int = 0, see
     idx = np.concatenate([rng.permutation(np.where(bundle.train.y == c)[0])[:SAMPLE_PER_CLASS]
                           for c in range(len(bundle.classes))])
     x, y = bundle.train.x[idx].astype(np.float32), bundle.train.y[idx]
+    choice = None
+    if backbone is None:
+        choice = choose_backbone(x, y, candidates, budget_seconds, seed)
+        backbone = choice["backbone"]
+    spec = get_spec(backbone)
     import keras
     model = build_backbone(backbone, weights="imagenet", input_size=size, include_top=False)
     taps = list(spec.taps)
@@ -44,11 +88,10 @@ def suggest(data, backbone: str = "efficientnet_lite0", input_size: int = 0, see
                                        for t in taps])
     engine = infer.resolve_engine("auto")  # keyed by the weights: a converted model is reused from disk
     feats = infer.run(pooled, x, 32, engine, weights_key=weights_digest(pooled))
-    k = int(min(5, np.bincount(y).min()))
     scores = {}
-    for t, f in zip(taps, feats):
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.5))
-        scores[t] = float(cross_val_score(clf, f, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed)).mean())
+    for t, f in zip(taps, feats):  # probes that converge, L2 chosen by inner cross-validation
+        probe = fit_probe(np.asarray(f, np.float32), y, seed=seed)
+        scores[t] = float(probe.inner_accuracy if probe.inner_accuracy is not None else probe.score(f, y))
     final = scores[taps[-1]]
     best_early = max(scores[t] for t in taps[:-1])
     similar = final >= best_early - MARGIN
@@ -61,6 +104,8 @@ def suggest(data, backbone: str = "efficientnet_lite0", input_size: int = 0, see
     return {"recipe": recipe, "images_per_class": per_class, "large_threshold": LARGE_PER_CLASS,
             "num_classes": len(bundle.classes), "probe_accuracy": scores, "final_tap": taps[-1],
             "similar": bool(similar), "imagenet_confidence": confidence, "backbone": backbone,
+            "backbone_probes": choice["probes"] if choice else None,
+            "backbone_reason": choice["reason"] if choice else f"backbone {backbone} given",
             "reason": (f"{per_class:.0f} images/class ({'>=' if large else '<'} {LARGE_PER_CLASS}); "
                        f"final-layer probe {final:.3f} vs best earlier {best_early:.3f} "
                        f"({'final wins or ties: similar' if similar else 'earlier wins: different'})")}

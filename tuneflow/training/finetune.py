@@ -162,7 +162,11 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose) -
                               "name the recipe (see `tuneflow recipes`).")
         suggestion = suggest(data)
         log.info("auto: %s -> %s", suggestion["reason"], suggestion["recipe"])
+        log.info("auto: %s", suggestion["backbone_reason"])
         recipe = suggestion["recipe"]
+        # The suggested backbone, unless the user's overrides name one (theirs come later and win).
+        overrides = ({"backbone": suggestion["backbone"], **overrides} if isinstance(overrides, dict)
+                     else [f"backbone={suggestion['backbone']}", *overrides])
     recipe = resolve_recipe(recipe, overrides)
     strategy = make_strategy(recipe.strategy)
     precision = choose_precision(recipe.precision)
