@@ -89,6 +89,7 @@ def test_resolve_auto_lr_replaces_only_auto_lr_keys(folder, tmp_path):
     fixed = ["input_size=32", "precision=float32", "head_solver=sgd"]
     assert resolve_auto_lr("small_similar", folder, fixed) == fixed  # nothing to resolve: unchanged
     out = resolve_auto_lr("small_similar", folder, ["head.lr=auto"] + fixed, out=tmp_path)
+    assert (tmp_path / "lr_find_head.png").exists()
     assert out[1:] == fixed and out[0].startswith("head.lr=")
     lr = float(out[0].split("=", 1)[1])
     assert 1e-7 <= lr <= 10

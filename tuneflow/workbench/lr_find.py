@@ -207,7 +207,7 @@ def head_on_cache(plan, bundle, asm):
 
 
 def lr_find(recipe, data, stage=0, overrides=(), out=None, *, start_lr: float = START_LR,
-            end_lr: float = END_LR, steps: int = STEPS, rule: str = "valley") -> dict:
+            end_lr: float = END_LR, steps: int = STEPS, rule: str = "valley", plot_name: str = "lr_find.png") -> dict:
     """Run the LR range test for one stage of ``recipe`` on ``data``; write ``lr_find.png`` in ``out``.
 
     A frozen stage trains the head on cached pooled features (seconds); any other stage applies its
@@ -224,10 +224,10 @@ def lr_find(recipe, data, stage=0, overrides=(), out=None, *, start_lr: float = 
     if steps < 5:
         raise RecipeError(f"steps={steps}: the range test needs at least 5 steps (default {STEPS}).")
     with preserved_global_state():
-        return _lr_find(recipe, data, stage, overrides, out, start_lr, end_lr, steps, rule)
+        return _lr_find(recipe, data, stage, overrides, out, start_lr, end_lr, steps, rule, plot_name)
 
 
-def _lr_find(recipe, data, stage, overrides, out, start_lr, end_lr, steps, rule) -> dict:
+def _lr_find(recipe, data, stage, overrides, out, start_lr, end_lr, steps, rule, plot_name) -> dict:
     import keras
 
     from ..backbones import apply_freeze
@@ -270,7 +270,7 @@ def _lr_find(recipe, data, stage, overrides, out, start_lr, end_lr, steps, rule)
     # The recipe's lr is multiplied by global_batch / batch_size under scale_lr; the suggestion is for the field.
     out_dir = Path(out) if out is not None else Path.cwd()
     out_dir.mkdir(parents=True, exist_ok=True)
-    png = plot(curve, found, out_dir / "lr_find.png",
+    png = plot(curve, found, out_dir / plot_name,
                f"{recipe.name}, {what} ({len(curve['lrs'])} steps; {curve['stopped']})")
     log.info("LR range test: %s; suggested lr %.3g (%s), steepest %.3g, minimum/10 %.3g -> %s",
              curve["stopped"], found["suggested_lr"], rule, found["steep"], found["min"], png)
@@ -299,7 +299,8 @@ def is_auto_lr(key: str, value) -> bool:
 def resolve_auto_lr(recipe, data, overrides=(), out=None):
     """``overrides`` with every ``STAGE.lr=auto`` (or ``stages.N.lr=auto``, ``head__lr="auto"``)
     replaced by the LR range test's suggestion for that stage, the other overrides applied first.
-    Returns the same form it was given (a list of ``key=value`` strings or a dict).
+    Returns the same form it was given (a list of ``key=value`` strings or a dict). Each stage's
+    plot is written to ``out`` (default: the current folder) as ``lr_find_<stage>.png``.
 
     >>> resolve_auto_lr("large_similar", "data/digits", ["head.lr=auto", "batch_size=16"])  # doctest: +SKIP
     ['head.lr=0.0021', 'batch_size=16']
@@ -318,7 +319,8 @@ def resolve_auto_lr(recipe, data, overrides=(), out=None):
         key = items[i][0].replace("__", ".")
         head = key.rsplit(".", 1)[0]
         stage = head.split(".", 1)[1] if head.startswith("stages.") else head
-        found = lr_find(base, data, stage=stage, out=out)
+        name = base.stages[_stage_index(base, stage)].name
+        found = lr_find(base, data, stage=stage, out=out, plot_name=f"lr_find_{name}.png")
         lr = float(f"{min(found['suggested_lr'], END_LR):.3g}")
         log.info("%s=auto -> %g (LR range test, %s rule)", items[i][0], lr, found["rule"])
         items[i] = (items[i][0], lr if as_dict else f"{lr:g}")
