@@ -53,8 +53,8 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     p.add_argument("--out", default=str(HERE / "results" / "lr_find.json"))
     args = p.parse_args(argv)
-    pairs = args.pairs or [f"{d}:small_similar" for d in (REPO / "data" / "digits", REPO.parent / "shared" / "datasets" / "ants_bees")
-                           if d.exists()]
+    default = (REPO / "data" / "digits", REPO.parent / "shared" / "datasets" / "ants_bees")
+    pairs = args.pairs or [f"{d}:small_similar" for d in default if d.exists()]
     fixed = ["head_solver=sgd"] + args.overrides
     rows = []
     for pair in pairs:

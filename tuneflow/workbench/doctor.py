@@ -51,7 +51,8 @@ def check_counts(bundle) -> dict:
 
 def check_unreadable(bundle) -> dict:
     if bundle.skipped:
-        shown = "; ".join(bundle.skipped[:5]) + (f"; ... ({len(bundle.skipped)} in all)" if len(bundle.skipped) > 5 else "")
+        more = f"; ... ({len(bundle.skipped)} in all)" if len(bundle.skipped) > 5 else ""
+        shown = "; ".join(bundle.skipped[:5]) + more
         return _check("data.unreadable", "warn", f"{len(bundle.skipped)} files skipped: {shown}",
                       "repair or remove them (they are left out of training)")
     return _check("data.unreadable", "ok", "every image file decoded")
@@ -262,7 +263,8 @@ def check_model(plan, bundle, asm, stage_index=0):
         advice = "lower the lr: `tuneflow lr-find` suggests one"
     else:
         status, detail, advice = "ok", (f"overfitting one batch ({what}): accuracy {acc:.2f} after {len(losses)} "
-                                        f"steps, loss {losses[0]:.3f} -> {losses[-1]:.3g} ({time.time() - t0:.1f} s)"), ""
+                                        f"steps, loss {losses[0]:.3f} -> {losses[-1]:.3g} "
+                                        f"({time.time() - t0:.1f} s)"), ""
     checks.append(_check("model.overfit_one_batch", status, detail, advice))
     first = norms[:GRAD_STEPS]
     text = ", ".join(f"{v:.3g}" for v in first)
@@ -290,7 +292,8 @@ def _update_check(ratios, optimizer, lr):
     # every weight by lr), then the grown weights hide it.
     mid = float(np.max(finite))
     detail = (f"{optimizer} at lr {lr:g} moves the new layers' kernels by up to {mid:.2g} of their norm per "
-              f"step (first {len(finite)} steps; the notes give 1e-6..1e-2 as typical, above {UPDATE_HIGH:g} is too high)")
+              f"step (first {len(finite)} steps; the notes give 1e-6..1e-2 as typical, above "
+              f"{UPDATE_HIGH:g} is too high)")
     if mid > UPDATE_HIGH:
         return _check("model.update_size", "warn", detail + ": the lr is too high",
                       f"lower the lr (about {lr * 1e-2 / mid:.2g} gives 1e-2 a step) or run `tuneflow lr-find`")

@@ -43,7 +43,9 @@ def range_test(model, optimizer, loss_fn, batches, start_lr: float = START_LR, e
     def step(x, y, w):
         with tf.GradientTape() as tape:
             probs = model(x, training=True)
-            loss = loss_fn(y, probs, sample_weight=w) + (tf.add_n([tf.cast(l, tf.float32) for l in model.losses]) if model.losses else 0.0)
+            loss = loss_fn(y, probs, sample_weight=w)
+            if model.losses:  # L1/L2 of the new layers: part of what the optimizer minimises
+                loss += tf.add_n([tf.cast(r, tf.float32) for r in model.losses])
         grads = tape.gradient(loss, train_vars)
         optimizer.apply_gradients(zip(grads, train_vars))
         return loss
