@@ -61,11 +61,19 @@ def write_predictions(run: RunDir, split: Split, probs: np.ndarray, classes: lis
 def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome: Outcome) -> dict:
     """Export the artifact, load it back from disk, and measure it on the validation (and test)
     images; the fast path's own accuracy is kept beside it when the two differ."""
+    import time
     r = plan.recipe
+    t0 = time.time()
     write_artifact(artifact_models(plan, asm), run.path)
     save_backbone(asm.backbone, run.path)
+    t1 = time.time()
     predictor = load(run.path)
+    t2 = time.time()
     probs = predict_split(predictor, bundle.val)
+    t3 = time.time()
+    timing = {"export": round(t1 - t0, 2), "load": round(t2 - t1, 2), "evaluate": round(t3 - t2, 2)}
+    log.info("artifact: exported in %.1f s, loaded in %.1f s, %d validation images in %.1f s",
+             t1 - t0, t2 - t1, len(probs), t3 - t2)
     m = val_metrics(probs, bundle.val.y)
     write_predictions(run, bundle.val, probs, plan.classes)
     fast = val_metrics(outcome.fast_probs, bundle.val.y) if outcome.fast_probs is not None else None
@@ -93,6 +101,7 @@ def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome
         "classes": plan.classes, "num_train": len(bundle.train), "num_val": len(bundle.val),
         "num_test": len(bundle.test) if bundle.test is not None else 0,
         "val_accuracy": m["val_accuracy"], "val_loss": m["val_loss"], "test_accuracy": test_acc,
+        "artifact_seconds": timing,
         "evaluated": "model/ (float32 SavedModel, loaded from the run folder) on the validation images "
                      + ("read from their files" if bundle.val.files else "given as arrays"),
         "fast_path": None if fast is None else {
