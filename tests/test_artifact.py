@@ -268,3 +268,12 @@ def test_real_data_report_equals_the_loaded_artifact(tmp_path, recipe, dataset):
     assert [g["class"] for g in got] == [r["predicted_class"] for r in rows]
     acc = np.mean([g["class"] == r["true_class"] for g, r in zip(got, rows)])
     assert acc == pytest.approx(res.report["val_accuracy"])
+
+
+def test_export_of_another_checkpoint(run, tmp_path):
+    exe = str(Path(sys.executable).parent / "tuneflow")
+    r = subprocess.run([exe, "export", str(run.run_dir), "--out", str(tmp_path / "x"), "--checkpoint", "last"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "x" / "1" / "saved_model.pb").exists()
+    assert not list(tmp_path.glob(".export-ckpt-*"))  # the scratch artifact is gone

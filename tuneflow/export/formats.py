@@ -289,11 +289,27 @@ def export(run, out, fmt: str = "savedmodel", *, parity_images=None, max_images:
 
 def cli_export(args) -> int:
     """``tuneflow export RUN --out DIR [--format ...]``."""
+    run = args.run
+    scratch = None
     if args.checkpoint != "best":
-        raise RunError(f"--checkpoint {args.checkpoint}: export writes the run's exported model (the one "
-                       "its report measured); load another checkpoint with tuneflow.load(run, checkpoint=...).")
-    r = export(args.run, args.out, args.format, parity_images=args.parity_images or None,
-               tolerance=args.tolerance)
+        # Another checkpoint: its artifact is built and written like the run's own (same graphs,
+        # signatures and checks), into a scratch run folder that shares the run's validation list.
+        import tempfile
+
+        from ..training.restore import artifact_from_checkpoint
+        from .artifact import write_artifact
+        scratch = Path(tempfile.mkdtemp(prefix=".export-ckpt-", dir=Path(args.out).expanduser().parent))
+        write_artifact(artifact_from_checkpoint(run, args.checkpoint), scratch)
+        for name in ("val_predictions.csv", "recipe.json", "report.json"):
+            if (Path(run) / name).exists():
+                shutil.copy2(Path(run) / name, scratch / name)
+        run = scratch
+    try:
+        r = export(run, args.out, args.format, parity_images=args.parity_images or None,
+                   tolerance=args.tolerance)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     p = r["parity"]
     worst = max(p["max_diff"], key=p["max_diff"].get)
     print(f"tuneflow: exported {args.run} as {args.format} -> {r['out']} ({', '.join(r['files'])}); parity on "

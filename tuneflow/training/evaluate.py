@@ -52,7 +52,7 @@ def write_predictions(run: RunDir, split: Split, probs: np.ndarray, classes: lis
         w = csv.writer(f)
         w.writerow(["path", "true_class", "predicted_class", "probability"] + [f"p_{c}" for c in classes])
         for i in range(len(split)):
-            path = split.files[i] if split.files else f"val[{i}]"
+            path = os.path.abspath(split.files[i]) if split.files else f"val[{i}]"
             w.writerow([path, classes[split.y[i]], classes[pred[i]], f"{probs[i, pred[i]]:.6f}"]
                        + [f"{p:.6f}" for p in probs[i]])
     os.replace(tmp, run / PREDICTIONS_FILE)

@@ -42,6 +42,12 @@ def plan_of_run(run_dir: Path) -> tuple[Plan, str | None]:
 
 def functions_from_checkpoint(run_dir: str | Path, checkpoint: str):
     """The artifact's endpoint functions for ``checkpoint`` (``"last"`` or a checkpoint path)."""
+    models = artifact_from_checkpoint(run_dir, checkpoint)
+    return in_memory_functions(models), models.info
+
+
+def artifact_from_checkpoint(run_dir: str | Path, checkpoint: str) -> ArtifactModels:
+    """The artifact's float32 graphs with the weights of ``checkpoint`` (``"last"`` or a path)."""
     run_dir = Path(run_dir)
     plan, tap = plan_of_run(run_dir)
     where = run_dir / "checkpoints" / "last" if checkpoint == "last" else Path(checkpoint)
@@ -57,4 +63,4 @@ def functions_from_checkpoint(run_dir: str | Path, checkpoint: str):
         models: ArtifactModels = artifact_models(plan, asm, checkpoint=str(used))
     finally:
         keras.mixed_precision.set_global_policy(previous)
-    return in_memory_functions(models), models.info
+    return models
