@@ -37,11 +37,21 @@ def bench(data, recipe, grid, fixed) -> dict:
             res = finetune(recipe, data, Path(tmp) / f"lr{lr:g}", overrides=fixed + [f"{stage}.lr={lr:g}"], verbose=0)
             runs.append({"lr": lr, "val_loss": res.report["val_loss"], "val_accuracy": res.report["val_accuracy"],
                          "seconds": round(time.time() - t0, 1)})
+    return score({"suggested_lr": found["suggested_lr"], "steep": found["steep"], "min": found["min"],
+                  "grid": runs}, data, recipe, fixed, stage, found["stopped"], lr_seconds)
+
+
+def score(found, data, recipe, fixed, stage, stopped, lr_seconds) -> dict:
+    """Decades between each rule's LR and the best grid LR; and the regret: the val loss of the grid
+    run nearest the suggestion (in log LR) over the best run's (1.0 = as good as the best)."""
+    runs = found["grid"]
     best = min(runs, key=lambda r: (r["val_loss"], -r["val_accuracy"]))
     off = {k: abs(math.log10(found[k] / best["lr"])) for k in ("suggested_lr", "steep", "min")}
+    near = min(runs, key=lambda r: abs(math.log10(r["lr"] / found["suggested_lr"])))
     return {"data": str(data), "recipe": recipe, "overrides": fixed, "stage": stage,
             "suggested_lr": found["suggested_lr"], "steep": found["steep"], "min": found["min"],
-            "stopped": found["stopped"], "lr_find_seconds": round(lr_seconds, 1), "grid": runs,
+            "stopped": stopped, "lr_find_seconds": round(lr_seconds, 1), "grid": runs,
+            "nearest_grid_lr": near["lr"], "val_loss_vs_best": round(near["val_loss"] / best["val_loss"], 3),
             "best_lr": best["lr"], "decades_off": {k: round(v, 2) for k, v in off.items()},
             "within_half_decade": off["suggested_lr"] <= 0.5}
 
@@ -63,7 +73,8 @@ def main(argv=None):
         rows.append(row)
         print(f"{Path(data).name:12s} {recipe:16s} suggested {row['suggested_lr']:.2g} (steep {row['steep']:.2g}, "
               f"min/10 {row['min']:.2g}); best grid lr {row['best_lr']:g}; {row['decades_off']['suggested_lr']:.2f} "
-              f"decades off -> {'ok' if row['within_half_decade'] else 'MISS'}", flush=True)
+              f"decades off -> {'ok' if row['within_half_decade'] else 'MISS'}; val loss at the nearest grid lr "
+              f"{row['val_loss_vs_best']:.2f}x the best", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["benchmarks/bench_lr_find.py"] + (argv or sys.argv[1:])),
