@@ -8,11 +8,12 @@ resize into the store) and of the feature pass; images/s of the training input p
 (gather + medium augmentation, no model) over its first 2,000 images.
 
     .venv/bin/python benchmarks/bench_scale.py [N ...]          (default 2000 20000)
-        --size 224 --feature-mode extractor|streamed --keep (keep the generated folders)
+        --size 224 --feature-mode extractor|streamed|none --keep (keep the generated folders)
     TUNEFLOW_INMEMORY_MAX_BYTES=1 .venv/bin/python benchmarks/bench_scale.py 2000   (store forced)
 
 ``extractor``: ``FeatureExtractor.compute`` as the recipes call it today (features concatenated in
-RAM); ``streamed``: the same OpenVINO model writing each batch into ``features.cache.cached_into``.
+RAM); ``streamed``: the same OpenVINO model writing each batch into ``features.cache.cached_into``;
+``none``: no feature pass.
 JSON in benchmarks/results/scale.json (rows merged by size and mode).
 """
 import json
@@ -104,7 +105,9 @@ def one(folder: str, size: int, mode: str) -> dict:
     model = keras.Model(bb.input, keras.layers.GlobalAveragePooling2D()(bb.output))
     ex = FeatureExtractor(model, engine="openvino")
     t = time.time()
-    if mode == "extractor":
+    if mode == "none":  # loading and the input pipeline only (the feature pass takes ~1 h at 100k on 2 cores)
+        feats = np.zeros((n, 1))
+    elif mode == "extractor":
         feats = ex.compute([bundle.train.x, bundle.val.x])[0]
     else:
         from tuneflow.features.cache import cached_into
@@ -125,7 +128,8 @@ def one(folder: str, size: int, mode: str) -> dict:
     return {"images": n, "size": size, "mode": mode, "engine": ex.used,
             "in_store": isinstance(bundle.train.x, ImageRows), "load_seconds": round(load_s, 1),
             "load_images_per_second": round(n / load_s, 1), "input_pipeline_images_per_second": round(input_ips, 1),
-            "feature_seconds": round(feat_s, 1), "feature_images_per_second": round(n / feat_s, 1),
+            "feature_seconds": round(feat_s, 1),
+            "feature_images_per_second": round(n / feat_s, 1) if mode != "none" else None,
             "rss_anon_after_imports_mb": round(base["RssAnon"] / 1024, 1),
             "rss_anon_after_load_mb": round(after_load["RssAnon"] / 1024, 1),
             "peak_rss_anon_load_mb": round(anon_load / 1024, 1),

@@ -71,7 +71,8 @@ class ImageRows:
         self.index = None if index is None else np.asarray(index, np.int64)
         self.path = path
         self.meta: dict = {}  # what the decoder kept beside the pixels (TFDS: the labels)
-        self._fd = None
+        # opened here, not on first read: tf.data reads from several threads at once (pread is safe)
+        self._fd = os.open(base.filename, os.O_RDONLY) if isinstance(base, np.memmap) else None
 
     def _read_sorted(self, rows: np.ndarray) -> np.ndarray:
         """Base rows ``rows`` (ascending) read from the file, consecutive runs in one call each."""
@@ -80,8 +81,6 @@ class ImageRows:
         if not isinstance(self.base, np.memmap) or not len(rows):
             out[:] = self.base[rows]
             return out
-        if self._fd is None:
-            self._fd = os.open(self.base.filename, os.O_RDONLY)
         row_bytes = out[0].nbytes
         flat = out.reshape(len(rows), -1).view(np.uint8)
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
