@@ -283,6 +283,7 @@ def test_rss_growth_over_a_10x_larger_dataset_stays_bounded(tmp_path):
         r = json.loads(out.stdout.decode().strip().splitlines()[-1])
         assert r["n"] == [120, 1200]
         grown[mode] = r["big"]["RssAnon"] - r["small"]["RssAnon"]
+    print("RssAnon growth, kB:", grown)
     assert grown["disk"] < RSS_BOUND_KB, grown
     assert grown["memory"] > 1200 * 96 * 96 * 3 / 1024 * 0.9, grown  # the probe sees pixels held in RAM
 
