@@ -1,4 +1,5 @@
-"""Command line: ``tuneflow finetune | predict | recipes | suggest | augment-preview | ...``."""
+"""Command line: ``tuneflow finetune | predict | embed | export | serve | index | similar | search |
+compare | lr-find | doctor | pack | recipes | suggest | augment-preview``."""
 from __future__ import annotations
 
 import argparse

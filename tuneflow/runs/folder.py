@@ -45,7 +45,8 @@ TMP_TAG = ".tuneflow-tmp"  # in every temporary name tuneflow creates, so leftov
 # before the marker existed, or files written by code that bypasses RunDir's own writers).
 KNOWN = ("run.json", "recipe.json", "labels.json", "metrics.csv", "curves.png", "confusion.png",
          "confusion.csv", "report.json", "report.md", "model.keras", "model", "backbone.weights.h5",
-         "backbone.json", "val_predictions.csv", "checkpoints", "tensorboard", "fold-*")
+         "backbone.json", "val_predictions.csv", "checkpoints", "tensorboard", "fold-*", "top_losses.png",
+         "lr_find_*.png")
 
 
 class RunExistsError(RunError, FileExistsError):

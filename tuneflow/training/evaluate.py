@@ -93,6 +93,12 @@ def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome
     if rows:
         rep.plot_curves(rows, run / "curves.png", f"{r.name} · {plan.spec.name}")
     rep.write_confusion(cm, plan.classes, run.path)
+    if bundle.val.files:  # the validation images the model is most wrong about, to look at
+        from ..workbench.doctor import top_losses_grid
+        try:
+            top_losses_grid(run.path)
+        except Exception as exc:  # noqa: BLE001 - a picture must not fail a finished run
+            log.warning("top_losses.png not written: %s", exc)
     stats = outcome.extractor_stats
     return {
         "recipe": r.name, "backbone": plan.spec.name, "weights": str(r.weights),

@@ -167,6 +167,11 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose) -
         # The suggested backbone, unless the user's overrides name one (theirs come later and win).
         overrides = ({"backbone": suggestion["backbone"], **overrides} if isinstance(overrides, dict)
                      else [f"backbone={suggestion['backbone']}", *overrides])
+    lr_plots = None
+    if _has_auto_lr(overrides):  # `--set head.lr=auto`: an LR range test per such stage first
+        from ..workbench.lr_find import resolve_auto_lr
+        lr_plots = Path(tempfile.mkdtemp(prefix="tuneflow-lr-find-"))
+        overrides = resolve_auto_lr(recipe, data, overrides, out=lr_plots)
     recipe = resolve_recipe(recipe, overrides)
     strategy = make_strategy(recipe.strategy)
     precision = choose_precision(recipe.precision)
@@ -188,9 +193,12 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose) -
     run = RunDir.open(out, recipe.name, overwrite=overwrite, resume=resume_here)
     model = None
     try:
-        if resume_here and hasattr(run, "check_resume"):
-            run.check_resume(recipe.to_dict(), bundle.fingerprint(), force=force)
-        run.write_json("recipe.json", recipe.to_dict())
+        run.start(recipe.to_dict(), bundle.fingerprint(), force=force)
+        if lr_plots is not None:
+            for png in sorted(lr_plots.glob("*.png")):
+                run.register(png.name)
+                shutil.move(str(png), str(run / png.name))
+            shutil.rmtree(lr_plots, ignore_errors=True)
         run.write_json("labels.json", {str(i): c for i, c in enumerate(bundle.classes)})
         run.status("running", recipe=recipe.name, data_fingerprint=bundle.fingerprint(),
                    **({"suggest": suggestion} if suggestion else {}))
@@ -205,7 +213,7 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose) -
             report["suggest"] = suggestion
         report["wall_seconds"] = round(time.time() - t_start, 2)
         run.write_json("report.json", report)
-        (run / "report.md").write_text(rep.markdown(report))
+        run.write_text("report.md", rep.markdown(report))
         run.status("finished", val_accuracy=report["val_accuracy"])
     except BaseException as exc:
         if run.discard_if_fresh():
@@ -214,9 +222,7 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose) -
             run.status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        close = getattr(run, "close", None)
-        if close is not None:
-            close()
+        run.close()
         if not chief:
             shutil.rmtree(run.path.parent, ignore_errors=True)
     if verbose:
@@ -249,6 +255,13 @@ def train_and_evaluate(plan: Plan, bundle: DataBundle, run: RunDir, verbose, res
         report["advice"] = (report.get("advice") or "") + (
             " Trained from scratch (weights=None): every layer trained in every stage.")
     return report, asm.model
+
+
+def _has_auto_lr(overrides) -> bool:
+    from ..workbench.lr_find import is_auto_lr
+    items = overrides.items() if isinstance(overrides, dict) else (
+        tuple(p.split("=", 1)) if "=" in p else (p, None) for p in overrides)
+    return any(is_auto_lr(k, v) for k, v in items)
 
 
 def _stored_tap(run: RunDir):

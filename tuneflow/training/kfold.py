@@ -19,7 +19,7 @@ log = logging.getLogger("tuneflow")
 
 # What the best fold leaves in the run folder itself, so the run is used like any other.
 FINAL_FILES = (SAVEDMODEL_DIR, KERAS_FILE, LABELS_FILE, PREDICTIONS_FILE, "backbone.weights.h5",
-               "backbone.json", "confusion.png", "confusion.csv", "curves.png")
+               "backbone.json", "confusion.png", "confusion.csv", "curves.png", "top_losses.png")
 
 
 def _finished_report(folder) -> dict | None:
@@ -46,20 +46,15 @@ def cross_validate(plan: Plan, bundle: DataBundle, run: RunDir, verbose, resume:
             folds.append(done)
             continue
         again = resume and (path / "run.json").exists()
-        sub = RunDir.open(path, r.name, overwrite=not again, resume=again)
-        try:
-            sub.write_json("recipe.json", r.to_dict())
+        with RunDir.open(path, r.name, overwrite=not again, resume=again) as sub:
+            sub.start(r.to_dict(), fold.fingerprint(), force=False)
             sub.write_json(LABELS_FILE, {str(j): c for j, c in enumerate(bundle.classes)})
             sub.status("running", recipe=r.name, fold=i + 1)
             fold_plan = Plan.make(r, fold, plan.strategy, plan.precision)
             report, _ = train_and_evaluate(fold_plan, fold, sub, verbose, again)
             sub.write_json("report.json", report)
-            (sub / "report.md").write_text(rep.markdown(report))
+            sub.write_text("report.md", rep.markdown(report))
             sub.status("finished", val_accuracy=report["val_accuracy"])
-        finally:
-            close = getattr(sub, "close", None)
-            if close is not None:
-                close()
         folds.append(report)
     accs = np.array([f["val_accuracy"] for f in folds])
     losses = np.array([f["val_loss"] for f in folds])

@@ -59,7 +59,7 @@ def artifact_from_checkpoint(run_dir: str | Path, checkpoint: str) -> ArtifactMo
             used = restore_model(asm.model, where)
         except FileNotFoundError as exc:
             raise RunError(f"checkpoint={checkpoint!r}: {exc} Use 'best', 'last' or a checkpoint path "
-                           f"such as {run_dir}/checkpoints/last/ckpt-3.") from None
+                           f"such as {run_dir}/checkpoints/ckpt-000003.") from None
         models: ArtifactModels = artifact_models(plan, asm, checkpoint=str(used))
     finally:
         keras.mixed_precision.set_global_policy(previous)

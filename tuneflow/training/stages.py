@@ -102,8 +102,6 @@ class EpochHook(keras.callbacks.Callback):
             self.best_metrics = dict(self.last_metrics)
             if self.patience:
                 self.best_weights = self.model.get_weights()
-                if self.every_epoch:
-                    self.ckpts.save_stage_best(self.stage_index, epoch + 1)
         else:
             self.wait += 1
         self.epochs_run = epoch + 1
@@ -123,7 +121,7 @@ class EpochHook(keras.callbacks.Callback):
         # The stage ends on its best epoch (from memory, or from disk after a resume).
         if self.best_weights is not None:
             self.model.set_weights(self.best_weights)
-        elif not self.ckpts.restore_stage_best(self.stage_index):
+        elif not self.ckpts.restore_stage_best(self.stage_index, epoch=self.best_epoch):
             return
         self.restored = True
         log.info("%s; restored the stage's best epoch %d (val_accuracy %.4f)",
