@@ -73,3 +73,15 @@ def random_lite0_weights() -> str:
             import shutil
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+@pytest.fixture(scope="session")
+def serving_run(tmp_path_factory):
+    """One small real run per session, shared by the serving tests (embed, index, serve, export) (Lite0 ImageNet weights, 64 px)."""
+    base = tmp_path_factory.getbasetemp() / "serving_run"
+    if not (base / "run" / "model" / "saved_model.pb").exists():
+        import tuneflow
+        folder = make_image_folder(base / "images", classes=("a", "b", "c"), per_class=30, size=48)
+        tuneflow.finetune("small_similar", str(folder), str(base / "run"),
+                          overrides={"input_size": 64, "head.epochs": 2}, verbose=0, overwrite=True)
+    return base / "run", base / "images"

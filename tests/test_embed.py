@@ -72,18 +72,6 @@ def test_pipeline_keeps_order_skips_unreadable_and_strict_stops(tmp_path):
         list_images([tmp_path / "missing"])
 
 
-@pytest.fixture(scope="module")
-def serving_run(tmp_path_factory):
-    """One small real run per session, shared by the serving tests (Lite0 ImageNet weights, 64 px)."""
-    base = tmp_path_factory.getbasetemp() / "serving_run"
-    if not (base / "run" / "model" / "saved_model.pb").exists():
-        import tuneflow
-        folder = make_image_folder(base / "images", classes=("a", "b", "c"), per_class=30, size=48)
-        tuneflow.finetune("small_similar", str(folder), str(base / "run"),
-                          overrides={"input_size": 64, "head.epochs": 2}, verbose=0, overwrite=True)
-    return base / "run", base / "images"
-
-
 # Loads the SavedModel in a process where `import tuneflow` fails, and embeds encoded files with
 # its `embed` signature (decoding in the graph).
 WITHOUT_TUNEFLOW = r"""

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, make_image_folder
+from conftest import REPO
 from tuneflow.serve.batcher import MicroBatcher
 
 
@@ -88,18 +88,6 @@ def test_app_routes_without_an_index_or_a_model_process():
         r = c.post("/v1/embed", json={"images": [base64.b64encode(_png(value=30)).decode()]})
         assert r.json() == {"embeddings": [[30.0, 30.0, 30.0]], "dim": 3}
         assert c.get("/v1/info").json()["serving"]["max_batch"] == 64
-
-
-@pytest.fixture(scope="module")
-def serving_run(tmp_path_factory):
-    """One small real run per session, shared by the serving tests (Lite0 ImageNet weights, 64 px)."""
-    base = tmp_path_factory.getbasetemp() / "serving_run"
-    if not (base / "run" / "model" / "saved_model.pb").exists():
-        import tuneflow
-        folder = make_image_folder(base / "images", classes=("a", "b", "c"), per_class=30, size=48)
-        tuneflow.finetune("small_similar", str(folder), str(base / "run"),
-                          overrides={"input_size": 64, "head.epochs": 2}, verbose=0, overwrite=True)
-    return base / "run", base / "images"
 
 
 class Server:
