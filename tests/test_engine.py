@@ -142,17 +142,17 @@ def test_existing_run_is_refused_unless_overwrite(tmp_path, tiny_folder):
 
 
 def test_failed_fresh_run_leaves_nothing_behind(tmp_path, tiny_folder, monkeypatch):
-    from tuneflow.engine import train
+    from tuneflow.training import stages
     boom = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))  # noqa: E731
-    monkeypatch.setattr(train, "_cached_inputs", boom)
+    monkeypatch.setattr(stages, "cached_features", boom)
     with pytest.raises(RuntimeError, match="boom"):
         finetune("small_similar", tiny_folder, tmp_path / "r", overrides=_fast("small_similar"), verbose=0)
     assert not (tmp_path / "r").exists()
 
 
 def test_failure_after_a_checkpoint_keeps_the_run_for_resume(tmp_path, tiny_folder, monkeypatch):
-    from tuneflow.engine import train
-    monkeypatch.setattr(train, "_evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    from tuneflow.training import finetune as train
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         finetune("small_similar", tiny_folder, tmp_path / "r", overrides=_fast("small_similar"), verbose=0)
     status = json.loads((tmp_path / "r" / "run.json").read_text())
@@ -172,6 +172,7 @@ def test_nan_loss_stops_training_with_a_diagnosis(tmp_path, tiny_folder, seed):
     # multiplies the head's kernel by about -2e7 every step, so it overflows within ~6 steps
     # (the head stage runs ~30).
     ov = {**_fast("large_different"), "seed": seed, "clipnorm": 0.0, "l2": 1e6, "head__epochs": 10,
+          "head_solver": "sgd",
           "head__lr": 10.0, "head__optimizer": "sgd", "head__schedule": "constant", "head__patience": 0}
     res = finetune("large_different", tiny_folder, tmp_path / "r", overrides=ov, verbose=0)
     note = res.report["nan"]
