@@ -127,6 +127,14 @@ def test_weights_for_another_backbone_are_refused(tmp_path):
         build_backbone("resnet50", weights=str(tmp_path), input_size=SIZE)
 
 
+def test_a_foreign_h5_is_never_silently_ignored_by_a_lite(tmp_path):
+    from tuneflow import RecipeError
+    vgg = build_backbone("vgg16", weights=None, input_size=SIZE)
+    vgg.save(tmp_path / "vgg.h5")  # a Keras (legacy) .h5 that is not a .weights.h5
+    with pytest.raises(RecipeError, match="does not fit efficientnet_lite0"):
+        build_backbone("efficientnet_lite0", weights=str(tmp_path / "vgg.h5"), input_size=SIZE)
+
+
 def test_missing_local_weights_say_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="not 'imagenet', None"):
         build_backbone("vgg16", weights=str(tmp_path / "nope.h5"), input_size=SIZE)

@@ -111,22 +111,33 @@ def build_backbone(name: str, weights: str | None = "imagenet", input_size: int 
             app_weights = str(_imagenet_file(spec, include_top))
         elif local is not None and not local.name.endswith(".weights.h5"):
             app_weights = str(local)  # a keras.applications-style .h5
-        model = spec.constructor(include_top=include_top, weights=app_weights, input_tensor=x,
-                                 input_shape=(size, size, 3))
-    if local is not None and local.name.endswith(".weights.h5"):
+        try:
+            model = spec.constructor(include_top=include_top, weights=app_weights, input_tensor=x,
+                                     input_shape=(size, size, 3))
+        except ValueError as exc:
+            if app_weights is None or weights == "imagenet":
+                raise
+            raise _misfit(local, name, include_top, exc) from None
+    # Keras weights files (.weights.h5, from save_backbone) for every backbone; for the Lites, whose
+    # graph is tuneflow's own, any Keras .h5 as well: a file is never silently ignored.
+    if local is not None and (local.name.endswith(".weights.h5") or spec.name in efficientnet_lite.VARIANTS):
         try:
             model.load_weights(str(local))
-        except Exception as exc:  # noqa: BLE001
-            raise ValueError(
-                f"Weights file {local} does not fit {name} (include_top={include_top}): {exc}. "
-                "Load it into the backbone it was saved from.") from None
-    model.tuneflow_backbone = spec.name
+        except Exception as exc:  # noqa: BLE001 - any failure means "not weights for this model"
+            raise _misfit(local, name, include_top, exc) from None
     apply_freeze(model, spec, train, freeze_bn=freeze_bn)
     return model
 
 
-def save_backbone(model: keras.Model, folder: str | Path) -> Path:
-    """Save a backbone's weights (and its name and input size) into ``folder`` atomically."""
+def _misfit(local, name, include_top, exc) -> TuneflowError:
+    from ..errors import RecipeError
+    return RecipeError(f"weights={str(local)!r} does not fit {name} (include_top={include_top}): "
+                       f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}. Pass the weights "
+                       "file or run folder of the same backbone, 'imagenet' or None.")
+
+
+def save_backbone(model: keras.Model, folder: str | Path, name: str | None = None) -> Path:
+    """Save a backbone's weights (and its registry ``name`` and input size) into ``folder`` atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / BACKBONE_WEIGHTS
@@ -138,7 +149,7 @@ def save_backbone(model: keras.Model, folder: str | Path) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    meta = {"backbone": getattr(model, "tuneflow_backbone", None),
+    meta = {"backbone": name,
             "input_size": int(model.input_shape[1])}
     (folder / BACKBONE_META).write_text(json.dumps(meta, indent=2))
     return target

@@ -65,7 +65,7 @@ def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome
     r = plan.recipe
     t0 = time.time()
     write_artifact(artifact_models(plan, asm), run.path)
-    save_backbone(asm.backbone, run.path)
+    save_backbone(asm.backbone, run.path, plan.spec.name)
     t1 = time.time()
     predictor = load(run.path)
     t2 = time.time()

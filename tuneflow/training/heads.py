@@ -92,5 +92,4 @@ def replace_batchnorm(model: keras.Model, kind: str) -> keras.Model:
     for old_layer, new_layer in zip(model.layers, new.layers):
         if not isinstance(old_layer, keras.layers.BatchNormalization) and old_layer.weights:
             new_layer.set_weights(old_layer.get_weights())
-    new.tuneflow_backbone = getattr(model, "tuneflow_backbone", None)
     return new
