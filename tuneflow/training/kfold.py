@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+import time
 
 import numpy as np
 
@@ -51,7 +52,9 @@ def cross_validate(plan: Plan, bundle: DataBundle, run: RunDir, verbose, resume:
             sub.write_json(LABELS_FILE, {str(j): c for j, c in enumerate(bundle.classes)})
             sub.status("running", recipe=r.name, fold=i + 1)
             fold_plan = Plan.make(r, fold, plan.strategy, plan.precision)
+            t0 = time.time()
             report, _ = train_and_evaluate(fold_plan, fold, sub, verbose, again)
+            report["wall_seconds"] = round(time.time() - t0, 2)
             sub.write_json("report.json", report)
             sub.write_text("report.md", rep.markdown(report))
             sub.status("finished", val_accuracy=report["val_accuracy"])
