@@ -18,8 +18,6 @@ from .errors import RecipeError
 
 log = logging.getLogger("tuneflow.recipe")
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw")
-SCHEDULES = ("constant", "step", "plateau", "exponential", "inverse_time", "cosine", "warmup_cosine")
 NORMS = ("auto", "batch", "instance", "group", "layer")
 HEADS = ("linear", "mlp", "conv")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -146,6 +144,7 @@ class Recipe:
         Anything else out of range is a :class:`RecipeError` naming the key and what is valid."""
         from .backbones import BACKBONES, get_spec
         from .data.augment import PRESETS
+        from .training.optim import OPTIMIZERS, SCHEDULES  # the registries themselves
 
         def choose(key, value, options):
             if value not in options:
@@ -180,8 +179,8 @@ class Recipe:
             raise RecipeError(f"Stage names must be unique: {names}.")
         stages, notes = list(self.stages), []
         for i, s in enumerate(self.stages):
-            choose(f"{s.name}.optimizer", s.optimizer, OPTIMIZERS)
-            choose(f"{s.name}.schedule", s.schedule, SCHEDULES)
+            choose(f"{s.name}.optimizer", s.optimizer, list(OPTIMIZERS))
+            choose(f"{s.name}.schedule", s.schedule, list(SCHEDULES))
             for f in fields(s):
                 if f.name in RANGES:
                     _number(f"{s.name}.{f.name}", getattr(s, f.name), RANGES[f.name])

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule registries (names are what recipes store)."""
+"""The optimizer and learning-rate schedule registries (their names are what recipes store and validate against)."""
 from __future__ import annotations
 
 import keras
@@ -17,26 +17,36 @@ OPTIMIZERS = {
 }
 
 
+def _total(stage: Stage, steps_per_epoch: int) -> int:
+    return max(1, stage.epochs * steps_per_epoch)
+
+
+def _warmup_cosine(stage, lr, steps):
+    warm = int(stage.warmup_epochs * steps)
+    return keras.optimizers.schedules.CosineDecay(lr / 100.0, decay_steps=max(1, _total(stage, steps) - warm),
+                                                  warmup_target=lr, warmup_steps=warm)
+
+
+# name -> (stage, peak lr, steps per epoch) -> a float or a LearningRateSchedule over optimizer steps
+SCHEDULES = {
+    "constant": lambda s, lr, n: lr,
+    "plateau": lambda s, lr, n: lr,  # ReduceLROnPlateau lowers it (see the stage runner's callbacks)
+    "step": lambda s, lr, n: keras.optimizers.schedules.PiecewiseConstantDecay(  # x0.1 at 50% and 75%
+        [int(_total(s, n) * 0.5), int(_total(s, n) * 0.75)], [lr, lr * 0.1, lr * 0.01]),
+    "exponential": lambda s, lr, n: keras.optimizers.schedules.ExponentialDecay(  # x0.1 over the stage
+        lr, decay_steps=_total(s, n), decay_rate=0.1),
+    "inverse_time": lambda s, lr, n: keras.optimizers.schedules.InverseTimeDecay(  # lr/10 at the end
+        lr, decay_steps=_total(s, n), decay_rate=9.0),
+    "cosine": lambda s, lr, n: keras.optimizers.schedules.CosineDecay(lr, decay_steps=_total(s, n)),
+    "warmup_cosine": _warmup_cosine,  # linear warm-up from lr/100 over warmup_epochs, then cosine
+}
+
+
 def make_schedule(stage: Stage, lr: float, steps_per_epoch: int):
     """A float or a ``LearningRateSchedule`` over optimizer steps."""
-    total = max(1, stage.epochs * steps_per_epoch)
-    S = keras.optimizers.schedules
-    if stage.schedule in ("constant", "plateau"):
-        return lr  # plateau: ReduceLROnPlateau lowers it (see callbacks)
-    if stage.schedule == "step":  # x0.1 at 50% and 75% of training
-        bounds = [int(total * 0.5), int(total * 0.75)]
-        return S.PiecewiseConstantDecay(bounds, [lr, lr * 0.1, lr * 0.01])
-    if stage.schedule == "exponential":  # x0.1 over the whole stage
-        return S.ExponentialDecay(lr, decay_steps=total, decay_rate=0.1)
-    if stage.schedule == "inverse_time":  # lr / (1 + k t), lr/10 at the end
-        return S.InverseTimeDecay(lr, decay_steps=total, decay_rate=9.0)
-    if stage.schedule == "cosine":
-        return S.CosineDecay(lr, decay_steps=total)
-    if stage.schedule == "warmup_cosine":
-        warm = int(stage.warmup_epochs * steps_per_epoch)
-        return S.CosineDecay(lr / 100.0, decay_steps=max(1, total - warm), warmup_target=lr,
-                             warmup_steps=warm)
-    raise ValueError(f"Unknown schedule {stage.schedule!r}.")
+    if stage.schedule not in SCHEDULES:
+        raise ValueError(f"Unknown schedule {stage.schedule!r}.")
+    return SCHEDULES[stage.schedule](stage, lr, steps_per_epoch)
 
 
 def make_optimizer(stage: Stage, lr: float, steps_per_epoch: int, clipnorm: float = 0.0):
