@@ -12,7 +12,6 @@ inner product is the cosine similarity.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import replace_dir
 from .errors import DataError, RunError
 
 INDEX_FILE, PATHS_FILE, META_FILE = "index.faiss", "paths.txt", "meta.json"
@@ -73,13 +73,7 @@ class Index:
             (tmp / PATHS_FILE).write_text("".join(p + "\n" for p in self.paths), encoding="utf-8")
             self.meta.update(count=len(self), dim=self.dim)
             (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
-            if out.exists():
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, out)
+            replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

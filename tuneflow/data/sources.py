@@ -14,13 +14,11 @@ import hashlib
 import logging
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..errors import DataError
 from ..imageops import RESIZE_MODES, decode_pixels, resize_image, to_rgb8

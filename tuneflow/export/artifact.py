@@ -43,6 +43,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from ..atomic import replace_dir
 from ..imageops import model_input
 
 SAVEDMODEL_DIR = "model"
@@ -171,14 +172,7 @@ def _atomic_dir(target: Path, write) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import replace_dir
 from ..errors import DataError, RunError
 
 FORMATS = ("savedmodel", "onnx", "openvino", "tflite")
@@ -148,7 +148,6 @@ def _onnx(model_dir, loaded, size, tmp: Path):
 
 def _openvino(model_dir, loaded, size, tmp: Path):
     import openvino as ov
-    import tensorflow as tf
     fn = _resized_function(loaded, size)
     model = ov.convert_model(fn)
     # outputs come in the order tf.nest flattens the dict (sorted keys: OPENVINO_OUTPUTS); the
@@ -274,13 +273,7 @@ def export(run, out, fmt: str = "savedmodel", *, parity_images=None, max_images:
         labels = {str(i): c for i, c in enumerate(info.get("classes", []))}
         (tmp / "labels.json").write_text(json.dumps(labels, indent=2))
         (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
         record["out"] = str(out)
         return record
     finally:

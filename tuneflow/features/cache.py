@@ -57,6 +57,15 @@ def _all_finite(a: np.ndarray, rows: int = 4096) -> bool:
     return all(np.isfinite(flat[i:i + rows]).all() for i in range(0, len(flat), rows))
 
 
+def _commit(tmp: Path, path: Path) -> None:
+    """A finished array file into place, then its checksum (what makes it a cache hit)."""
+    digest = _digest(tmp)
+    os.replace(tmp, path)
+    sums_tmp = path.with_suffix(".sha256.part")
+    sums_tmp.write_text(digest)
+    os.replace(sums_tmp, path.with_suffix(".sha256"))
+
+
 def _load_verified(path: Path) -> np.ndarray | None:
     """The cached array, or None (with a warning) when it is damaged: checksum, format or NaN/Inf.
     Files above :func:`~tuneflow.data.store.inmemory_max_bytes` come back as read-only memory maps."""
@@ -92,11 +101,7 @@ def cached(key: str, compute, *, enabled: bool = True) -> tuple[np.ndarray, bool
             np.save(f, feats)
             f.flush()
             os.fsync(f.fileno())
-        digest = _digest(Path(tmp))
-        os.replace(tmp, path)
-        sums_tmp = path.with_suffix(".sha256.part")
-        sums_tmp.write_text(digest)
-        os.replace(sums_tmp, path.with_suffix(".sha256"))
+        _commit(Path(tmp), path)
     except OSError as exc:
         log.warning("feature cache not written (%s): %s", path.parent, exc)
     finally:
@@ -137,11 +142,7 @@ def cached_into(key: str, shape: tuple[int, ...], dtype, fill, *, enabled: bool 
             return (feats if feats.nbytes > _max_bytes() else np.array(feats)), False
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        digest = _digest(Path(tmp))
-        os.replace(tmp, path)
-        sums_tmp = path.with_suffix(".sha256.part")
-        sums_tmp.write_text(digest)
-        os.replace(sums_tmp, path.with_suffix(".sha256"))
+        _commit(Path(tmp), path)
         return np.load(path, mmap_mode="r" if path.stat().st_size > _max_bytes() else None), False
     finally:
         if os.path.exists(tmp):

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import socket
 import sys
 import time
