@@ -30,9 +30,14 @@ finetune: $(STAMP)
 test: $(STAMP)
 	$(call q,$(BIN)/python) -m pytest $(PYTEST_ARGS)
 
-# The inner loop: everything not marked slow (no real weights, subprocess fleets or real data).
+# The inner loop (a few minutes): the unit-level modules and one end-to-end run with its artifact,
+# nothing marked slow. `make test` runs everything.
+FAST_TESTS = tests/test_recipe.py tests/test_data.py tests/test_scale.py tests/test_report.py \
+	tests/test_probe.py tests/test_index.py tests/test_recipes_backbones.py tests/faults/test_bad_data.py \
+	tests/faults/test_overrides.py tests/faults/test_run_folder.py tests/faults/test_disk_errors.py \
+	tests/test_artifact.py::test_run_folder_holds_the_portable_artifact
 test-fast: $(STAMP)
-	$(call q,$(BIN)/python) -m pytest -m "not slow" -x -q $(PYTEST_ARGS)
+	$(call q,$(BIN)/python) -m pytest -m "not slow" -x -q $(FAST_TESTS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(call q,$(BIN)/python) benchmarks/bench_recipes.py
