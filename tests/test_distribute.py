@@ -50,7 +50,8 @@ WORKER = textwrap.dedent("""
     from tuneflow import finetune
     data, out, dump, weights = sys.argv[1:5]
     ov = dict(input_size=32, weights=weights, batch_size=4, precision="float32", strategy="multiworker",
-              head__epochs=2, finetune__epochs=2, head__patience=0, finetune__patience=0)
+              head__epochs=2, finetune__epochs=2, head__patience=0, finetune__patience=0,
+              head_solver="sgd")  # the head trained by the optimizer too: collectives in both stages
     res = finetune("large_similar", data, out, overrides=ov, verbose=0)
     index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     np.savez(f"{dump}/weights{index}.npz", *[np.asarray(w) for w in res.model.weights])
