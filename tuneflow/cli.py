@@ -30,7 +30,8 @@ def _parser():
     pr.add_argument("--top", type=int, default=1, help="how many classes to list per image")
     pr.add_argument("--out", help="write a CSV (path, class, probability, top) instead of printing")
     pr.add_argument("--checkpoint", default="best", help="best (the exported model), last, or a checkpoint path")
-    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--batch-size", type=int, default=None,
+                    help="images a batch (default: 64 at 224 px, fewer for larger inputs or less free memory)")
     r = sub.add_parser("recipes", help="list recipes, or show one")
     r.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     r.add_argument("name", nargs="?")
@@ -87,7 +88,8 @@ def _parser():
     e.add_argument("--checkpoint", default="best", help="best (the exported model), last, or a checkpoint path")
     e.add_argument("--layer", default="pooled", choices=["pooled", "penultimate"])
     e.add_argument("--no-normalize", action="store_true", help="keep raw vectors (default: L2-normalised)")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=None,
+                    help="images a batch (default: 64 at 224 px, fewer for larger inputs or less free memory)")
     e.add_argument("--strict", action="store_true", help="fail on the first unreadable file instead of skipping it")
     e.add_argument("--no-progress", action="store_true")
     x = sub.add_parser("export", help="write the run's model as a SavedModel, ONNX, OpenVINO IR or TFLite")
@@ -119,7 +121,8 @@ def _parser():
     n.add_argument("--no-normalize", action="store_true")
     n.add_argument("--approximate-above", type=int, default=200_000,
                    help="above this many images, an HNSW index with its recall@10 measured")
-    n.add_argument("--batch-size", type=int, default=64)
+    n.add_argument("--batch-size", type=int, default=None,
+                    help="images a batch (default: 64 at 224 px, fewer for larger inputs or less free memory)")
     n.add_argument("--strict", action="store_true")
     n.add_argument("--no-progress", action="store_true")
     m = sub.add_parser("similar", help="nearest gallery images of an image, from an index")

@@ -155,7 +155,7 @@ def _stored_vectors(index) -> np.ndarray:
 
 def build_index(run, gallery, out, *, checkpoint: str = "best", layer: str = "pooled",
                 normalize: bool = True, approximate_above: int = APPROXIMATE_ABOVE,
-                batch_size: int = 64, progress: bool = False, strict: bool = False):
+                batch_size: int | None = None, progress: bool = False, strict: bool = False):
     """Embed the gallery's images with a run and write an index folder -> (Index, skipped files)."""
     from .export.embed import embed_files, list_images, load_predictor
     predictor = load_predictor(run, checkpoint)
@@ -172,7 +172,7 @@ def build_index(run, gallery, out, *, checkpoint: str = "best", layer: str = "po
     return index, result.skipped
 
 
-def add_to_index(index_dir, images, *, batch_size: int = 64, progress: bool = False, strict: bool = False):
+def add_to_index(index_dir, images, *, batch_size: int | None = None, progress: bool = False, strict: bool = False):
     """Embed more images with the run, checkpoint and layer the index was built with and add them
     in place (no rebuild); images already in the index are left out -> (Index, added, skipped)."""
     from .export.embed import embed_files, list_images, load_predictor

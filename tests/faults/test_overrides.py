@@ -71,3 +71,88 @@ def test_cli_reports_bad_numbers_and_weights_in_one_line(tmp_path):
         assert f"tuneflow: error: " in r.stderr and msg in r.stderr, r.stderr
         assert "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+# -- the feature-pass batch adapts to input size and to memory ---------------------------------
+
+def test_feature_pass_batch_shrinks_with_input_size_and_free_memory(caplog):
+    from tuneflow import build_backbone
+    from tuneflow.features import extractor as ex
+    m = build_backbone("efficientnet_lite0", weights=None, input_size=96)
+    per = ex.activation_bytes(m)
+    assert per > 0
+    plenty = 10 ** 13
+    assert ex.infer_batch(96, model=m, available=plenty) == 64
+    assert ex.infer_batch(448, available=plenty) == 16      # 4x the pixels of 224 -> a quarter
+    assert ex.infer_batch(2048, available=plenty) == 1
+    with caplog.at_level("WARNING", logger="tuneflow"):
+        assert ex.infer_batch(96, model=m, available=int(5.5 * per / ex.MEMORY_SHARE)) == 5
+    assert "so the batch is 5" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tuneflow"):
+        assert ex.infer_batch(96, model=m, available=0) == 1
+    assert "lower input_size" in caplog.text
+    # without a model (a loaded artifact) the estimate is per pixel, so it shrinks too
+    assert ex.infer_batch(224, available=int(3.5 * ex.LIVE_FACTOR * 4 * ex.FLOATS_PER_PIXEL * 224 * 224
+                                             / ex.MEMORY_SHARE)) == 3
+
+
+def test_available_memory_takes_the_least_of_the_machine_and_its_cgroup(tmp_path):
+    from tuneflow.features.extractor import available_memory
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/meminfo").write_text("MemTotal: 24000000 kB\nMemAvailable: 20000000 kB\n")
+    assert available_memory(tmp_path) == 20000000 * 1024
+    cg = tmp_path / "sys/fs/cgroup"
+    cg.mkdir(parents=True)
+    (cg / "memory.max").write_text("max\n")            # no limit: the machine's figure holds
+    (cg / "memory.current").write_text("1000\n")
+    assert available_memory(tmp_path) == 20000000 * 1024
+    (cg / "memory.max").write_text(str(2 << 30))       # a 2 GB container with 0.5 GB in use
+    (cg / "memory.current").write_text(str(1 << 29))
+    assert available_memory(tmp_path) == (2 << 30) - (1 << 29)
+    (cg / "memory.current").write_text(str(3 << 30))   # over its limit: nothing left, never negative
+    assert available_memory(tmp_path) == 0
+    real = available_memory()
+    assert 0 < real <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def test_the_activation_estimate_bounds_the_memory_a_forward_pass_takes():
+    """In a fresh process: the peak RSS growth of a real forward pass (VmHWM after clear_refs) stays
+    under the estimate, so a batch sized by it fits."""
+    code = r'''
+import numpy as np, keras
+from tuneflow import build_backbone
+from tuneflow.features.extractor import activation_bytes
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+for name in ("efficientnet_lite0", "resnet50"):
+    b = build_backbone(name, weights=None, input_size=160)
+    m = keras.Model(b.input, keras.layers.GlobalAveragePooling2D()(b.output))
+    x = np.random.default_rng(0).integers(0, 255, (16, 160, 160, 3)).astype(np.float32)
+    m.predict(x[:1], verbose=0)
+    base = status("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")
+    m.predict(x, batch_size=16, verbose=0)
+    print(name, (status("VmHWM") - base) / 16, activation_bytes(m))
+'''
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["efficientnet_lite0"], ["resnet50"])]
+    assert len(rows) == 2, out.stdout
+    for name, measured, estimate in rows:
+        assert float(measured) <= float(estimate), (name, measured, estimate)
+
+
+def test_feature_extractor_uses_the_memory_batch_and_gives_the_same_features(monkeypatch):
+    import keras
+    from tuneflow import build_backbone
+    from tuneflow.features import extractor as ex
+    b = build_backbone("efficientnet_lite0", weights=None, input_size=64)
+    pooled = keras.Model(b.input, keras.layers.GlobalAveragePooling2D()(b.output))
+    x = np.random.default_rng(1).integers(0, 255, (10, 64, 64, 3)).astype(np.uint8)
+    roomy = ex.FeatureExtractor(pooled, "tensorflow")
+    assert roomy.batch_size == 64
+    monkeypatch.setattr(ex, "available_memory", lambda: int(3.5 * ex.activation_bytes(pooled) / ex.MEMORY_SHARE))
+    tight = ex.FeatureExtractor(pooled, "tensorflow")
+    assert tight.batch_size == 3
+    np.testing.assert_allclose(tight.run(x), roomy.run(x), atol=1e-5)

@@ -49,7 +49,7 @@ def predict_command(args) -> int:
         except DataError as exc:
             skipped.append(str(exc))
             print(f"tuneflow: skipped {exc}", file=sys.stderr)
-        if len(batch) >= args.batch_size:
+        if len(batch) >= (args.batch_size or predictor.batch_size):
             flush()
     flush()
     if args.out:

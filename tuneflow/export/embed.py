@@ -75,13 +75,14 @@ def _load_chunk(predictor, paths, strict: bool, max_pixels):
 
 
 def embed_files(predictor, paths, *, layer: str = "pooled", normalize: bool = True,
-                batch_size: int = 64, progress: bool = False, strict: bool = False,
+                batch_size: int | None = None, progress: bool = False, strict: bool = False,
                 max_pixels: int | None = None, workers: int | None = None) -> Embeddings:
     """Embed image files in batches of ``batch_size``: unreadable files are skipped and listed in
     ``skipped`` (``strict=True``: the first one raises DataError). Decoding runs in ``workers``
     threads (default: CPU count), ``LOOKAHEAD`` batches ahead of the model."""
     if layer not in LAYERS:
         raise DataError(f"layer={layer!r}; choose one of {', '.join(LAYERS)}.")
+    batch_size = predictor.batch_size if batch_size is None else batch_size
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size}; it must be at least 1.")
     from tqdm.auto import tqdm

@@ -96,11 +96,11 @@ class Predictor:
         return v
 
     # -- convenience: lists of paths, bytes or arrays --------------------------------------
-    def predict_proba(self, items: Iterable, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    def predict_proba(self, items: Iterable, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
         return np.concatenate(list(self._batched(items, batch_size, progress, self.classify_prepared))
                               or [np.zeros((0, len(self.classes)), np.float32)])
 
-    def predict(self, items: Iterable, top: int = 1, batch_size: int = 64, progress: bool = False) -> list[dict]:
+    def predict(self, items: Iterable, top: int = 1, batch_size: int | None = None, progress: bool = False) -> list[dict]:
         """``[{"class": NAME, "probability": P, "top": [[NAME, P], ...]}, ...]`` in input order."""
         probs = self.predict_proba(items, batch_size, progress)
         return [self.describe(p, top) for p in probs]
@@ -110,15 +110,23 @@ class Predictor:
         return {"class": self.classes[order[0]], "probability": float(p[order[0]]),
                 "top": [[self.classes[i], float(p[i])] for i in order]}
 
-    def embed(self, items: Iterable, layer: str = "pooled", normalize: bool = True, batch_size: int = 64,
+    def embed(self, items: Iterable, layer: str = "pooled", normalize: bool = True, batch_size: int | None = None,
               progress: bool = False) -> np.ndarray:
         dim = self.embedding_dim if layer == "pooled" else self.info_obj.penultimate_dim
         parts = list(self._batched(items, batch_size, progress,
                                    lambda b: self.embed_prepared(b, layer, normalize)))
         return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
+    @property
+    def batch_size(self) -> int:
+        """Images a batch when the caller gives none: 64 at 224 px, fewer for larger inputs or
+        when memory is short (:func:`tuneflow.features.extractor.infer_batch`)."""
+        from ..features.extractor import infer_batch
+        return infer_batch(self.input_size)
+
     def _batched(self, items, batch_size, progress, fn):
         items = list(items)
+        batch_size = batch_size or self.batch_size
         from tqdm.auto import tqdm
         bar = tqdm(total=len(items), unit="img", disable=not progress, leave=False)
         for i in range(0, len(items), batch_size):

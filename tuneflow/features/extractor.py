@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 
 import numpy as np
@@ -15,13 +16,109 @@ log = logging.getLogger("tuneflow")
 
 # Images per forward pass without gradients: 64 is ~30% faster than 32 on 2 CPU cores at 224 px;
 # activations grow with the pixel count, so larger inputs get proportionally smaller batches
-# (input_size=2048 -> 1 image a batch) and the feature pass's memory stays about constant.
+# (input_size=2048 -> 1 image a batch) and the feature pass's memory stays about constant. The
+# batch is also capped by the memory this process may still use (``available_memory``): a batch's
+# activations are estimated from the model's layer outputs (``activation_bytes``) and kept under
+# MEMORY_SHARE of what is available, so a busy machine or a small container gets smaller batches.
 INFER_BATCH = 64
 REFERENCE_PIXELS = 224 * 224
+MEMORY_SHARE = 0.25
+# Live tensors at the peak of a forward pass, in units of the largest layer output: that output,
+# its input, a residual/SE branch kept alive across the block and oneDNN's reordered copy.
+LIVE_FACTOR = 4
 
 
-def infer_batch(size: int, base: int = INFER_BATCH) -> int:
-    return int(max(1, min(base, base * REFERENCE_PIXELS // max(1, size * size))))
+def _read_int(path) -> int | None:
+    try:
+        text = open(path).read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory(root: str = "/") -> int:
+    """Bytes this process can still allocate: the least of the machine's MemAvailable and the
+    headroom under the cgroup's limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``: Docker,
+    Kubernetes, Colab), so a container's limit is respected, not only the host's free memory.
+    ``root``: where /proc and /sys are (tests point it at a folder of fake files)."""
+    from pathlib import Path
+    root = Path(root)
+    candidates = []
+    try:
+        for line in open(root / "proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                candidates.append(int(line.split()[1]) * 1024)
+                break
+    except OSError:
+        pass
+    for limit_f, usage_f in (("sys/fs/cgroup/memory.max", "sys/fs/cgroup/memory.current"),
+                             ("sys/fs/cgroup/memory/memory.limit_in_bytes",
+                              "sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(root / limit_f), _read_int(root / usage_f)
+        if limit is not None and usage is not None and limit < (1 << 60):
+            candidates.append(max(0, limit - usage))
+    if not candidates and str(root) != "/":
+        return 4 << 30
+    if not candidates:  # not Linux: assume a laptop's worth rather than refusing to run
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            return 4 << 30
+    return min(candidates)
+
+
+def activation_bytes(model) -> int:
+    """Estimated peak bytes of a forward pass for one image: LIVE_FACTOR x the largest layer
+    output (float32), from the layers' static shapes. Without gradients, TensorFlow frees each
+    activation once it is consumed, so the peak follows the largest layer, not their sum."""
+    largest = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        try:
+            outs = layer.output
+        except (AttributeError, ValueError):  # a layer used twice, or not built: skip it
+            continue
+        for o in (outs if isinstance(outs, (list, tuple)) else [outs]):
+            shape = getattr(o, "shape", None)
+            if shape is None or len(shape) < 2 or any(d is None for d in shape[1:]):
+                continue
+            largest = max(largest, int(np.prod(shape[1:])))
+    if not largest:  # no static shapes: fall back to the input
+        shape = model.inputs[0].shape
+        largest = int(np.prod([d or 224 for d in shape[1:]]))
+    return LIVE_FACTOR * 4 * largest
+
+
+# Without a model to measure (a loaded artifact), the largest activation of the backbones in the
+# registry per input pixel: EfficientNet-Lite's first expanded block, 96 channels at half
+# resolution = 24 floats a pixel; ResNet50's first stage (256 channels at 1/4) = 16; VGG16's
+# first block (64 channels at full resolution) = 64. The largest is assumed.
+FLOATS_PER_PIXEL = 64
+
+
+def infer_batch(size: int, base: int = INFER_BATCH, model=None, available: int | None = None,
+                memory: bool | None = None) -> int:
+    """Images per batch of a forward pass without gradients at ``size`` px: ``base`` at 224 px,
+    scaled down with the pixel count and down to what fits in MEMORY_SHARE of ``available``
+    (bytes; default :func:`available_memory`), the activations measured on ``model`` or, without
+    one, estimated as FLOATS_PER_PIXEL floats a pixel. ``memory=False`` skips the memory cap."""
+    batch = int(max(1, min(base, base * REFERENCE_PIXELS // max(1, size * size))))
+    if memory is None:
+        memory = True
+    if memory:
+        per_image = activation_bytes(model) if model is not None \
+            else LIVE_FACTOR * 4 * FLOATS_PER_PIXEL * size * size
+        budget = MEMORY_SHARE * (available_memory() if available is None else available)
+        fits = int(budget // max(1, per_image))
+        if fits < batch:
+            log.warning("Feature pass: %d images a batch would need ~%.1f GB for activations; "
+                        "%.1f GB is available, so the batch is %d.", batch, batch * per_image / 2**30,
+                        budget / MEMORY_SHARE / 2**30, max(1, fits))
+            batch = max(1, fits)
+        if fits < 1:
+            log.warning("Feature pass: one image at %d px may need ~%.1f GB, more than the %.1f GB "
+                        "available; lower input_size if the process runs out of memory.",
+                        size, per_image / 2**30, budget / MEMORY_SHARE / 2**30)
+    return batch
 
 
 def architecture_digest(model) -> str:
@@ -49,7 +146,7 @@ class FeatureExtractor:
         self.model = keras.Model(feature_model.input, feature_model.output)
         self.engine = infer.resolve_engine(engine)
         size = int(self.model.inputs[0].shape[1] or 224)
-        self.batch_size = batch_size or infer_batch(size)
+        self.batch_size = batch_size or infer_batch(size, model=self.model)
         self.memo: dict = {}
         self.weights_key = fcache.weights_digest(self.model)
         self.arch_key = architecture_digest(self.model)

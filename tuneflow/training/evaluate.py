@@ -34,11 +34,12 @@ def artifact_models(plan: Plan, asm: Assembly, checkpoint: str = "best") -> Arti
     return ArtifactModels(twin.feature_model, twin.head, info)
 
 
-def predict_split(predictor: Predictor, split: Split, batch_size: int = 64) -> np.ndarray:
+def predict_split(predictor: Predictor, split: Split, batch_size: int | None = None) -> np.ndarray:
     """Probabilities of the artifact on a split: its images read from their files (decoded, then
     resized by the model's own resize), or the arrays themselves for array data."""
     if split.files and len(split.files) == len(split):
         return predictor.predict_proba(split.files, batch_size, progress=len(split) >= 500)
+    batch_size = batch_size or predictor.batch_size
     return np.concatenate([predictor.classify_prepared(split.x[i:i + batch_size].astype(np.float32))
                            for i in range(0, len(split), batch_size)] or
                           [np.zeros((0, len(predictor.classes)), np.float32)])
