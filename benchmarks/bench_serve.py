@@ -106,6 +106,8 @@ def main():
     ap.add_argument("data")
     ap.add_argument("--run")
     ap.add_argument("--rss-requests", type=int, default=10_000)
+    ap.add_argument("--only", choices=["all", "rss"], default="all",
+                    help="rss: only the server's memory over --rss-requests (skips the throughput parts)")
     args = ap.parse_args()
     data = Path(args.data)
     from tuneflow.export.embed import list_images
@@ -118,27 +120,37 @@ def main():
         tuneflow.finetune("small_similar", str(data), run, verbose=0)
     result = {"data": str(data), "images": len(paths), "run": run,
               "command": "benchmarks/bench_serve.py " + " ".join(sys.argv[1:])}
-    result["offline"] = offline(run, paths)
-    print(json.dumps(result["offline"], indent=1), flush=True)
+    if args.only == "all":
+        result["offline"] = offline(run, paths)
+        print(json.dumps(result["offline"], indent=1), flush=True)
     blobs = [p.read_bytes() for p in paths]
     server = Server(run)
     try:
         http(server.url, blobs, 16, 64)  # warm-up
-        result["http"] = [http(server.url, blobs, c, n) for c, n in ((1, 200), (16, 800))]
-        base = result["offline"]["tuneflow_embed"]["images_per_s"]
-        for h in result["http"]:
-            h["vs_offline"] = h["images_per_s"] / base
-        print(json.dumps(result["http"], indent=1), flush=True)
+        if args.only == "all":
+            result["http"] = [http(server.url, blobs, c, n) for c, n in ((1, 200), (16, 800))]
+            base = result["offline"]["tuneflow_embed"]["images_per_s"]
+            for h in result["http"]:
+                h["vs_offline"] = h["images_per_s"] / base
+            print(json.dumps(result["http"], indent=1), flush=True)
+        # RSS after a first pass over the images (every image size and batch shape met once), then
+        # sampled every 10% of the requests: growth that levels off is a cache filling, growth
+        # that keeps rising is a leak.
+        http(server.url, blobs, 16, max(len(blobs), 1000))
         before = server.rss_mb()
         t = time.perf_counter()
-        http(server.url, blobs, 16, args.rss_requests)
+        curve = []
+        step = max(1, args.rss_requests // 10)
+        for done in range(0, args.rss_requests, step):
+            http(server.url, blobs, 16, min(step, args.rss_requests - done))
+            curve.append(round(server.rss_mb() - before, 1))
         result["rss"] = {"requests": args.rss_requests, "before_mb": before, "after_mb": server.rss_mb(),
-                         "seconds": time.perf_counter() - t}
+                         "seconds": time.perf_counter() - t, "growth_curve_mb": curve}
         result["rss"]["growth_mb"] = result["rss"]["after_mb"] - before
         print(json.dumps(result["rss"], indent=1), flush=True)
     finally:
         server.stop()
-    out = HERE / "results" / f"serve_{data.name}.json"
+    out = HERE / "results" / f"serve_{data.name}{'_rss' if args.only == 'rss' else ''}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

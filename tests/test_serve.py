@@ -34,8 +34,30 @@ def test_batcher_joins_concurrent_requests_and_keeps_each_its_rows():
     b.stop()
     for x, y in zip(inputs, outs):
         np.testing.assert_array_equal(y, x * 2)
-    assert sum(calls) == sum(len(x) for x in inputs)
+    assert sum(calls) >= sum(len(x) for x in inputs)   # padded up to a bucket, never fewer rows
+    assert set(calls) <= {1, 2, 4, 8}                  # only the bucket sizes reach the model
     assert max(calls) <= 8 and len(calls) < len(inputs)  # batched, never over max_batch
+
+
+def test_batcher_pads_to_a_few_batch_sizes_and_returns_only_real_rows():
+    from tuneflow.serve.batcher import bucket_sizes, padded_call
+    assert bucket_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert bucket_sizes(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert bucket_sizes(1) == [1]
+    seen = []
+
+    def f(x, k):
+        seen.append(x.shape[0])
+        return x.sum(axis=1) + k
+    x = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    y = padded_call(f, x, (1.0,), bucket_sizes(64))
+    assert seen == [8] and y.shape == (5,)
+    np.testing.assert_array_equal(y, x.sum(axis=1) + 1.0)
+    calls = []
+    b = MicroBatcher({"f": lambda x: calls.append(len(x)) or x}, max_batch=64, pad_batches=False).start()
+    b.submit(("f",), np.zeros((5, 1), np.float32)).result(timeout=5)
+    b.stop()
+    assert calls == [5]  # padding can be switched off
 
 
 def test_batcher_groups_by_key_fails_only_the_failing_batch_and_drains_on_stop():
@@ -286,3 +308,15 @@ def test_server_refuses_to_start_on_a_missing_or_damaged_model(serving_run, tmp_
                              cwd=REPO, capture_output=True, text=True, timeout=300)
         assert out.returncode != 0
         assert message in out.stderr and "serving" not in out.stderr, out.stderr[-2000:]
+
+
+def test_memory_upkeep_calls_work_and_the_worker_trims_only_when_idle():
+    from tuneflow.serve import memory
+    assert isinstance(memory.limit_arenas(), bool) and isinstance(memory.trim(), bool)
+    t = memory.Trimmer(every_s=0.0)
+    idle = []
+    b = MicroBatcher({"f": lambda x: x}, max_batch=4, on_idle=lambda: (idle.append(1), t.maybe())).start()
+    for _ in range(3):
+        b.submit(("f",), np.zeros((1, 1), np.float32)).result(timeout=5)
+    b.stop()
+    assert len(idle) == 3 and t.trims == 3  # one call after each batch that left the queue empty

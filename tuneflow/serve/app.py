@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from .batcher import MicroBatcher
 from .config import ApiError, ServeConfig
 from .inputs import prepare_request, read_images
+from .memory import Trimmer
 from .metrics import Metrics, MetricsMiddleware
 
 log = logging.getLogger("tuneflow.serve")
@@ -89,7 +90,8 @@ def create_app(predictor, cfg: ServeConfig | None = None, index=None, on_stop=No
     @contextlib.asynccontextmanager
     async def lifespan(app):
         app.state.batcher = MicroBatcher({"embed": embed_fn, "classify": classify_fn},
-                                         cfg.max_batch, cfg.max_wait_ms, on_batch).start()
+                                         cfg.max_batch, cfg.max_wait_ms, on_batch,
+                                         on_idle=Trimmer().maybe).start()
         app.state.ready = True
         try:
             yield

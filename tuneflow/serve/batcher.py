@@ -5,6 +5,12 @@ waiting request, then gathers more of the same kind (embed with given settings, 
 ``max_batch`` images or ``max_wait_ms`` have passed, runs one call of the predictor's
 prepared-batch function, and hands each request its own rows. One thread means one model call
 at a time: TensorFlow already spreads a call over every core, and the model's memory is paid once.
+
+Each call is padded up to one of a few batch sizes (powers of two up to ``max_batch``, and
+``max_batch``), as TF Serving's ``allowed_batch_sizes`` does: oneDNN keeps compiled primitives and
+scratch buffers per input shape, so a server that called the model with every size from 1 to 64
+kept ~64 sets of them (the RSS grew for thousands of requests); with buckets it keeps at most 8.
+The padding rows are zeros and their outputs are dropped (inference treats rows independently).
 """
 from __future__ import annotations
 
@@ -20,6 +26,24 @@ import numpy as np
 _STOP = object()
 
 
+def bucket_sizes(max_batch: int) -> list[int]:
+    """The batch sizes the model is called with: 1, 2, 4, ... below ``max_batch``, then ``max_batch``."""
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_batch]
+
+
+def padded_call(fn, x: np.ndarray, args: tuple, buckets: list[int]) -> np.ndarray:
+    """``fn(x, *args)`` with x's rows padded by zeros up to the smallest bucket that holds them."""
+    n = len(x)
+    size = next((b for b in buckets if b >= n), n)
+    if size > n:
+        x = np.concatenate([x, np.zeros((size - n,) + x.shape[1:], x.dtype)])
+    return np.asarray(fn(x, *args))[:n]
+
+
 @dataclass
 class _Item:
     key: tuple
@@ -31,11 +55,14 @@ class MicroBatcher:
     """``submit(key, batch)`` -> Future of that batch's output rows. ``functions[key[0]](x, *key[1:])``
     computes a joined batch; ``on_batch(n_images)`` is told each call's size (for metrics)."""
 
-    def __init__(self, functions: dict, max_batch: int = 64, max_wait_ms: float = 5.0, on_batch=None):
+    def __init__(self, functions: dict, max_batch: int = 64, max_wait_ms: float = 5.0, on_batch=None,
+                 pad_batches: bool = True, on_idle=None):
         self.functions = functions
         self.max_batch = max(1, int(max_batch))
+        self.buckets = bucket_sizes(self.max_batch) if pad_batches else []
         self.max_wait_s = max(0.0, float(max_wait_ms)) / 1000.0
         self.on_batch = on_batch
+        self.on_idle = on_idle  # called after a batch when no request is waiting (memory upkeep)
         self._queue: queue.Queue = queue.Queue()
         self._held: deque = deque()  # taken from the queue but of another kind, or not fitting: next
         self._thread = threading.Thread(target=self._loop, name="tuneflow-inference", daemon=True)
@@ -110,6 +137,8 @@ class MicroBatcher:
                 return
             items = self._gather(first)
             self._run(items)
+            if self.on_idle is not None and self._queue.empty() and not self._held:
+                self.on_idle()
 
     def _run(self, items: list[_Item]) -> None:
         fn = self.functions[items[0].key[0]]
@@ -117,7 +146,8 @@ class MicroBatcher:
         try:
             x = items[0].batch if len(items) == 1 else np.concatenate([it.batch for it in items])
             # a single request larger than max_batch runs in max_batch slices
-            outs = [np.asarray(fn(x[i:i + self.max_batch], *args)) for i in range(0, len(x), self.max_batch)]
+            outs = [padded_call(fn, x[i:i + self.max_batch], args, self.buckets)
+                    for i in range(0, len(x), self.max_batch)]
             y = outs[0] if len(outs) == 1 else np.concatenate(outs)
         except BaseException as exc:  # noqa: BLE001 - a failed model call fails its requests, not the worker
             for it in items:

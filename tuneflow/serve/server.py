@@ -55,6 +55,8 @@ def serve(run, *, host: str = "127.0.0.1", port: int = 8080, checkpoint: str = "
     import uvicorn
 
     from .app import create_app
+    from .memory import limit_arenas
+    limit_arenas()  # before the model's and the request pool's threads exist: see .memory
     cfg = cfg or ServeConfig()
     predictor, index = load_for_serving(run, checkpoint, index_dir)
     app = create_app(predictor, cfg, index, on_stop=_report_drained)
