@@ -138,12 +138,13 @@ def create_app(predictor, cfg: ServeConfig | None = None, index=None, on_stop=No
         if layer not in LAYERS:
             raise ApiError(422, "bad_parameter", f"layer={layer!r}; choose one of {', '.join(LAYERS)}.")
         y = await infer(request, ("embed", layer, normalize))
-        return {"embeddings": y.tolist(), "dim": int(y.shape[1])}
+        # a JSONResponse is sent as is: FastAPI's encoder would walk every float in the event loop
+        return JSONResponse({"embeddings": y.tolist(), "dim": int(y.shape[1])})
 
     @app.post("/v1/classify")
     async def classify(request: Request, top: int = Query(cfg.top, ge=1)):
         y = await infer(request, ("classify",))
-        return {"predictions": _top(y, classes, min(top, len(classes)))}
+        return JSONResponse({"predictions": _top(y, classes, min(top, len(classes)))})
 
     @app.post("/v1/search")
     async def search(request: Request, k: int = Query(5, ge=1)):
