@@ -72,6 +72,7 @@ RANGES = {
     "momentum": Bounds(0, 1, hi_open=True),
     "weight_decay": Bounds(0, 1),
     "patience": Bounds(0, 100000),
+    "tensorboard_histograms": Bounds(1, 100000, zero="off"),
 }
 
 
@@ -131,6 +132,10 @@ class Recipe:
     feature_engine: str = "auto"  # auto | tensorflow | openvino: runs the frozen-feature pass (auto: OpenVINO on CPUs)
     precision: str = "auto"
     strategy: str = "auto"
+    # Epochs between weight, gradient and activation histograms in tensorboard/ (0 = off): one
+    # forward and backward pass on a fixed batch of 32 training examples each time.
+    tensorboard_histograms: int = 1
+    tensorboard_layers: tuple[str, ...] = ()  # layers whose activations are logged; () = features + head's penultimate
     seed: int = 0
     stages: tuple[Stage, ...] = (Stage("head"),)
     adapted: tuple[str, ...] = ()  # set by validate(): what it changed to fit the backbone (for the report)

@@ -24,6 +24,7 @@ from .distribute import patch_symbolic_build
 from .distribute import predict as dist_predict
 from .optim import current_lr, make_optimizer
 from .plan import Plan
+from .tblog import histograms_for_stage
 
 log = logging.getLogger("tuneflow")
 
@@ -362,6 +363,11 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
         if not use_cache:
             callbacks.append(keras.callbacks.TensorBoard(str(run / "tensorboard" / stage.name),
                                                          write_graph=False, update_freq="epoch"))
+        if r.tensorboard_histograms:
+            callbacks.append(histograms_for_stage(
+                plan, run / "tensorboard" / stage.name / "histograms", trainer, asm,
+                ftr[0] if use_cache else bundle.train.x, bundle.train.y,
+                one_hot=n_classes if r.label_smoothing else 0))
         stopped_before = bool(state and stage.patience and state.get("wait", 0) >= stage.patience)
         if initial < stage.epochs and not stopped_before:
             t0 = time.time()
