@@ -312,3 +312,260 @@ def test_tfds_split_streams_into_the_store_and_is_reused(tmp_path):
              for r in runs]
     assert lines[0].startswith("LOADED ['dark', 'light'] 16 6 220") and lines[0] == lines[1], lines
     assert "decoded images: reusing" in runs[1].stderr and "reusing" not in runs[0].stderr
+
+
+def _tiny_feature_model(size=16, dims=64, seed=0):
+    """A small convolutional feature model: pooled vectors of ``dims`` floats."""
+    import keras
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((size, size, 3))
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(keras.layers.Rescaling(1 / 255)(inp))
+    out = keras.layers.Dense(dims)(keras.layers.GlobalAveragePooling2D()(h))
+    return keras.Model(inp, out)
+
+
+def _store(path: Path, n: int, size=16, seed=0) -> Path:
+    """An on-disk image store (an .npy of uint8 rows) without decoding files."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+    arr[:] = np.random.default_rng(seed).integers(0, 256, arr.shape, dtype=np.uint8)
+    arr.flush()
+    return path
+
+
+def _engines():
+    from tuneflow.features.infer import openvino_available
+    return ["tensorflow"] + (["openvino"] if openvino_available() else [])
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_streamed_feature_pass_gives_the_in_ram_features_in_a_checksummed_npy(tmp_path, on_disk, engine):
+    import hashlib
+    from tuneflow.data.store import ImageRows
+    from tuneflow.features import cache as fcache
+    from tuneflow.features.extractor import FeatureExtractor
+    x = ImageRows(np.load(_store(tmp_path / "imgs.npy", 37), mmap_mode="r"), path=str(tmp_path / "imgs.npy"))
+    train, val = x.take(np.arange(0, 29)), x.take(np.arange(29, 37))
+    ex = FeatureExtractor(_tiny_feature_model(), engine, batch_size=5)  # batches straddle train and val
+    ref = ex.run(np.asarray(x))  # the whole pass in RAM, as before
+    got = {}
+
+    def fill_train(out_tr):
+        def fill_val(out_va):
+            ex.compute_into([out_tr, out_va], [train, val])
+        got["val"] = fcache.cached_into(f"stream-val-{engine}", (1, 8, 64), np.float32, fill_val)[0]
+    ftr, hit = fcache.cached_into(f"stream-train-{engine}", (1, 29, 64), np.float32, fill_train)
+    assert not hit and isinstance(ftr, np.memmap) and isinstance(got["val"], np.memmap)
+    scale = float(np.abs(ref).max())
+    np.testing.assert_allclose(np.concatenate([ftr[0], got["val"][0]]), ref, atol=1e-5 * scale, rtol=1e-5)
+    assert ex.stats[-1][0] == 37 and ex.used.startswith(engine)
+    np.testing.assert_allclose(ex.compute([train, val])[0], ref, atol=1e-5 * scale, rtol=1e-5)  # in RAM
+    for key, n in ((f"stream-train-{engine}", 29), (f"stream-val-{engine}", 8)):
+        path = fcache.cache_root() / f"{key}.npy"
+        assert np.load(path).shape == (1, n, 64)  # a plain .npy anyone can read
+        assert path.with_suffix(".sha256").read_text() == hashlib.sha256(path.read_bytes()).hexdigest()
+    again, hit = fcache.cached_into(f"stream-train-{engine}", (1, 29, 64), np.float32, fill_train)
+    assert hit and np.array_equal(again, ftr)
+    # views: (views, N, ...) written view by view
+    three = np.empty((3, 29, 64), np.float16)
+    ex.compute_into(three, train, lambda b: b[:, ::-1], views=3)
+    np.testing.assert_allclose(three[0], ref[:29], atol=2e-3 * scale, rtol=2e-3)
+    np.testing.assert_allclose(three[2], ex.run(np.asarray(train)[:, ::-1]), atol=2e-3 * scale, rtol=2e-3)
+
+
+def test_a_nan_batch_is_refused_before_it_is_written(tmp_path, on_disk):
+    import keras
+    from tuneflow.errors import TuneflowError
+    from tuneflow.features import cache as fcache
+    from tuneflow.features.extractor import FeatureExtractor
+    inp = keras.Input((4, 4, 3))
+    out = keras.layers.GlobalAveragePooling2D()(keras.layers.Lambda(lambda t: t / (t - 7.0))(inp))
+    ex = FeatureExtractor(keras.Model(inp, out), "tensorflow", batch_size=4)
+    x = np.zeros((10, 4, 4, 3), np.uint8)
+    x[6] = 7  # 0/0 in image 6 (second batch)
+    with pytest.raises(TuneflowError, match="first at index 6"):
+        fcache.cached_into("nan-pass", (1, 10, 3), np.float32, lambda o: ex.compute_into(o, x))
+    assert not fcache.exists("nan-pass") and not list(fcache.cache_root().glob("nan-pass*"))
+
+
+KILL_PROBE = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from tuneflow.features import cache as fcache
+
+    def fill(out):
+        out[:50] = 1.0
+        print("HALF", flush=True)
+        time.sleep(60)
+        out[50:] = 2.0
+    fcache.cached_into("killed-pass", (100, 8), np.float32, fill)
+""")
+
+
+def test_a_killed_feature_pass_leaves_no_cache_file_and_its_leftover_is_removed(tmp_path, monkeypatch):
+    import signal
+    from tuneflow.features import cache as fcache
+    home = tmp_path / "home"
+    env = {**os.environ, "TUNEFLOW_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_PROBE], stdout=subprocess.PIPE, env=env, cwd=REPO)
+    try:
+        assert proc.stdout.readline().decode().strip() == "HALF"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    monkeypatch.setenv("TUNEFLOW_HOME", str(home))
+    root = fcache.cache_root()
+    assert not fcache.exists("killed-pass") and not (root / "killed-pass.sha256").exists()
+    assert len(list(root.glob("killed-pass-*.npy.part"))) == 1  # what the killed pass left
+    feats, hit = fcache.cached_into("killed-pass", (100, 8), np.float32, lambda o: o.__setitem__(slice(0, 100), 3.0))
+    assert not hit and (np.asarray(feats) == 3.0).all()
+    assert not list(root.glob("*.part"))  # the dead writer's leftover was removed
+
+
+def _plan(batch=8, sampling="shuffle", replicas=1, class_weights=None):
+    from types import SimpleNamespace
+    return SimpleNamespace(global_batch=batch, class_weights=class_weights, replicas=replicas,
+                           recipe=SimpleNamespace(sampling=sampling))
+
+
+@pytest.mark.parametrize("sampling", ["shuffle", "balanced"])
+def test_heads_train_from_a_memory_mapped_cache_without_copying_it(tmp_path, monkeypatch, sampling):
+    import keras
+    from tuneflow.training.stages import cached_dataset, call_direct
+    rng = np.random.default_rng(0)
+    n, d = 203, 16
+    y = (np.arange(n) % 3).astype(np.int32)
+    feats = rng.normal(size=(n, d)).astype(np.float32) + y[:, None]  # separable by class
+    path = tmp_path / "f.npy"
+    np.save(path, feats[None])
+    mm = np.load(path, mmap_mode="r")[0]  # (N, d) view of a (1, N, d) cache, as stages uses it
+    assert isinstance(mm, np.memmap)
+    import tensorflow as tf
+
+    def copied(*a, **k):
+        raise AssertionError("the memory-mapped cache was copied into a tensor")
+    monkeypatch.setattr(tf.data.Dataset, "from_tensor_slices", copied)
+    ds, steps = cached_dataset(_plan(sampling=sampling), mm, y, seed=3)
+    assert steps == 26
+    rows = [(a.numpy(), b.numpy()) for a, b in ds]  # one epoch
+    xs, ys = np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+    assert len(rows) == steps and len(ys) == n
+    if sampling == "shuffle":  # every row exactly once, with its own label
+        order = np.argsort(xs[:, 0])
+        np.testing.assert_array_equal(xs[order], feats[np.argsort(feats[:, 0])])
+    np.testing.assert_array_equal(ys, np.array([y[np.flatnonzero((feats == r).all(1))[0]] for r in xs]))
+    keras.utils.set_random_seed(0)
+    head = keras.Sequential([keras.Input((d,)), keras.layers.Dense(3, activation="softmax")])
+    head.compile("adam", "sparse_categorical_crossentropy")
+    hist = head.fit(ds, epochs=4, verbose=0).history["loss"]
+    assert hist[-1] < hist[0]
+    np.testing.assert_allclose(call_direct(head, mm, chunk=50), np.asarray(head(feats)), rtol=1e-5, atol=1e-6)
+
+
+RSS_PASS = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tuneflow.training.distribute as dist
+    from tuneflow.data.store import ImageRows
+    from tuneflow.features import cache as fcache
+    from tuneflow.features.extractor import FeatureExtractor
+    sys.path.insert(0, "tests")
+    from test_scale import _tiny_feature_model
+
+    dist.STREAM_OUTPUT_BYTES = 1 << 20  # TensorFlow engine: 1 MB of outputs a predict call
+    engine, mode = sys.argv[3], sys.argv[4]
+
+    def hwm():
+        return int(dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)["VmHWM"].split()[0])
+
+    ex = FeatureExtractor(_tiny_feature_model(dims=2048), engine, batch_size=64)
+    peaks = []
+    for i, path in enumerate(sys.argv[1:3]):
+        x = ImageRows(np.load(path, mmap_mode="r"), path=path)
+        if mode == "streamed":
+            fcache.cached_into(f"rss-{i}", (1, len(x), 2048), np.float32, lambda o: ex.compute_into(o, x))
+        else:  # everything in RAM: what the test must be able to tell apart
+            ex.compute(x)
+        peaks.append(hwm())
+    print(json.dumps({"hwm_kb": peaks}))
+""")
+
+PASS_BOUND_KB = 16_000  # VmHWM growth allowed from 400 to 4,000 images (their 2048-d features: 31 MB)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", _engines())
+def test_feature_pass_over_a_10x_larger_store_keeps_peak_rss_flat(tmp_path, engine):
+    small, big = _store(tmp_path / "small.npy", 400), _store(tmp_path / "big.npy", 4000, seed=1)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TUNEFLOW_HOME": str(tmp_path / "home"),
+           "TUNEFLOW_INMEMORY_MAX_BYTES": "1"}
+    grown = {}
+    for mode in ("streamed", "in_ram"):
+        out = subprocess.run([sys.executable, "-c", RSS_PASS, str(small), str(big), engine, mode],
+                             capture_output=True, env=env, cwd=REPO, timeout=300)
+        assert out.returncode == 0, out.stderr.decode()[-3000:]
+        peaks = json.loads(out.stdout.decode().strip().splitlines()[-1])["hwm_kb"]
+        grown[mode] = peaks[1] - peaks[0]
+    print(engine, "VmHWM growth, kB:", grown)
+    assert grown["streamed"] < PASS_BOUND_KB, grown
+    assert grown["in_ram"] > 4000 * 2048 * 4 / 1024 * 0.9, grown  # the probe sees features held in RAM
+
+
+SHARD_WORKER = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    import tuneflow.training.stages as stages
+    from tuneflow import finetune
+    from tuneflow.data import Split
+    from tuneflow.recipe import Recipe
+
+    data, out, dump, weights = sys.argv[1:5]
+    reads, shards = [], []
+
+    class Recorder:  # the training images as the engine's input pipeline reads them
+        def __init__(self, x):
+            self.x, self.shape, self.dtype = x, x.shape, x.dtype
+        def __len__(self):
+            return len(self.x)
+        def __getitem__(self, i):
+            reads.append(np.atleast_1d(i).tolist())
+            return self.x[i]
+
+    real = stages.train_dataset
+    def train_dataset(split, *a, **k):
+        shards.append(k.get("shard"))
+        return real(Split(Recorder(split.x), split.y, split.files), *a, **k)
+    stages.train_dataset = train_dataset
+
+    ov = dict(input_size=32, weights=weights, batch_size=4, precision="float32", strategy="multiworker",
+              head__epochs=1, finetune__epochs=2, head__patience=0, finetune__patience=0)
+    if "prefix_cache" in Recipe.__dataclass_fields__:
+        ov["prefix_cache"] = "off"  # the fine-tuning stage reads images, not cached activations
+    res = finetune("large_similar", data, out, overrides=ov, verbose=0)
+    index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    with open(f"{dump}/reads{index}.json", "w") as f:
+        json.dump({"reads": reads, "shards": shards, "train_counts": res.report["train_counts"]}, f)
+""")
+
+
+@pytest.mark.slow
+def test_two_workers_each_read_their_own_share_of_the_training_images(tmp_path):
+    """A real two-process MultiWorkerMirroredStrategy run: in the fine-tuning stage each worker's
+    input pipeline reads only its own images, and together they read every image once an epoch."""
+    from test_distribute import _free_ports, _worker_command, _workers
+    _, out, cmd = _worker_command(tmp_path, SHARD_WORKER)
+    codes, logs = _workers(cmd, _free_ports(2), tmp_path)
+    assert codes == [0, 0], "\n\n".join(log[-3000:] for log in logs)
+    got = [json.loads((tmp_path / f"reads{i}.json").read_text()) for i in range(2)]
+    n = sum(got[0]["train_counts"].values())
+    assert [g["shards"] for g in got] == [[[2, 0]], [[2, 1]]]
+    # One batch of indices a read; a worker's share here is one batch an epoch, and both workers
+    # draw the same epoch order, so their k-th reads come from the same epoch (Keras's first read
+    # builds the model, then one a training epoch).
+    reads = [g["reads"] for g in got]
+    assert len(reads[0]) == len(reads[1]) >= 2 and len(reads[0][0]) == (n + 1) // 2
+    for a, b in zip(*reads):
+        assert set(a) | set(b) == set(range(n)), (a, b)  # every training image, once ...
+        assert len(a) + len(b) <= n + 1, (a, b)  # ... but for at most one padded repeat (odd n)
+    assert len(reads[0]) >= 3  # the two epochs were read (after the build's read)

@@ -60,7 +60,9 @@ def train_dataset(split: Split, batch_size: int, *, augment="none", backend: str
     epoch order (same ``seed``) and keeps every ``num_workers``-th index from ``index`` on, so each
     index is read by exactly one worker per epoch. Every worker runs the same number of batches
     (collective ops need it): a share one shorter than the others gets one random repeat when that
-    would otherwise cost it a batch.
+    would otherwise cost it a batch. With several workers, tf.distribute's own auto-sharding is
+    turned off for this dataset (it would otherwise read every file on every worker and drop the
+    others' share); each worker's batches are split among the replicas by tf.distribute as usual.
     """
     if sampling not in ("shuffle", "balanced"):
         raise ValueError(f"sampling={sampling!r}: choose 'shuffle' or 'balanced'.")
@@ -111,6 +113,10 @@ def train_dataset(split: Split, batch_size: int, *, augment="none", backend: str
         ds = ds.map(lambda a, b: (a, b, tf.gather(w, b)))
     if not repeat:
         ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
+    if workers > 1:  # the share is ours: tf.distribute must not shard it again
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        ds = ds.with_options(options)
     return ds.prefetch(AUTOTUNE)
 
 

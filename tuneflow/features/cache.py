@@ -44,17 +44,32 @@ def exists(key: str) -> bool:
 
 
 def _digest(path: Path) -> str:
+    return _scan(path)[0]
+
+
+def _scan(path: Path, block: int = 1 << 22) -> tuple[str, bool]:
+    """(sha256 of the file, whether its values are all finite), read in 4 MB blocks through the
+    file (not a memory map): neither the file nor its pages ever sit in this process's memory."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _all_finite(a: np.ndarray, rows: int = 4096) -> bool:
-    """``np.isfinite(a).all()`` a block of rows at a time (a memory map is never read whole)."""
-    flat = a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a.reshape(-1, 1)
-    return all(np.isfinite(flat[i:i + rows]).all() for i in range(0, len(flat), rows))
+        try:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            _, _, dtype = read[version](f)
+            start = f.tell()  # a multiple of 64 (npy's header alignment): blocks stay item-aligned
+        except (ValueError, KeyError):  # not a .npy at all: the checksum alone decides (and np.load fails later)
+            dtype, start = None, None
+        f.seek(0)
+        finite, pos, buf = True, 0, bytearray(block)
+        view = memoryview(buf)
+        while got := f.readinto(buf):
+            h.update(view[:got])
+            if finite and dtype is not None and dtype.kind == "f" and pos + got > start:
+                lo = max(start - pos, 0)
+                usable = (got - lo) // dtype.itemsize * dtype.itemsize
+                finite = bool(np.isfinite(np.frombuffer(view[lo:lo + usable], dtype)).all())
+            pos += got
+    return h.hexdigest(), finite
 
 
 def _commit(tmp: Path, path: Path) -> None:
@@ -67,15 +82,18 @@ def _commit(tmp: Path, path: Path) -> None:
 
 
 def _load_verified(path: Path) -> np.ndarray | None:
-    """The cached array, or None (with a warning) when it is damaged: checksum, format or NaN/Inf.
-    Files above :func:`~tuneflow.data.store.inmemory_max_bytes` come back as read-only memory maps."""
-    from ..data.store import inmemory_max_bytes
+    """The cached array, or None (with a warning) when it is damaged: checksum, format or NaN/Inf,
+    all checked in one streamed read of the file. Files above
+    :func:`~tuneflow.data.store.inmemory_max_bytes` come back as read-only memory maps."""
     sums = path.with_suffix(".sha256")
     try:
-        if not sums.exists() or sums.read_text().strip() != _digest(path):
-            raise ValueError("checksum mismatch" if sums.exists() else "no checksum file")
-        feats = np.load(path, mmap_mode="r" if path.stat().st_size > inmemory_max_bytes() else None)
-        if feats.dtype.kind == "f" and not _all_finite(feats):
+        if not sums.exists():
+            raise ValueError("no checksum file")
+        digest, finite = _scan(path)
+        if sums.read_text().strip() != digest:
+            raise ValueError("checksum mismatch")
+        feats = np.load(path, mmap_mode="r" if path.stat().st_size > _max_bytes() else None)
+        if feats.dtype.kind == "f" and not finite:
             raise ValueError("NaN/Inf values")
         return feats
     except (OSError, ValueError) as exc:
@@ -112,9 +130,12 @@ def cached(key: str, compute, *, enabled: bool = True) -> tuple[np.ndarray, bool
 
 def cached_into(key: str, shape: tuple[int, ...], dtype, fill, *, enabled: bool = True) -> tuple[np.ndarray, bool]:
     """Like :func:`cached`, for a feature pass that writes as it goes: ``fill(out)`` writes every
-    row of ``out`` (an array of ``shape`` and ``dtype``, memory-mapped onto a ``.npy`` file being
-    written, so it never sits in RAM whole). Committed atomically with its checksum; returns
-    (features, hit), the features read back as :func:`cached` reads them.
+    row of ``out``, a :class:`RowWriter` over a ``.npy`` file of ``shape`` and ``dtype`` being
+    written (``out[i:j] = rows``; ``out[v]`` is the writer of the sub-array ``v``). Rows go to
+    the file with ``pwrite``, so neither the array nor its pages are ever in this process's
+    memory. Committed atomically with its checksum; returns (features, hit), read back as
+    :func:`cached` reads them (a memory map when large). With ``enabled=False`` the file is a
+    temporary one, never reused.
 
     Example (the extractor writing batch by batch)::
 
@@ -130,23 +151,81 @@ def cached_into(key: str, shape: tuple[int, ...], dtype, fill, *, enabled: bool 
             return feats, True
     root = path.parent if enabled else Path(tempfile.gettempdir())
     root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=root, suffix=".npy.part")
+    _sweep_parts(root, key)
+    # the writer's pid in the name: a killed pass's leftover is recognised and removed next time
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f"{key}-{os.getpid()}-", suffix=".npy.part")
     os.close(fd)
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
-        fill(out)
-        out.flush()
-        del out
+        header = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
+        offset = header.offset  # the header written and the file sized (sparse); no page touched
+        del header
+        with open(tmp, "rb+") as f:
+            fill(RowWriter(f.fileno(), offset, tuple(shape), np.dtype(dtype)))
+            os.fsync(f.fileno())
         if not enabled:  # nothing kept: read back (a map of an unlinked file stays valid on POSIX)
             feats = np.load(tmp, mmap_mode="r")
             return (feats if feats.nbytes > _max_bytes() else np.array(feats)), False
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
         _commit(Path(tmp), path)
         return np.load(path, mmap_mode="r" if path.stat().st_size > _max_bytes() else None), False
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _sweep_parts(root: Path, key: str) -> None:
+    """Remove partial files of ``key`` left by feature passes whose process is gone (killed)."""
+    for part in root.glob(f"{key}-*-*.npy.part"):
+        try:
+            os.kill(int(part.name[len(key) + 1:].split("-")[0]), 0)
+        except ProcessLookupError:  # the writer is dead: its file will never be finished
+            part.unlink(missing_ok=True)
+        except (ValueError, PermissionError, OSError):  # another user's live process, or not ours
+            continue
+
+
+class RowWriter:
+    """Write-only rows of a C-ordered array stored in a file at ``offset``: ``w[i:j] = rows``
+    writes with ``pwrite`` (rows are contiguous); ``w[v]`` is the writer of sub-array ``v``."""
+
+    def __init__(self, fd: int, offset: int, shape: tuple[int, ...], dtype):
+        self.fd, self.offset, self.shape, self.dtype = fd, offset, tuple(shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i):
+        if not isinstance(i, (int, np.integer)) or not -len(self) <= i < len(self):
+            raise IndexError(f"RowWriter[{i!r}]: an index in 0..{len(self) - 1} expected")
+        return RowWriter(self.fd, self.offset + int(i % len(self)) * self.row_bytes, self.shape[1:], self.dtype)
+
+    def __setitem__(self, key, value):
+        if isinstance(key, (int, np.integer)):
+            key = slice(int(key) % len(self), int(key) % len(self) + 1)
+        start, stop, step = key.indices(len(self)) if isinstance(key, slice) else (None, None, None)
+        if step != 1:
+            raise IndexError(f"RowWriter: rows are written as contiguous slices, not {key!r}")
+        rows = np.ascontiguousarray(np.broadcast_to(np.asarray(value, self.dtype),
+                                                    (max(0, stop - start),) + self.shape[1:]))
+        view, pos = memoryview(rows.reshape(-1).view(np.uint8)), self.offset + start * self.row_bytes
+        while len(view):  # pwrite may write less than asked
+            done = os.pwrite(self.fd, view, pos)
+            view, pos = view[done:], pos + done
+
+
+def rows_view(x):
+    """``x`` for reading rows from: a memory map of a whole cache file comes back as an
+    :class:`~tuneflow.data.store.ImageRows` (rows read with ``pread``, so the pages stay in the
+    kernel's cache, not in this process's resident set); anything else as it is."""
+    from ..data.store import ImageRows
+    if not isinstance(x, np.memmap) or not x.flags.c_contiguous or not x.filename:
+        return x
+    try:
+        if os.path.getsize(x.filename) != x.offset + x.nbytes:  # a part of the file: map reads
+            return x
+        return ImageRows(x, path=str(x.filename)) if x.ndim else x
+    except OSError:  # the file is gone (a temporary cache, unlinked): read through the map
+        return x
 
 
 def _max_bytes() -> int:

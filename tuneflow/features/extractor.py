@@ -168,25 +168,70 @@ class FeatureExtractor:
         out = infer.run(self.model, images, self.batch_size, self.engine, map_fn=map_fn,
                         weights_key=self.weights_key, memo=self.memo)
         for o in (out if isinstance(out, list) else [out]):
-            bad = ~np.isfinite(np.asarray(o, np.float32)).reshape(len(o), -1).all(1)
-            if bad.any():
-                raise TuneflowError(
-                    f"The backbone produced NaN/Inf features for {int(bad.sum())} of {len(o)} images "
-                    f"(first at index {int(np.argmax(bad))}) on {self.used}. The weights are damaged, or "
-                    "the precision overflows: try --set precision=float32 or --set feature_engine=tensorflow.")
-        n = sum(len(p) for p in images) if isinstance(images, (list, tuple)) else len(images)
-        self.stats.append((n, time.time() - t0, self.used))
+            self._refuse_nonfinite(o, 0, len(o))
+        self.stats.append((_count(images), time.time() - t0, self.used))
         return out
 
+    def _refuse_nonfinite(self, o, start: int, total: int) -> None:
+        """A TuneflowError when outputs ``o`` (rows from ``start`` of ``total``) hold NaN/Inf."""
+        bad = ~np.isfinite(np.asarray(o, np.float32)).reshape(len(o), -1).all(1)
+        if bad.any():
+            raise TuneflowError(
+                f"The backbone produced NaN/Inf features for {int(bad.sum())} of {len(o)} images in a batch "
+                f"of {total} (first at index {start + int(np.argmax(bad))}) on {self.used}. The weights are "
+                "damaged, or the precision overflows: try --set precision=float32 or --set feature_engine=tensorflow.")
+
     def compute(self, images, augment_fn=None, views: int = 1, dtype=np.float32) -> np.ndarray:
-        """(views, N, *feature_shape): view 0 is the plain image, later views augmented."""
-        out = []
+        """(views, N, *feature_shape): view 0 is the plain image, later views augmented. In RAM:
+        for large sets use :meth:`compute_into` with an on-disk output."""
+        out = np.empty((views, _count(images)) + tuple(self.model.output.shape[1:]), dtype)
+        if isinstance(images, (list, tuple)):  # one pass; each array's rows are a view of ``out``
+            ends = np.cumsum([0] + [len(p) for p in images])
+            self.compute_into([out[:, a:b] for a, b in zip(ends[:-1], ends[1:])], images, augment_fn, views)
+        else:
+            self.compute_into(out, images, augment_fn, views)
+        return out
+
+    def compute_into(self, out, images, augment_fn=None, views: int = 1) -> None:
+        """:meth:`compute` written as it goes into ``out``, batch by batch: ``out`` is a (views, N,
+        ...) array (a memory map, or the writer :func:`~tuneflow.features.cache.cached_into` hands
+        out), or, when ``images`` is a list of arrays, a list of such outputs, one per array (one
+        pass, one traced function over train and val together). Each batch is checked for
+        NaN/Inf before it is written; one ``stats`` row per view."""
+        parts = list(images) if isinstance(images, (list, tuple)) else [images]
+        outs = list(out) if isinstance(images, (list, tuple)) else [out]
+        if len(outs) != len(parts):
+            raise ValueError(f"compute_into: {len(outs)} outputs for {len(parts)} arrays of images")
+        total = sum(len(p) for p in parts)
         for v in range(views):
             fn = augment_fn if (augment_fn is not None and v > 0) else None
-            out.append(np.asarray(self.run(images, fn), dtype=dtype))
-        return np.stack(out)
+            t0, row = time.time(), 0
+            for got in infer.iter_run(self.model, parts if len(parts) > 1 else parts[0], self.batch_size,
+                                      self.engine, map_fn=fn, weights_key=self.weights_key, memo=self.memo):
+                if isinstance(got, list):
+                    raise ValueError("compute_into: the feature model has several outputs; use run()")
+                self._refuse_nonfinite(got, row, total)
+                _scatter(outs, parts, v, row, got)
+                row += len(got)
+            if row != total:
+                raise RuntimeError(f"feature pass produced {row} rows for {total} images")
+            self.stats.append((total, time.time() - t0, self.used))
 
     def key(self, **parts) -> str:
         """A cache key over the model (weights and architecture), the engine and ``parts``."""
         return fcache.cache_key(weights=self.weights_key, arch=self.arch_key, engine=self.describe,
                                 size=int(self.model.inputs[0].shape[1]), **parts)
+
+
+def _count(images) -> int:
+    return sum(len(p) for p in images) if isinstance(images, (list, tuple)) else len(images)
+
+
+def _scatter(outs, parts, view: int, row: int, got) -> None:
+    """Rows ``row..row+len(got)`` of the concatenated ``parts`` written into their own outputs."""
+    base = 0
+    for o, p in zip(outs, parts):
+        lo, hi = max(row, base), min(row + len(got), base + len(p))
+        if lo < hi:
+            o[view][lo - base:hi - base] = got[lo - row:hi - row]
+        base += len(p)

@@ -73,16 +73,42 @@ def run(model, x, batch_size: int, engine: str = "tensorflow", map_fn=None, weig
     """
     memo = {} if memo is None else memo
     from ..training.distribute import predict
+    compiled = _engine(model, engine, weights_key, memo)
+    if compiled is not None:
+        return _run_openvino(compiled, x, batch_size, map_fn)
+    return predict(model, x, batch_size, map_fn=map_fn)
+
+
+def iter_run(model, x, batch_size: int, engine: str = "tensorflow", map_fn=None,
+             weights_key: str | None = None, memo: dict | None = None):
+    """:func:`run`, streamed: the outputs of consecutive rows of ``x`` (read batch by batch, never
+    whole), yielded in order a few rows at a time (one array each, or a list for several outputs);
+    nothing is kept after it is yielded, so a pass over a million images holds one chunk's outputs.
+
+    OpenVINO yields each batch; TensorFlow yields chunks of a few batches from one traced
+    ``predict`` function (:func:`tuneflow.training.distribute.predict_chunks`)."""
+    memo = {} if memo is None else memo
+    from ..training.distribute import predict_chunks
+    compiled = _engine(model, engine, weights_key, memo)
+    if compiled is not None:
+        yield from _iter_openvino(compiled, x, batch_size, map_fn)
+    else:
+        yield from predict_chunks(model, x, batch_size, map_fn=map_fn)
+
+
+def _engine(model, engine, weights_key, memo):
+    """The compiled OpenVINO model when ``engine`` is openvino and the graph converts, else None
+    (TensorFlow runs it); ``memo["used"]`` set to the engine that will run."""
     if engine == "openvino":
         compiled = _openvino_model(model, weights_key, memo)
         if compiled is not None:
             memo["used"] = "openvino"
-            return _run_openvino(compiled, x, batch_size, map_fn)
+            return compiled
         engine = "tensorflow"  # the graph could not be converted (logged): same numbers, slower
     if engine != "tensorflow":
         raise ValueError(f"engine {engine!r}: resolve it first with resolve_engine")
     memo["used"] = "tensorflow"
-    return predict(model, x, batch_size, map_fn=map_fn)
+    return None
 
 
 def openvino_dir() -> Path:
@@ -215,35 +241,30 @@ def _float32_policies(model):
 
 def _batches(x, batch_size):
     """Batches over a list of arrays as if concatenated, without copying the whole."""
-    parts = list(x) if isinstance(x, (list, tuple)) else [x]
-    carry = []
-    have = 0
-    for p in parts:
-        i = 0
-        while i < len(p):
-            take = min(batch_size - have, len(p) - i)
-            carry.append(p[i:i + take])
-            have += take
-            i += take
-            if have == batch_size:
-                yield carry[0] if len(carry) == 1 else np.concatenate(carry)
-                carry, have = [], 0
-    if have:
-        yield carry[0] if len(carry) == 1 else np.concatenate(carry)
+    from ..training.distribute import row_batches
+    return row_batches(x, batch_size)
 
 
-def _run_openvino(compiled, x, batch_size, map_fn):
+def _iter_openvino(compiled, x, batch_size, map_fn):
     import tensorflow as tf
     if map_fn is not None:
         map_fn = tf.function(map_fn)
     request = compiled.create_infer_request()
-    outs = [[] for _ in compiled.outputs]
     for batch in _batches(x, batch_size):
         batch = np.asarray(batch, np.float32)
         if map_fn is not None:
             batch = np.asarray(map_fn(tf.constant(batch)), np.float32)
         result = request.infer(batch)
-        for o, port in zip(outs, compiled.outputs):
-            o.append(np.array(result[port]))  # a copy: the request reuses its output buffers
-    arrays = [np.concatenate(o) for o in outs]
+        outs = [np.array(result[port]) for port in compiled.outputs]  # copies: the request reuses its buffers
+        yield outs[0] if len(outs) == 1 else outs
+
+
+def _run_openvino(compiled, x, batch_size, map_fn):
+    outs = None
+    for got in _iter_openvino(compiled, x, batch_size, map_fn):
+        got = got if isinstance(got, list) else [got]
+        outs = [[] for _ in got] if outs is None else outs
+        for o, g in zip(outs, got):
+            o.append(g)
+    arrays = [np.concatenate(o) for o in outs] if outs else [np.zeros((0,), np.float32)]
     return arrays[0] if len(arrays) == 1 else arrays

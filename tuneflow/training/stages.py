@@ -20,7 +20,7 @@ from ..runs import report as rep
 from ..runs.checkpoints import Checkpoints
 from ..runs.folder import RunDir
 from .assemble import Assembly
-from .distribute import patch_symbolic_build
+from .distribute import patch_symbolic_build, worker_shard
 from .distribute import predict as dist_predict
 from .optim import current_lr, make_optimizer
 from .plan import Plan
@@ -39,10 +39,21 @@ def val_metrics(probs: np.ndarray, y: np.ndarray) -> dict:
     return {"val_loss": float(-np.mean(np.log(p))), "val_accuracy": float(np.mean(probs.argmax(1) == y))}
 
 
+# Rows of features per direct call at most: 64 MB of inputs (4,096 pooled vectors of 1280
+# floats = 20 MB; 7x7x1280 half-precision maps: 535 rows).
+CALL_CHUNK_BYTES = 64 << 20
+
+
 def call_direct(model, x, chunk: int = 4096) -> np.ndarray:
     """A head on cached features, called directly: for a few thousand vectors this takes
-    microseconds, where ``predict`` would build a dataset and retrace its function every epoch."""
-    return np.concatenate([np.asarray(model(x[i:i + chunk], training=False), dtype=np.float32)
+    microseconds, where ``predict`` would build a dataset and retrace its function every epoch.
+    Chunk by chunk (at most CALL_CHUNK_BYTES of inputs each); a memory-mapped cache is read with
+    ``pread``, so its pages never join this process's memory."""
+    from ..features.cache import rows_view
+    src = rows_view(x)
+    row_bytes = int(np.prod(x.shape[1:], dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    chunk = max(1, min(chunk, CALL_CHUNK_BYTES // max(1, row_bytes)))
+    return np.concatenate([np.asarray(model(src[i:i + chunk], training=False), dtype=np.float32)
                            for i in range(0, len(x), chunk)])
 
 
@@ -158,7 +169,11 @@ def cache_trainer(recipe, head, channels: int):
 
 
 def cached_features(plan: Plan, bundle: DataBundle, extractor: FeatureExtractor, tap):
-    """Train (views, N, ...) and val (N, ...) features from the cache, computed once if missing."""
+    """Train (views, N, ...) and val (N, ...) features from the cache, computed once if missing.
+
+    The feature pass writes each batch into the cache file as it goes
+    (:func:`~tuneflow.features.cache.cached_into`); large caches come back as read-only memory
+    maps, so no step holds all features (or all images) in RAM."""
     r = plan.recipe
     aug = make_augmenter(r.augment, r.augment_backend, plan.size, r.seed) if r.cache_views > 1 else None
     pooled = len(extractor.model.output.shape) == 2
@@ -167,25 +182,28 @@ def cached_features(plan: Plan, bundle: DataBundle, extractor: FeatureExtractor,
     tr_key = extractor.key(**base, split="train", views=r.cache_views,
                            augment=f"{r.augment}/{r.augment_backend}/seed{r.seed}" if r.cache_views > 1 else "")
     va_key = extractor.key(**base, split="val", views=1)
+    fshape = tuple(int(d) for d in extractor.model.output.shape[1:])
+    n_tr, n_va = len(bundle.train), len(bundle.val)
     t0 = time.time()
     n0 = len(extractor.stats)
-    both = {}
+    got = {}
     if r.cache_views == 1 and (not r.feature_cache or not (_exists(tr_key) or _exists(va_key))):
-        def joint():  # one pass over train + val, one traced function
-            if not both:
-                both["x"] = extractor.compute([bundle.train.x, bundle.val.x], dtype=dtype)
-            return both["x"]
-        n_tr = len(bundle.train)
-        ftr, _ = _cached(tr_key, lambda: joint()[:, :n_tr], r.feature_cache)
-        fva, _ = _cached(va_key, lambda: joint()[:, n_tr:], r.feature_cache)
+        def fill_train(out_tr):  # one pass over train + val, one traced function
+            def fill_val(out_va):
+                extractor.compute_into([out_tr, out_va], [bundle.train.x, bundle.val.x])
+            got["val"] = _cached_into(va_key, (1, n_va) + fshape, dtype, fill_val, r.feature_cache)
+        ftr = _cached_into(tr_key, (1, n_tr) + fshape, dtype, fill_train, r.feature_cache)
     else:
-        ftr, _ = _cached(tr_key, lambda: extractor.compute(bundle.train.x, aug, r.cache_views, dtype),
-                         r.feature_cache)
-        fva, _ = _cached(va_key, lambda: extractor.compute(bundle.val.x, dtype=dtype), r.feature_cache)
+        ftr = _cached_into(tr_key, (r.cache_views, n_tr) + fshape, dtype,
+                           lambda out: extractor.compute_into(out, bundle.train.x, aug, r.cache_views),
+                           r.feature_cache)
+    fva = got["val"] if "val" in got else _cached_into(
+        va_key, (1, n_va) + fshape, dtype, lambda out: extractor.compute_into(out, bundle.val.x), r.feature_cache)
     ran = extractor.stats[n0:]
     if ran:
-        log.info("feature cache: %d images through %s (%s) in %.1f s", sum(n for n, _, _ in ran),
-                 plan.spec.name, extractor.used, time.time() - t0)
+        log.info("feature cache: %d images through %s (%s) in %.1f s%s", sum(n for n, _, _ in ran),
+                 plan.spec.name, extractor.used, time.time() - t0,
+                 ", memory-mapped" if isinstance(ftr, np.memmap) else "")
     else:
         log.info("feature cache: reused (same backbone, weights, size, tap, engine and data)")
     return ftr, fva[0]
@@ -196,22 +214,35 @@ def _exists(*keys):
     return all(fcache.exists(k) for k in keys)
 
 
-def _cached(key, compute, enabled):
+def _cached_into(key, shape, dtype, fill, enabled):
     from ..features import cache as fcache
-    return fcache.cached(key, compute, enabled=enabled)
+    return fcache.cached_into(key, shape, dtype, fill, enabled=enabled)[0]
+
+
+# Cached features at most this large (bytes) go through ``from_tensor_slices`` on the shuffle
+# path (a tensor copy of them, then tf.data's own shuffle); larger ones, and memory maps, are
+# gathered by index a batch at a time from a NumPy generator (no copy).
+SLICES_MAX_BYTES = 256 << 20
 
 
 def cached_dataset(plan: Plan, x: np.ndarray, y: np.ndarray, seed: int):
     """Batches of cached features: shuffled each epoch, or class-balanced with indices drawn anew
-    every epoch (a single draw would drop the same majority examples for the whole stage)."""
+    every epoch (a single draw would drop the same majority examples for the whole stage).
+
+    Features in RAM up to SLICES_MAX_BYTES on the shuffle path become one tensor (tf.data's
+    shuffle); otherwise, memory maps included, each batch's rows are gathered by index from a
+    generator (a memory-mapped cache read with ``pread``): nothing is copied whole."""
+    from ..features.cache import rows_view
     g, cw = plan.global_batch, plan.class_weights
     whole = plan.replicas > 1  # whole batches only: see distribute.predict for why
     n_batches = math.ceil(len(y) / g)
-    if plan.recipe.sampling == "shuffle" and not whole:
+    in_ram = not isinstance(x, np.memmap) and x.nbytes <= SLICES_MAX_BYTES
+    if plan.recipe.sampling == "shuffle" and not whole and in_ram:
         parts = (x, y) if cw is None else (x, y, cw[y])
         ds = tf.data.Dataset.from_tensor_slices(parts).shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
         return ds.batch(g).prefetch(tf.data.AUTOTUNE), n_batches
     rng = np.random.default_rng(seed)
+    src = rows_view(x)
 
     def batches():
         idx = _epoch_indices(y, plan.recipe.sampling, rng)
@@ -220,7 +251,7 @@ def cached_dataset(plan: Plan, x: np.ndarray, y: np.ndarray, seed: int):
             idx = np.concatenate([idx, rng.choice(idx, short)])
         for b in range(0, len(idx), g):
             sel = idx[b:b + g]
-            yield (x[sel], y[sel]) if cw is None else (x[sel], y[sel], cw[y[sel]])
+            yield (src[sel], y[sel]) if cw is None else (src[sel], y[sel], cw[y[sel]])
 
     sig = (tf.TensorSpec((None,) + x.shape[1:], tf.as_dtype(x.dtype)), tf.TensorSpec([None], tf.as_dtype(y.dtype)))
     if cw is not None:
@@ -251,6 +282,22 @@ def uses_cache(plan: Plan, stage) -> bool:
 def uses_lbfgs(plan: Plan) -> bool:
     r = plan.recipe
     return r.head == "linear" and r.head_solver in ("auto", "lbfgs")
+
+
+def lbfgs_fits(ftr) -> bool:
+    """Whether the L-BFGS probe may take these features: it holds them in RAM as float64 with a
+    standardised copy and its folds' copies (~4x their float64 size), so above a quarter of
+    :func:`~tuneflow.data.store.inmemory_max_bytes` in float64 (256 MB by default: 26,000
+    vectors of 1280) the head is trained by the stage's optimizer on batches read from the cache."""
+    from ..data.store import inmemory_max_bytes
+    need = int(np.prod(ftr.shape, dtype=np.int64)) * 8
+    if need <= inmemory_max_bytes() // 4:
+        return True
+    log.info("linear head: %d cached vectors (%.0f MB as float64) exceed the L-BFGS probe's in-RAM limit "
+             "(%.0f MB, a quarter of TUNEFLOW_INMEMORY_MAX_BYTES); trained by the stage's optimizer "
+             "instead, from the cache on disk", int(np.prod(ftr.shape[:2])), need / 2**20,
+             inmemory_max_bytes() / 4 / 2**20)
+    return False
 
 
 def _fit_head_lbfgs(plan: Plan, bundle: DataBundle, run: RunDir, trainer, ftr: np.ndarray, si: int, validate):
@@ -318,15 +365,21 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
                 return val_metrics(call_direct(trainer, val_feats), bundle.val.y)
         else:
             trainer, last_cached = asm.model, None
+            shard = worker_shard(strategy)  # several workers: each reads only its own files
             steps = math.ceil(len(bundle.train) / plan.global_batch)
+            if shard is not None:  # each local batch is split across all replicas: shard[0] steps a batch
+                steps = shard[0] * math.ceil(math.ceil(len(bundle.train) / shard[0]) / plan.global_batch)
+                log.info("worker %d of %d reads its own %d of %d training images an epoch",
+                         shard[1], shard[0], math.ceil(len(bundle.train) / shard[0]), len(bundle.train))
             train_x = train_dataset(bundle.train, plan.global_batch, augment=r.augment,
                                     backend=r.augment_backend, sampling=r.sampling,
-                                    weights=plan.class_weights, seed=r.seed + si, whole_batches=plan.replicas > 1)
+                                    weights=plan.class_weights, seed=r.seed + si,
+                                    whole_batches=plan.replicas > 1, shard=shard)
 
             def validate():
                 return val_metrics(dist_predict(asm.model, bundle.val.x, max(plan.global_batch, 64)),
                                    bundle.val.y)
-        if use_cache and uses_lbfgs(plan):
+        if use_cache and uses_lbfgs(plan) and lbfgs_fits(ftr):
             if si == start_stage and resume_from is not None and start_epoch > 0:
                 ckpts.restore(resume_from, with_optimizer=False)
             _fit_head_lbfgs(plan, bundle, run, trainer, ftr, si, validate)
