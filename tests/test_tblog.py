@@ -82,11 +82,13 @@ def test_histograms_zero_writes_none(data, tmp_path):
     assert list((out / "tensorboard" / "finetune").rglob("events.out.tfevents.*"))
 
 
-def test_every_n_epochs_and_chosen_layers(data, tmp_path):
-    ov = {**TINY, "finetune__epochs": 3, "tensorboard_histograms": 2,
+def test_every_n_epochs_chosen_layers_and_one_hot_labels(data, tmp_path):
+    # Label smoothing: the compiled loss takes one-hot labels, and so does the fixed batch's.
+    ov = {**TINY, "finetune__epochs": 3, "tensorboard_histograms": 2, "label_smoothing": 0.1,
           "tensorboard_layers": "features,block7a_project_bn,head_classifier"}
     out = finetune("large_similar", data, tmp_path / "run", overrides=ov, verbose=0).run_dir
     tags = read(out / "tensorboard" / "finetune" / "histograms")
+    check_histograms(tags, "gradients/")
     acts = check_histograms(tags, "activations/")
     assert set(acts) == {"activations/features", "activations/block7a_project_bn", "activations/head_classifier"}
     # Epochs 0 and 2 (0-based, as Keras's own TensorBoard steps), not epoch 1.
@@ -120,10 +122,37 @@ def test_histogram_interval_is_validated(bad):
 @pytest.mark.skipif(not PREFIX, reason="no prefix cache in this version")
 def test_stage_on_cached_prefix_activations(data, tmp_path):
     """The trainer is then the model's trainable top: its backbone layers are probed on its own graph."""
-    ov = {**TINY, "prefix_cache": "on", "tensorboard_layers": "features,block7a_project_bn,block1a_project_bn"}
+    # top:1 trains Lite0's last block (top_conv, top_bn); block1a lies in the cached frozen prefix.
+    ov = {**TINY, "prefix_cache": "on", "tensorboard_layers": "features,top_bn,block1a_project_bn,head_pool"}
     out = finetune("large_similar", data, tmp_path / "run", overrides=ov, verbose=0).run_dir
     tags = read(out / "tensorboard" / "finetune" / "histograms")
     grads = check_histograms(tags, "gradients/")
-    assert any("block7a" in t for t in grads)
-    # block1a lies in the frozen prefix, whose activations are cached: not run, not logged.
-    assert set(check_histograms(tags, "activations/")) == {"activations/features", "activations/block7a_project_bn"}
+    assert any("top_conv" in t for t in grads)
+    # block1a is not run by the trainer (its activations are cached below the cut): not logged.
+    assert set(check_histograms(tags, "activations/")) == {"activations/features", "activations/top_bn",
+                                                           "activations/head_pool"}
+
+
+MULTI_WORKER = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+from tuneflow import finetune
+data, out, dump, weights = sys.argv[1:5]
+finetune("large_similar", data, out, verbose=0,
+         overrides=dict(input_size=32, weights=weights, batch_size=4, precision="float32", strategy="multiworker",
+                        head__epochs=1, finetune__epochs=1, head__patience=0, finetune__patience=0, head_solver="sgd"))
+"""
+
+
+@pytest.mark.slow
+def test_two_replicas_skip_gradients_with_one_line(tmp_path):
+    from test_distribute import _free_ports, _worker_command, _workers
+    _, out, cmd = _worker_command(tmp_path, MULTI_WORKER)
+    codes, logs = _workers(cmd, _free_ports(2), tmp_path)
+    assert codes == [0, 0], "\n\n".join(log[-3000:] for log in logs)
+    assert "gradient histograms skipped under 2 replicas" in logs[0]
+    for stage in ("head", "finetune"):
+        tags = read(out / "tensorboard" / stage / "histograms")
+        check_histograms(tags, "weights/")
+        check_histograms(tags, "activations/")
+        assert not [t for t in tags if t.startswith("gradients/")]

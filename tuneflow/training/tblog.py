@@ -41,7 +41,8 @@ class Histograms(keras.callbacks.Callback):
 
     ``front`` is the functional trainer when it runs backbone layers (the whole classifier on
     pixels, or its trainable top on cached prefix activations): the requested backbone layers it
-    holds are probed on its own graph and ``features`` is the backbone's output at the tap.
+    holds are probed on the ``backbone``'s graph from its input, or from the output of its layer
+    ``start`` (where a trainable top begins), and ``features`` is the backbone's output at the tap.
     ``front=None`` when the trainer is the head on cached features (``features`` is then its
     input). ``known`` names every layer of the whole model: a requested layer this trainer does
     not run is skipped with a log line, one the model lacks is a RecipeError. ``scalars`` also
@@ -51,8 +52,9 @@ class Histograms(keras.callbacks.Callback):
 
     def __init__(self, log_dir: Path, every: int, x, y, front: keras.Model | None, head: keras.Model,
                  layers: tuple[str, ...] = (), features=None, known=frozenset(), gradients: bool = True,
-                 scalars: bool = False):
+                 scalars: bool = False, backbone: keras.Model | None = None, start: str | None = None):
         super().__init__()
+        self.backbone, self.start = backbone, start
         self.log_dir, self.every, self.x, self.y = Path(log_dir), every, x, y
         self.gradients, self.scalars = gradients, scalars
         self.head = head
@@ -89,7 +91,10 @@ class Histograms(keras.callbacks.Callback):
         wanted = [n for n in self.layers if n in front_names and n not in head_names]
         probe_model = None
         if front is not None:
-            probe_model = keras.Model(front.input, [front.get_layer(n).output for n in wanted] + [features],
+            # On the backbone's own graph, from the tensor the trainer starts at: a model cut at an
+            # intermediate tensor holds cloned nodes, so its layers' ``output`` is not in its graph.
+            start = front.input if self.start is None else self.backbone.get_layer(self.start).output
+            probe_model = keras.Model(start, [self.backbone.get_layer(n).output for n in wanted] + [features],
                                       name="tensorboard_probe")
 
         def probe(x):
@@ -143,11 +148,11 @@ def _f32(t):
 
 
 def histograms_for_stage(plan, log_dir: Path, model: keras.Model, asm, train_x, train_y,
-                         one_hot: int = 0) -> Histograms:
+                         one_hot: int = 0, start: str | None = None) -> Histograms:
     """The callback for one stage. ``model`` is what the stage trains: the whole classifier (``train_x``
-    pixels), its trainable top (``train_x`` the cached activations of the frozen prefix) or the head on
-    cached features (``train_x`` those features); ``one_hot`` is the class count when the loss takes
-    one-hot labels (label smoothing)."""
+    pixels), its trainable top from the output of backbone layer ``start`` (``train_x`` the cached
+    activations of the frozen prefix) or the head on cached features (``train_x`` those features);
+    ``one_hot`` is the class count when the loss takes one-hot labels (label smoothing)."""
     r = plan.recipe
     x, y = fixed_batch(train_x, train_y)
     if one_hot:
@@ -161,4 +166,4 @@ def histograms_for_stage(plan, log_dir: Path, model: keras.Model, asm, train_x, 
     return Histograms(log_dir, r.tensorboard_histograms, x, y, None if on_features else model,
                       model if on_features else asm.head, layers=r.tensorboard_layers,
                       features=None if on_features else asm.feature_model.output, known=known,
-                      gradients=gradients, scalars=on_features)
+                      gradients=gradients, scalars=on_features, backbone=asm.backbone, start=start)
