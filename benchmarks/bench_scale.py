@@ -8,13 +8,19 @@ resize into the store) and of the feature pass; images/s of the training input p
 (gather + medium augmentation, no model) over its first 2,000 images.
 
     .venv/bin/python benchmarks/bench_scale.py [N ...]          (default 2000 20000)
-        --size 224 --feature-mode extractor|streamed|none --keep (keep the generated folders)
+        --size 224 --feature-mode streamed|extractor|none --keep (keep the generated folders)
     TUNEFLOW_INMEMORY_MAX_BYTES=1 .venv/bin/python benchmarks/bench_scale.py 2000   (store forced)
+    .venv/bin/python benchmarks/bench_scale.py 2000 100000 --recipes small_similar --size 96 \
+        --set head_solver=sgd --set head.epochs=2     (whole recipes: ``tuneflow.finetune``)
 
-``extractor``: ``FeatureExtractor.compute`` as the recipes call it today (features concatenated in
-RAM); ``streamed``: the same OpenVINO model writing each batch into ``features.cache.cached_into``;
-``none``: no feature pass.
+``extractor``: ``FeatureExtractor.compute`` (features gathered in RAM); ``streamed``: what the
+cached recipes run, ``FeatureExtractor.compute_into`` writing each batch of one train+val pass into
+``features.cache.cached_into`` files; ``none``: no feature pass.
 JSON in benchmarks/results/scale.json (rows merged by size and mode).
+
+``--recipes NAME,...``: each recipe run whole (``tuneflow.finetune``, ImageNet weights, ``--set``
+overrides passed on) on each folder in a fresh process: wall time, val accuracy, peak RssAnon and
+VmHWM; rows in benchmarks/results/scale_recipes.json (merged by recipe, size and overrides).
 """
 import json
 import os
@@ -82,7 +88,6 @@ def one(folder: str, size: int, mode: str) -> dict:
     from tuneflow import build_backbone
     from tuneflow.data import ImageRows, load_data
     from tuneflow.data.pipeline import train_dataset
-    from tuneflow.features import infer
     from tuneflow.features.extractor import FeatureExtractor
     base = Peak.now()
     t = time.time()
@@ -109,20 +114,22 @@ def one(folder: str, size: int, mode: str) -> dict:
         feats = np.zeros((n, 1))
     elif mode == "extractor":
         feats = ex.compute([bundle.train.x, bundle.val.x])[0]
-    else:
+    else:  # what the cached recipes run (stages.cached_features): each batch written into its file
         from tuneflow.features.cache import cached_into
-        compiled = infer._openvino_model(ex.model, ex.weights_key, ex.memo)
-        request, port = compiled.create_infer_request(), compiled.outputs[0]
+        dims, got = int(model.output.shape[-1]), {}
 
-        def fill(out):
-            i = 0
-            for batch in infer._batches([bundle.train.x, bundle.val.x], ex.batch_size):
-                out[i:i + len(batch)] = request.infer(np.asarray(batch, np.float32))[port]
-                i += len(batch)
-        feats, _ = cached_into(f"bench-scale-{n}-{size}", (n, int(model.output.shape[-1])), np.float32, fill,
-                               enabled=False)
+        def fill_train(out_tr):
+            got["val"] = cached_into(f"bench-scale-val-{n}-{size}", (1, len(bundle.val), dims), np.float32,
+                                     lambda out_va: ex.compute_into([out_tr, out_va], [bundle.train.x, bundle.val.x]),
+                                     enabled=False)[0]
+        ftr, _ = cached_into(f"bench-scale-train-{n}-{size}", (1, len(bundle.train), dims), np.float32, fill_train,
+                             enabled=False)
+        feats = [ftr[0][:64], got["val"][0]]
+        n_feats = len(ftr[0]) + len(got["val"][0])
     feat_s = time.time() - t
-    assert len(feats) == n and np.isfinite(np.asarray(feats[:64])).all()
+    if mode != "streamed":
+        n_feats, feats = len(feats), [feats[:64]]
+    assert n_feats == n and all(np.isfinite(np.asarray(f[:64])).all() for f in feats)
     end = Peak.now()
     peak.run = False
     return {"images": n, "size": size, "mode": mode, "engine": ex.used,
@@ -137,16 +144,76 @@ def one(folder: str, size: int, mode: str) -> dict:
             "vmhwm_mb": round(end["VmHWM"] / 1024, 1), "cpus": os.cpu_count()}
 
 
+def one_recipe(folder: str, size: int, recipe: str, sets: list[str]) -> dict:
+    peak = Peak()
+    import logging
+
+    from tuneflow import finetune
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    overrides = [f"input_size={size}"] + list(sets)
+    t = time.time()
+    with tempfile.TemporaryDirectory(dir=WORK) as out:
+        res = finetune(recipe, folder, Path(out) / "run", overrides=overrides, verbose=0)
+    wall = time.time() - t
+    end = Peak.now()
+    peak.run = False
+    rep = res.report
+    return {"recipe": recipe, "train_images": int(sum(rep["train_counts"].values())),
+            "size": size, "overrides": " ".join(sets), "seconds": round(wall, 1),
+            "val_accuracy": rep.get("val_accuracy"), "peak_rss_anon_mb": round(peak.anon / 1024, 1),
+            "peak_rss_file_mb": round(peak.file / 1024, 1), "vmhwm_mb": round(end["VmHWM"] / 1024, 1),
+            "cpus": os.cpu_count()}
+
+
+def recipes_main(args, sizes, size):
+    names = args[args.index("--recipes") + 1].split(",")
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    out_path = HERE / "results" / "scale_recipes.json"
+    rows = json.loads(out_path.read_text())["rows"] if out_path.exists() else []
+    for n in sizes:
+        folder = make_folder(n)
+        for name in names:
+            with tempfile.TemporaryDirectory(dir=WORK) as home:  # fresh image store and feature cache
+                src_home = Path(os.environ.get("TUNEFLOW_HOME") or Path("~/.keras/tuneflow").expanduser())
+                if (src_home / "weights").exists():
+                    os.symlink(src_home / "weights", Path(home) / "weights")
+                env = dict(os.environ, TUNEFLOW_HOME=home, TF_CPP_MIN_LOG_LEVEL="3")
+                cmd = [sys.executable, __file__, "--only-recipe", str(folder), str(size), name] + sets
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                log_path = WORK / f"recipe_{name}_{n}.log"  # the run's log, for reading
+                log_path.write_text(done.stderr[-20000:])
+                if done.returncode:
+                    sys.exit(done.stderr[-3000:])
+                row = {"images": n, **json.loads(done.stdout.strip().splitlines()[-1])}
+            same = ("recipe", "images", "size", "overrides")
+            rows = [r for r in rows if [r.get(k) for k in same] != [row[k] for k in same]]
+            rows.append(row)
+            print(row, flush=True)
+            rows.sort(key=lambda r: (r["recipe"], r["size"], r["images"]))
+            out_path.write_text(json.dumps({"rows": rows}, indent=2))
+    print("| recipe | images | size | overrides | seconds | val acc | peak RssAnon MB | VmHWM MB |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['recipe']} | {r['images']} | {r['size']} | {r['overrides']} | {r['seconds']} | "
+              f"{r['val_accuracy']} | {r['peak_rss_anon_mb']} | {r['vmhwm_mb']} |")
+
+
 def main():
+    if "--only-recipe" in sys.argv:
+        i = sys.argv.index("--only-recipe")
+        print(json.dumps(one_recipe(sys.argv[i + 1], int(sys.argv[i + 2]), sys.argv[i + 3], sys.argv[i + 4:])))
+        return
     if "--only" in sys.argv:
         i = sys.argv.index("--only")
         print(json.dumps(one(sys.argv[i + 1], int(sys.argv[i + 2]), sys.argv[i + 3])))
         return
     args = sys.argv[1:]
     size = int(args[args.index("--size") + 1]) if "--size" in args else 224
-    mode = args[args.index("--feature-mode") + 1] if "--feature-mode" in args else "extractor"
+    mode = args[args.index("--feature-mode") + 1] if "--feature-mode" in args else "streamed"
     sizes = [int(a) for i, a in enumerate(args) if a.isdigit() and (i == 0 or not args[i - 1].startswith("--"))]
     sizes = sizes or [2000, 20000]
+    if "--recipes" in args:
+        return recipes_main(args, sizes, size)
     out_path = HERE / "results" / "scale.json"
     rows = json.loads(out_path.read_text())["rows"] if out_path.exists() else []
     src_home = Path(os.environ.get("TUNEFLOW_HOME") or Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser()

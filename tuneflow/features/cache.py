@@ -4,8 +4,8 @@ Keys come from :meth:`tuneflow.features.extractor.FeatureExtractor.key`: backbon
 of their values) and architecture, engine and precision, input size, tap layer, augmented views
 with their seed, and the data fingerprint: change any one and the features are recomputed.
 
-Large feature arrays (above :func:`tuneflow.data.store.inmemory_max_bytes`) are read back as
-read-only memory maps, and :func:`cached_into` lets the feature pass write into a ``.npy`` on disk
+Large feature arrays (above 64 MB, or :func:`tuneflow.data.store.inmemory_max_bytes` if lower) are
+read back as read-only memory maps, and :func:`cached_into` lets the feature pass write into a ``.npy`` on disk
 batch by batch: a cache larger than RAM is never held in memory whole.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _commit(tmp: Path, path: Path) -> None:
 def _load_verified(path: Path) -> np.ndarray | None:
     """The cached array, or None (with a warning) when it is damaged: checksum, format or NaN/Inf,
     all checked in one streamed read of the file. Files above
-    :func:`~tuneflow.data.store.inmemory_max_bytes` come back as read-only memory maps."""
+    :func:`_max_bytes` come back as read-only memory maps."""
     sums = path.with_suffix(".sha256")
     try:
         if not sums.exists():
@@ -228,6 +228,14 @@ def rows_view(x):
         return x
 
 
+# Features at most this large are read back into RAM; larger ones stay memory-mapped. Lower than
+# the images' threshold: the head reads a mapped cache a batch at a time as fast as it reads RAM
+# from ~100 MB on (benchmarks/bench_head_input.py), so holding more in RAM buys nothing.
+FEATURES_INMEMORY_MAX_BYTES = 64 << 20
+
+
 def _max_bytes() -> int:
+    """Bytes of features above which a cache file is read back as a memory map: the least of
+    FEATURES_INMEMORY_MAX_BYTES and :func:`~tuneflow.data.store.inmemory_max_bytes`."""
     from ..data.store import inmemory_max_bytes
-    return inmemory_max_bytes()
+    return min(FEATURES_INMEMORY_MAX_BYTES, inmemory_max_bytes())

@@ -221,8 +221,10 @@ def _cached_into(key, shape, dtype, fill, enabled):
 
 # Cached features at most this large (bytes) go through ``from_tensor_slices`` on the shuffle
 # path (a tensor copy of them, then tf.data's own shuffle); larger ones, and memory maps, are
-# gathered by index a batch at a time from a NumPy generator (no copy).
-SLICES_MAX_BYTES = 256 << 20
+# gathered by index a batch at a time from a NumPy generator (no copy). The generator is slower
+# for small sets and faster from ~100 MB on (benchmarks/bench_head_input.py, 1280-d vectors,
+# batch 32, 2 CPU cores: the two cross between 10,000 and 20,000 vectors, 51 and 102 MB).
+SLICES_MAX_BYTES = 64 << 20
 
 
 def cached_dataset(plan: Plan, x: np.ndarray, y: np.ndarray, seed: int):
