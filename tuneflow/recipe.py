@@ -65,6 +65,7 @@ RANGES = {
     "l2": Bounds(0, 1e6),
     "clipnorm": Bounds(0, 1e6),
     "cache_views": Bounds(1, 64),
+    "prefix_views": Bounds(1, 64, zero="the stage's epochs, at most 8"),
     "seed": Bounds(0, 2**32 - 1),  # NumPy and TensorFlow seeds are unsigned 32-bit
     "epochs": Bounds(1, 100000),
     "lr": Bounds(0, 10, lo_open=True),
@@ -129,6 +130,11 @@ class Recipe:
     taps: tuple[str, ...] = ()  # backbone layers to probe; () = the final feature map
     feature_cache: bool = True  # frozen stages train on cached backbone features
     cache_views: int = 1  # augmented views per image in the cache (1 = un-augmented)
+    # Fine-tuning stages that train only the top of the backbone: cache the frozen prefix's
+    # activations (prefix_views augmented views per image) and run only the trainable top each
+    # step. auto = when it saves most of the forward pass and fits in memory; on; off.
+    prefix_cache: str = "auto"
+    prefix_views: int = 0  # 0 = the stage's epochs (one new view an epoch), at most 8
     feature_engine: str = "auto"  # auto | tensorflow | openvino: runs the frozen-feature pass (auto: OpenVINO on CPUs)
     precision: str = "auto"
     strategy: str = "auto"
@@ -169,6 +175,7 @@ class Recipe:
         choose("precision", self.precision, PRECISIONS)
         choose("strategy", self.strategy, STRATEGIES)
         choose("feature_engine", self.feature_engine, FEATURE_ENGINES)
+        choose("prefix_cache", self.prefix_cache, ("auto", "on", "off"))
         for f in fields(self):
             if f.name in RANGES:
                 _number(f.name, getattr(self, f.name))

@@ -56,8 +56,16 @@ def norm_layer(kind: str, name: str):
     raise ValueError(f"Unknown norm {kind!r}.")
 
 
-def build_head(feature_shape, n_classes: int, recipe, norm: str, name: str = "head") -> keras.Model:
-    """A Sequential head taking the backbone's feature map (H, W, C) -> class probabilities."""
+def build_head(feature_shape, n_classes: int, recipe, norm: str, name: str = "head",
+               classifier_penalty: bool = True) -> keras.Model:
+    """A Sequential head taking the backbone's feature map (H, W, C) -> class probabilities.
+
+    ``classifier_penalty=False``: no l1/l2 on the classifier, for a classifier fitted by L-BFGS
+    (:mod:`.probe`). Its L2 was chosen by cross-validation on standardised features and the
+    standardisation is folded into its weights, so they are large where a feature varies little
+    (x100-x1000); a Keras penalty on those raw weights measured them in the wrong units: with
+    ``l2=1e-4`` it was ~90 of the fine-tuning loss (against ~0.3 of cross-entropy), and its
+    gradient dominated any global-norm clipping of the fine-tuning stages."""
     L = keras.layers
     reg = keras.regularizers.L1L2(recipe.l1, recipe.l2) if (recipe.l1 or recipe.l2) else None
     layers = [keras.Input(feature_shape)]
@@ -76,7 +84,7 @@ def build_head(feature_shape, n_classes: int, recipe, norm: str, name: str = "he
     if recipe.dropout:
         layers.append(L.Dropout(recipe.dropout, name=f"{name}_dropout"))
     # float32 output even under mixed precision: softmax and the loss need the range.
-    layers.append(L.Dense(n_classes, activation="softmax", kernel_regularizer=reg,
+    layers.append(L.Dense(n_classes, activation="softmax", kernel_regularizer=reg if classifier_penalty else None,
                           dtype="float32", name=f"{name}_classifier"))
     return keras.Sequential(layers, name=name)
 

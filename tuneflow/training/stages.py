@@ -22,6 +22,7 @@ from ..runs.folder import RunDir
 from .assemble import Assembly
 from .distribute import patch_symbolic_build, worker_shard
 from .distribute import predict as dist_predict
+from . import prefix
 from .optim import current_lr, make_optimizer
 from .plan import Plan
 from .tblog import histograms_for_stage
@@ -346,6 +347,7 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
     for si, stage in enumerate(r.stages):
         train = plan.stage_train(stage)
         use_cache = uses_cache(plan, stage)
+        prefix_x = None  # the cached prefix activations, when the stage trains only its top
         if si < start_stage:
             out.stages.append(stage_info(stage, train, "restored", use_cache))
             continue
@@ -367,20 +369,34 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
                 return val_metrics(call_direct(trainer, val_feats), bundle.val.y)
         else:
             trainer, last_cached = asm.model, None
-            shard = worker_shard(strategy)  # several workers: each reads only its own files
-            steps = math.ceil(len(bundle.train) / plan.global_batch)
-            if shard is not None:  # each local batch is split across all replicas: shard[0] steps a batch
-                steps = shard[0] * math.ceil(math.ceil(len(bundle.train) / shard[0]) / plan.global_batch)
-                log.info("worker %d of %d reads its own %d of %d training images an epoch",
-                         shard[1], shard[0], math.ceil(len(bundle.train) / shard[0]), len(bundle.train))
-            train_x = train_dataset(bundle.train, plan.global_batch, augment=r.augment,
-                                    backend=r.augment_backend, sampling=r.sampling,
-                                    weights=plan.class_weights, seed=r.seed + si,
-                                    whole_batches=plan.replicas > 1, shard=shard)
+            split = prefix.choose(plan, asm, stage, len(bundle.train), len(bundle.val))
+            if split is not None:  # the frozen prefix's activations cached: only the top trains
+                acts, val_acts, _ = prefix.activations(plan, bundle, split, stage, FeatureExtractor)
+                trainer = split.top
+                train_x, steps = prefix.dataset(plan, acts, bundle.train.y, r.seed + si)
+                prefix_x = acts[0]
+                log.info("stage %s: frozen prefix cached at %s %s (%d views); training %d of %d layers",
+                         stage.name, split.boundary, split.shape, acts.shape[0], len(split.top.layers),
+                         len(asm.model.layers))
 
-            def validate():
-                return val_metrics(dist_predict(asm.model, bundle.val.x, max(plan.global_batch, 64)),
-                                   bundle.val.y)
+                def validate(trainer=trainer, val_acts=val_acts):
+                    return val_metrics(call_direct(trainer, val_acts, chunk=256), bundle.val.y)
+            else:
+                prefix_x = None
+                shard = worker_shard(strategy)  # several workers: each reads only its own files
+                steps = math.ceil(len(bundle.train) / plan.global_batch)
+                if shard is not None:  # each local batch is split across all replicas: shard[0] steps a batch
+                    steps = shard[0] * math.ceil(math.ceil(len(bundle.train) / shard[0]) / plan.global_batch)
+                    log.info("worker %d of %d reads its own %d of %d training images an epoch",
+                             shard[1], shard[0], math.ceil(len(bundle.train) / shard[0]), len(bundle.train))
+                train_x = train_dataset(bundle.train, plan.global_batch, augment=r.augment,
+                                        backend=r.augment_backend, sampling=r.sampling,
+                                        weights=plan.class_weights, seed=r.seed + si,
+                                        whole_batches=plan.replicas > 1, shard=shard)
+
+                def validate():
+                    return val_metrics(dist_predict(asm.model, bundle.val.x, max(plan.global_batch, 64)),
+                                       bundle.val.y)
         if use_cache and uses_lbfgs(plan) and lbfgs_fits(ftr):
             if si == start_stage and resume_from is not None and start_epoch > 0:
                 ckpts.restore(resume_from, with_optimizer=False)
@@ -421,8 +437,8 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
         if r.tensorboard_histograms:
             callbacks.append(histograms_for_stage(
                 plan, run / "tensorboard" / stage.name / "histograms", trainer, asm,
-                ftr[0] if use_cache else bundle.train.x, bundle.train.y,
-                one_hot=n_classes if r.label_smoothing else 0))
+                ftr[0] if use_cache else (bundle.train.x if prefix_x is None else prefix_x), bundle.train.y,
+                one_hot=n_classes if r.label_smoothing else 0, start=None if prefix_x is None else split.boundary))
         stopped_before = bool(state and stage.patience and state.get("wait", 0) >= stage.patience)
         if initial < stage.epochs and not stopped_before:
             t0 = time.time()
@@ -440,7 +456,11 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
         # Stage complete (a resume starts the next one), with the metrics of the weights it ends on.
         known = hook.best_metrics if hook.restored else hook.last_metrics
         ckpts.save(si + 1, 0, known if known is not None and hook.epochs_run else validate())
-        out.stages.append(stage_info(stage, train, epochs_done, use_cache))
+        info = stage_info(stage, train, epochs_done, use_cache)
+        if prefix_x is not None:
+            info["prefix_cache"] = {"boundary": split.boundary, "shape": list(split.shape),
+                                    "views": int(acts.shape[0])}
+        out.stages.append(info)
 
     ckpts.restore_best()  # the best validated weights across all stages, never a worse one
     if last_cached is not None:
