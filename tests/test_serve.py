@@ -323,3 +323,15 @@ def test_memory_upkeep_calls_work_and_the_worker_trims_only_when_idle():
         b.submit(("f",), np.zeros((1, 1), np.float32)).result(timeout=5)
     b.stop()
     assert len(idle) == 3 and t.trims == 3  # one call after each batch that left the queue empty
+
+
+def test_batcher_fills_a_padded_call_with_images_that_arrive_a_little_later():
+    calls = []
+    b = MicroBatcher({"f": lambda x: calls.append(len(x)) or x}, max_batch=8, max_wait_ms=300).start()
+    futures = [b.submit(("f",), np.full((1, 1), i, np.float32)) for i in range(5)]
+    time.sleep(0.45)  # after max_wait (5 is not a bucket: 6 is), within the fill wait
+    futures.append(b.submit(("f",), np.full((1, 1), 5, np.float32)))
+    out = [float(f.result(timeout=10)[0, 0]) for f in futures]
+    b.stop()
+    assert out == [0, 1, 2, 3, 4, 5]
+    assert calls == [6]  # one call: the sixth image took the row padding would have filled

@@ -106,6 +106,9 @@ def _parser():
     v.add_argument("--port", type=int, default=8080, help="0 picks a free port (printed)")
     v.add_argument("--max-batch", type=int, default=64, help="images per model call")
     v.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for more images after the first")
+    v.add_argument("--no-pad-batches", dest="pad_batches", action="store_false",
+                   help="call the model with any batch size (default: padded to 1, 2, 3, 4, 6, 8, ... "
+                        "--max-batch, which keeps the server's memory flat on CPUs)")
     v.add_argument("--index", help="index folder from `tuneflow index`, enables POST /v1/search")
     v.add_argument("--checkpoint", default="best")
     v.add_argument("--max-request-bytes", type=int, default=32 * 2**20)

@@ -96,7 +96,7 @@ def create_app(predictor, cfg: ServeConfig | None = None, index=None, on_stop=No
     async def lifespan(app):
         app.state.batcher = MicroBatcher({"embed": embed_fn, "classify": classify_fn},
                                          cfg.max_batch, cfg.max_wait_ms, on_batch,
-                                         on_idle=Trimmer().maybe).start()
+                                         pad_batches=cfg.pad_batches, on_idle=Trimmer().maybe).start()
         app.state.ready = True
         try:
             yield

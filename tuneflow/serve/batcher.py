@@ -10,7 +10,9 @@ Each call is padded up to one of a few batch sizes (powers of two and the sizes 
 them, up to ``max_batch``), as TF Serving's ``allowed_batch_sizes`` does: oneDNN keeps compiled primitives and
 scratch buffers per input shape, so a server that called the model with every size from 1 to 64
 kept ~64 sets of them (the RSS grew for thousands of requests); with buckets it keeps 12.
-The padding rows are zeros and their outputs are dropped (inference treats rows independently).
+The padding rows are zeros and their outputs are dropped (inference treats rows independently);
+before padding, the worker waits up to FILL_WAIT x ``max_wait_ms`` more for real images to
+take those rows.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 _STOP = object()
+FILL_WAIT = 2.0  # after max_wait, up to this many max_waits more to fill a padded call with real images
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -113,12 +116,20 @@ class MicroBatcher:
         deadline = time.monotonic() + self.max_wait_s
         skipped: list = []
         held, self._held = self._held, deque()
-        while n < self.max_batch:
+        target, filling = self.max_batch, False
+        while n < target:
             if held:
                 item = held.popleft()
             else:
                 item = self._next(deadline - time.monotonic())
                 if item is None:
+                    if self.buckets and not filling and n not in self.buckets:
+                        # the call will be padded up to the next bucket: wait a little longer for
+                        # real images to take those rows (throughput, not zeros)
+                        target = next(b for b in self.buckets if b >= n)
+                        deadline = time.monotonic() + FILL_WAIT * self.max_wait_s
+                        filling = True
+                        continue
                     break
             if item is _STOP:
                 skipped.append(item)

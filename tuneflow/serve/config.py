@@ -9,6 +9,7 @@ class ServeConfig:
     """Batching and limits of ``tuneflow serve``; each limit is named in the error that enforces it."""
     max_batch: int = 64             # images per model call; larger batches amortise the call, cost latency
     max_wait_ms: float = 5.0        # how long the worker waits for more images after the first arrives
+    pad_batches: bool = True        # model calls padded to a few batch sizes (see .batcher)
     max_request_bytes: int = 32 * 2**20   # 32 MiB of request body (multipart or JSON with base64)
     max_images: int = 64            # images per request
     max_pixels: int = 40_000_000    # width x height of one image: a decompression bomb stops here

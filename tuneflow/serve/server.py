@@ -96,7 +96,7 @@ def _report_drained(app) -> None:
 
 def cli_serve(args) -> int:
     """``tuneflow serve RUN [--host] [--port] [--max-batch] [--max-wait-ms] [--index] ...``."""
-    cfg = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+    cfg = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, pad_batches=args.pad_batches,
                       max_request_bytes=args.max_request_bytes, max_images=args.max_images,
                       max_pixels=args.max_pixels)
     return serve(args.run, host=args.host, port=args.port, checkpoint=args.checkpoint,
