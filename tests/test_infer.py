@@ -201,3 +201,41 @@ def test_augmented_views_in_the_cache(tmp_path, tiny_folder, engine):
     differ = lambda a, b: np.abs(a - b).max() > 1e-2 * np.abs(a).max()  # noqa: E731 (untrained: tiny values)
     assert differ(v[0], v[1]) and differ(v[1], v[2])  # augmented, differently
     assert res.report["feature_engine"] == f"{engine}/{'float32' if engine == 'tensorflow' else 'f32'}"
+
+
+@pytest.mark.parametrize("engine", ["tensorflow", "openvino"])
+def test_a_float32_extractor_under_a_bf16_run_computes_what_the_float32_artifact_computes(engine):
+    """feature_precision=float32 (the default): under mixed_bfloat16 the cached features are the
+    float32 ones the exported artifact will compute, the cache key says so, and the run's policy
+    (global and the layers') is back afterwards."""
+    import keras
+    from tuneflow import build_backbone
+    from tuneflow.features.extractor import FeatureExtractor
+    if engine == "openvino":
+        pytest.importorskip("openvino")
+    x = np.random.default_rng(0).integers(0, 255, (6, 64, 64, 3)).astype(np.uint8)
+    before = keras.mixed_precision.global_policy()
+    try:
+        keras.mixed_precision.set_global_policy("float32")
+        keras.utils.set_random_seed(0)
+        b32 = build_backbone("efficientnet_lite0", weights=None, input_size=64)
+        ref = np.asarray(keras.Model(b32.input, keras.layers.GlobalAveragePooling2D()(b32.output)).predict(x, verbose=0))
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        keras.utils.set_random_seed(0)
+        b16 = build_backbone("efficientnet_lite0", weights=None, input_size=64)
+        b16.set_weights(b32.get_weights())
+        pooled = keras.Model(b16.input, keras.layers.GlobalAveragePooling2D()(b16.output))
+        f32 = FeatureExtractor(pooled, engine, precision="float32")
+        run = FeatureExtractor(pooled, engine)
+        assert f32.describe.endswith(("/f32", "/float32")) and run.describe.endswith(("/bf16", "/mixed_bfloat16"))
+        got = f32.run(x)
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+        assert all(la.dtype_policy.name == "mixed_bfloat16" for la in pooled.layers if la.weights)
+        np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4)
+        assert np.abs(run.run(x) - ref).max() > np.abs(got - ref).max()  # bf16 differs more
+        out = np.zeros((1, 6) + got.shape[1:], np.float32)
+        f32.compute_into(out, x)
+        np.testing.assert_allclose(out[0], got, rtol=1e-5, atol=1e-6)
+        assert f32.key(split="train") != run.key(split="train")
+    finally:
+        keras.mixed_precision.set_global_policy(before)

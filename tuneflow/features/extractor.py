@@ -5,6 +5,7 @@ import hashlib
 import logging
 import os
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -141,9 +142,16 @@ class FeatureExtractor:
     each worker without collective ops, because whether the cache hits may differ between workers.
     """
 
-    def __init__(self, feature_model, engine: str = "auto", batch_size: int | None = None):
+    def __init__(self, feature_model, engine: str = "auto", batch_size: int | None = None,
+                 precision: str | None = None):
         import keras
         self.model = keras.Model(feature_model.input, feature_model.output)
+        # None: the run's own policy (bf16 features where the run trains in bf16); "float32": the
+        # exported artifact's precision, so a head fitted on these features sees at training what
+        # the artifact will compute (see Recipe.feature_precision)
+        if precision not in (None, "float32"):
+            raise ValueError(f"precision={precision!r}: None (the run's policy) or 'float32'.")
+        self.precision = precision
         self.engine = infer.resolve_engine(engine)
         size = int(self.model.inputs[0].shape[1] or 224)
         self.batch_size = batch_size or infer_batch(size, model=self.model)
@@ -152,21 +160,43 @@ class FeatureExtractor:
         self.arch_key = architecture_digest(self.model)
         self.stats: list[tuple[int, float, str]] = []  # (images, seconds, engine that ran)
 
+    @contextmanager
+    def _policy(self, layers: bool = False):
+        """The global dtype policy (and, with ``layers``, the model's layers' policies) at this
+        extractor's precision for the duration; nothing changes when it follows the run's."""
+        import keras
+        before = keras.mixed_precision.global_policy()
+        if self.precision is None or before.name == self.precision:
+            yield
+            return
+        keras.mixed_precision.set_global_policy(self.precision)
+        try:
+            if layers:
+                with infer.float32_policies(self.model):
+                    yield
+            else:
+                yield
+        finally:
+            keras.mixed_precision.set_global_policy(before)
+
     @property
     def describe(self) -> str:
         """The engine asked for, as the cache key names it: ``openvino/bf16``, ``tensorflow/float32``."""
-        return infer.describe(self.engine)
+        with self._policy():
+            return infer.describe(self.engine)
 
     @property
     def used(self) -> str:
         """The engine that actually ran (OpenVINO falls back to TensorFlow for a graph it cannot convert)."""
-        return infer.describe(self.memo.get("used", self.engine))
+        with self._policy():
+            return infer.describe(self.memo.get("used", self.engine))
 
     def run(self, images, map_fn=None):
         """Outputs on ``images`` (an array or a list of arrays, as if concatenated); NaN/Inf refused."""
         t0 = time.time()
-        out = infer.run(self.model, images, self.batch_size, self.engine, map_fn=map_fn,
-                        weights_key=self.weights_key, memo=self.memo)
+        with self._policy(layers=True):
+            out = infer.run(self.model, images, self.batch_size, self.engine, map_fn=map_fn,
+                            weights_key=self.weights_key, memo=self.memo)
         for o in (out if isinstance(out, list) else [out]):
             self._refuse_nonfinite(o, 0, len(o))
         self.stats.append((_count(images), time.time() - t0, self.used))
@@ -203,6 +233,10 @@ class FeatureExtractor:
         if len(outs) != len(parts):
             raise ValueError(f"compute_into: {len(outs)} outputs for {len(parts)} arrays of images")
         total = sum(len(p) for p in parts)
+        with self._policy(layers=True):
+            self._compute_views(outs, parts, total, augment_fn, views)
+
+    def _compute_views(self, outs, parts, total, augment_fn, views) -> None:
         for v in range(views):
             fn = augment_fn if (augment_fn is not None and v > 0) else None
             t0, row = time.time(), 0

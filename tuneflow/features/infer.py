@@ -148,7 +148,7 @@ def _openvino_model(model, weights_key, memo: dict):
     if path is not None and path.exists():
         try:
             ov_model = core.read_model(str(path))
-            with _float32_policies(model):
+            with float32_policies(model):
                 fn = tf.function(lambda images: model(images, training=False), input_signature=[spec])
                 _check_conversion(core, ov_model, fn, spec, hint=hint)
         except Exception as exc:  # a damaged or stale file: convert again
@@ -159,7 +159,7 @@ def _openvino_model(model, weights_key, memo: dict):
         try:
             # OpenVINO reads a float32 graph (it cannot convert bfloat16 constants) and does the
             # reduced precision itself (INFERENCE_PRECISION_HINT): layers are traced as float32.
-            with _float32_policies(model):
+            with float32_policies(model):
                 fn = tf.function(lambda images: model(images, training=False), input_signature=[spec])
                 ov_model = ov.convert_model(fn)
                 _check_conversion(core, ov_model, fn, spec, hint=hint)
@@ -227,7 +227,7 @@ def _save_atomic(ov, ov_model, path):
 
 
 @contextmanager
-def _float32_policies(model):
+def float32_policies(model):
     layers = list(model._flatten_layers(include_self=True, recursive=True))
     saved = [layer.dtype_policy for layer in layers]
     try:

@@ -358,7 +358,8 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
             feat_model = asm.feature_model if pool is None else keras.Model(
                 asm.feature_model.input, pool(asm.feature_model.output), name="pooled_features")
             if extractor is None or extractor.weights_key != _digest(feat_model):
-                extractor = FeatureExtractor(feat_model, r.feature_engine)
+                extractor = FeatureExtractor(feat_model, r.feature_engine,
+                                             precision="float32" if r.feature_precision == "float32" else None)
             ftr, val_feats = cached_features(plan, bundle, extractor, asm.tap)
             views = ftr.shape[0]
             train_x, steps = cached_dataset(plan, ftr.reshape((-1,) + ftr.shape[2:]),
