@@ -229,8 +229,8 @@ def rows_view(x):
 
 
 # Features at most this large are read back into RAM; larger ones stay memory-mapped. Lower than
-# the images' threshold: the head reads a mapped cache a batch at a time as fast as it reads RAM
-# from ~100 MB on (benchmarks/bench_head_input.py), so holding more in RAM buys nothing.
+# the images' threshold: from ~50 MB on, the head's batches gathered from an array take as long
+# as tf.data's in-RAM shuffle (benchmarks/bench_head_input.py), so holding more in RAM buys nothing.
 FEATURES_INMEMORY_MAX_BYTES = 64 << 20
 
 

@@ -223,8 +223,9 @@ def _cached_into(key, shape, dtype, fill, enabled):
 # Cached features at most this large (bytes) go through ``from_tensor_slices`` on the shuffle
 # path (a tensor copy of them, then tf.data's own shuffle); larger ones, and memory maps, are
 # gathered by index a batch at a time from a NumPy generator (no copy). The generator is slower
-# for small sets and faster from ~100 MB on (benchmarks/bench_head_input.py, 1280-d vectors,
-# batch 32, 2 CPU cores: the two cross between 10,000 and 20,000 vectors, 51 and 102 MB).
+# for small sets only (benchmarks/bench_head_input.py, 1280-d vectors, batch 32, 2 shared CPU
+# cores, s/epoch slices vs generator: 2,000 vectors 0.025 vs 0.136; 10,000 (49 MB) 0.31 vs 0.31;
+# 20,000 (98 MB) 0.54 vs 0.57; an earlier run on a busier machine had the generator ahead at 20,000).
 SLICES_MAX_BYTES = 64 << 20
 
 
