@@ -569,3 +569,27 @@ def test_two_workers_each_read_their_own_share_of_the_training_images(tmp_path):
         assert set(a) | set(b) == set(range(n)), (a, b)  # every training image, once ...
         assert len(a) + len(b) <= n + 1, (a, b)  # ... but for at most one padded repeat (odd n)
     assert len(reads[0]) >= 3  # the two epochs were read (after the build's read)
+
+
+def test_a_recipe_runs_from_the_store_and_a_memory_mapped_cache(tmp_path, on_disk, caplog):
+    """small_similar with everything on disk: images in the store, features written as they are
+    computed and read back mapped, and the linear head (too big for L-BFGS under this limit)
+    trained by its optimizer from the mapped cache."""
+    import logging
+
+    from conftest import random_lite0_weights
+    from tuneflow import finetune
+    from tuneflow.features import cache as fcache
+    data = make_image_folder(tmp_path / "d", per_class=10, size=24)
+    ov = {"input_size": 32, "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32",
+          "head__epochs": 2}
+    before = set(fcache.cache_root().glob("*.npy")) if fcache.cache_root().exists() else set()
+    with caplog.at_level(logging.INFO, logger="tuneflow"):
+        res = finetune("small_similar", data, tmp_path / "r", overrides=ov, verbose=0)
+    assert "memory-mapped" in caplog.text and "trained by the stage's optimizer instead" in caplog.text
+    assert res.report["stages"][0]["optimizer"] != "lbfgs"
+    rows = (tmp_path / "r" / "metrics.csv").read_text().strip().splitlines()[1:]
+    assert len(rows) == 2  # two optimizer epochs, not one L-BFGS row
+    new = set(fcache.cache_root().glob("*.npy")) - before
+    assert len(new) == 2 and all(isinstance(np.load(p, mmap_mode="r"), np.memmap) for p in new)
+    assert 0.0 <= res.report["val_accuracy"] <= 1.0
