@@ -97,14 +97,12 @@ FLOATS_PER_PIXEL = 64
 
 
 def infer_batch(size: int, base: int = INFER_BATCH, model=None, available: int | None = None,
-                memory: bool | None = None) -> int:
+                memory: bool = True) -> int:
     """Images per batch of a forward pass without gradients at ``size`` px: ``base`` at 224 px,
     scaled down with the pixel count and down to what fits in MEMORY_SHARE of ``available``
     (bytes; default :func:`available_memory`), the activations measured on ``model`` or, without
     one, estimated as FLOATS_PER_PIXEL floats a pixel. ``memory=False`` skips the memory cap."""
     batch = int(max(1, min(base, base * REFERENCE_PIXELS // max(1, size * size))))
-    if memory is None:
-        memory = True
     if memory:
         per_image = activation_bytes(model) if model is not None \
             else LIVE_FACTOR * 4 * FLOATS_PER_PIXEL * size * size
