@@ -106,8 +106,9 @@ def main():
     ap.add_argument("data")
     ap.add_argument("--run")
     ap.add_argument("--rss-requests", type=int, default=10_000)
-    ap.add_argument("--only", choices=["all", "rss"], default="all",
-                    help="rss: only the server's memory over --rss-requests (skips the throughput parts)")
+    ap.add_argument("--only", choices=["all", "rss", "throughput"], default="all",
+                    help="rss: only the server's memory over --rss-requests (skips the throughput parts); "
+                         "throughput: only the offline and HTTP throughput (skips the memory part)")
     args = ap.parse_args()
     data = Path(args.data)
     from tuneflow.export.embed import list_images
@@ -120,19 +121,21 @@ def main():
         tuneflow.finetune("small_similar", str(data), run, verbose=0)
     result = {"data": str(data), "images": len(paths), "run": run,
               "command": "benchmarks/bench_serve.py " + " ".join(sys.argv[1:])}
-    if args.only == "all":
+    if args.only != "rss":
         result["offline"] = offline(run, paths)
         print(json.dumps(result["offline"], indent=1), flush=True)
     blobs = [p.read_bytes() for p in paths]
     server = Server(run)
     try:
         http(server.url, blobs, 16, 64)  # warm-up
-        if args.only == "all":
+        if args.only != "rss":
             result["http"] = [http(server.url, blobs, c, n) for c, n in ((1, 200), (16, 800))]
             base = result["offline"]["tuneflow_embed"]["images_per_s"]
             for h in result["http"]:
                 h["vs_offline"] = h["images_per_s"] / base
             print(json.dumps(result["http"], indent=1), flush=True)
+        if args.only == "throughput":
+            return finish(result, data, args)
         # RSS after a first pass over the images (every image size and batch shape met once), then
         # sampled every 10% of the requests: growth that levels off is a cache filling, growth
         # that keeps rising is a leak.
@@ -150,7 +153,12 @@ def main():
         print(json.dumps(result["rss"], indent=1), flush=True)
     finally:
         server.stop()
-    out = HERE / "results" / f"serve_{data.name}{'_rss' if args.only == 'rss' else ''}.json"
+    finish(result, data, args)
+
+
+def finish(result, data, args):
+    suffix = {"all": "", "rss": "_rss", "throughput": "_throughput"}[args.only]
+    out = HERE / "results" / f"serve_{data.name}{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 
