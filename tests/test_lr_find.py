@@ -1,4 +1,4 @@
-"""LR range test: exact restore, the three rules, the CLI's JSON, phase-aware stages, lr=auto."""
+"""LR range test: exact restore, zero-lag smoothing, the three rules, the CLI's JSON, phase-aware stages, lr=auto."""
 import json
 import math
 
@@ -9,7 +9,8 @@ import pytest
 from conftest import make_image_folder
 from tuneflow.cli import main
 from tuneflow.errors import RecipeError
-from tuneflow.workbench.lr_find import lr_find, range_test, resolve_auto_lr, suggest, valley
+from tuneflow.workbench.lr_find import (BETA, lr_find, minimum_tenth, range_test, resolve_auto_lr, smooth, steepest,
+                                        suggest, valley)
 
 FAST = {"input_size": 32, "precision": "float32", "head_solver": "sgd"}
 
@@ -51,15 +52,65 @@ def test_rules_on_a_known_curve():
     # Flat, a steep fall centred at 1e-3, a minimum near 1e-1, then a rise.
     losses = [2.0 - 1.5 / (1 + math.exp(-3 * (math.log10(lr) + 3))) + 0.5 * max(0, math.log10(lr) + 1) ** 2
               for lr in lrs]
-    found = suggest({"lrs": lrs, "losses": losses, "smoothed": losses, "stopped": "end of range"})
+    found = suggest({"lrs": lrs, "losses": losses, "stopped": "end of range"})
     assert found["rule"] == "valley"
     best = lrs[int(np.argmin(losses))]
     assert 1e-4 < found["suggested_lr"] < best
     assert found["steep"] == pytest.approx(1e-3, rel=0.25)
-    assert found["min"] == pytest.approx(best / 10)
-    assert valley(lrs, losses) == found["suggested_lr"]
+    s = smooth(lrs, losses)
+    assert found["min"] == pytest.approx(lrs[int(np.argmin(s))] / 10)
+    assert abs(math.log10(found["min"] * 10 / best)) <= 0.25  # smoothing moves a noise-free minimum little
+    assert valley(lrs, s) == found["suggested_lr"]
     with pytest.raises(RecipeError, match="rule="):
-        suggest({"lrs": lrs, "losses": losses, "smoothed": losses, "stopped": ""}, rule="best")
+        suggest({"lrs": lrs, "losses": losses, "stopped": ""}, rule="best")
+
+
+def _synthetic_loss(x):
+    """A range test's shape in x = log10(LR): flat, a fall steepest at 1e-4, a shallow floor whose
+    minimum is near 1e-2, then divergence past 1."""
+    return (0.7 - 0.5 / (1 + np.exp(-2.5 * (x + 4))) + 0.1 * np.maximum(0, x + 2) ** 2
+            + 3 * np.maximum(0, x) ** 2)
+
+
+def _causal_ema(losses):
+    """The debiased per-step EMA (beta 0.98) the rules used to run on, as a control."""
+    out, avg = [], 0.0
+    for i, v in enumerate(losses):
+        avg = BETA * avg + (1 - BETA) * v
+        out.append(avg / (1 - BETA ** (i + 1)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_rules_find_the_minimum_and_the_steepest_fall_of_a_noisy_curve(seed):
+    fine = np.linspace(-7, 1, 8001)
+    x_min = fine[np.argmin(_synthetic_loss(fine))]  # about -1.96
+    x_steep = fine[np.argmin(np.gradient(_synthetic_loss(fine), fine))]  # -4.0
+    lrs = np.logspace(-7, 1, 100)  # the default range and number of steps
+    losses = _synthetic_loss(np.log10(lrs)) + np.random.default_rng(seed).normal(0, 0.03, len(lrs))
+    found = suggest({"lrs": list(lrs), "losses": list(losses), "stopped": "end of range"})
+    assert abs(math.log10(found["min"] * 10) - x_min) <= 0.6, found
+    assert abs(math.log10(found["steep"]) - x_steep) <= 0.3, found
+    assert x_steep - 0.75 <= math.log10(found["suggested_lr"]) <= x_min, found  # valley: in the descent
+    # The same noisy curve under the causal EMA misses by more than these tolerances (its minimum
+    # trails by more than a decade), so this test tells a lagging smoother from a zero-lag one.
+    ema = _causal_ema(losses)
+    assert (math.log10(minimum_tenth(lrs, ema) * 10) - x_min > 0.6
+            or abs(math.log10(steepest(lrs, ema)) - x_steep) > 0.3)
+
+
+def test_smoother_has_no_lag_and_a_window_in_decades():
+    lrs = np.logspace(-7, 1, 100)
+    line = 3.0 - 0.2 * np.log10(lrs)
+    np.testing.assert_allclose(smooth(lrs, line), line, atol=1e-9)  # a straight stretch stays put, ends included
+    # A bump at 1e-3: its smoothed peak stays at 1e-3 and has the same height at 100 or 400 steps.
+    peaks = []
+    for steps in (100, 400):
+        grid = np.logspace(-7, 1, steps)
+        s = smooth(grid, np.exp(-0.5 * ((np.log10(grid) + 3) / 0.3) ** 2))
+        assert abs(math.log10(grid[int(np.argmax(s))]) + 3) <= 0.05
+        peaks.append(s.max())
+    assert peaks[0] == pytest.approx(peaks[1], rel=0.03)
 
 
 def test_cli_json_on_the_head_stage(folder, tmp_path, capsys):
