@@ -127,6 +127,10 @@ def test_search_writes_trials_plot_and_a_best_recipe_that_finetune_accepts(tmp_p
     assert [(r["round"], r["state"]) for r in rows].count(("1", "COMPLETE")) == 2
     for r in rows:
         assert (out / r["run"] / "report.json").exists() and int(r["epochs"]) == 3
+        # a trial is measured on training's own path and exports nothing (--no-export)
+        report = json.loads((out / r["run"] / "report.json").read_text())
+        assert not (out / r["run"] / "model").exists() and report["evaluated"].startswith("no artifact")
+        assert report["val_accuracy"] == pytest.approx(float(r["val_accuracy"]))
         assert json.loads((out / r["run"] / "recipe.json").read_text())["fraction"] == 0.9
     r0 = [r for r in rows if r["round"] == "0"]
     best0 = max(r0, key=lambda r: float(r["val_accuracy"]))
@@ -150,6 +154,7 @@ def test_search_writes_trials_plot_and_a_best_recipe_that_finetune_accepts(tmp_p
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "final" / "report.json").read_text())
     assert report["num_train"] + report["num_val"] == 40  # all the data
+    assert (tmp_path / "final" / "model").is_dir() and report["evaluated"].startswith("model/")
 
 
 @pytest.mark.slow
@@ -222,3 +227,50 @@ def test_search_prunes_the_clearly_worse_trials_and_the_parent_does_not_grow(tmp
     assert float(best["head.lr"]) == 0.03
     assert first is not None and peak is not None
     assert peak - first < 40, f"parent RSS grew {peak - first:.1f} MB over {len(rows) - 1} trials"
+
+
+def _tick_boxes(ax, renderer):
+    """Extents of the x tick labels drawn (matplotlib also keeps labels of ticks outside the view)."""
+    lo, hi = sorted(ax.get_xlim())
+    return [t.get_window_extent(renderer) for t, x in zip(ax.get_xticklabels(), ax.get_xticks())
+            if t.get_visible() and t.get_text() and lo <= x <= hi]
+
+
+@pytest.mark.parametrize("lr_range", [(1e-4, 1e-2), (1e-6, 1e-2), (3e-4, 2e-3), (4e-4, 7e-4)])
+def test_search_plot_tick_labels_do_not_overlap(lr_range):
+    """search.png stays readable: on every axis the x tick labels are disjoint, a log range has at
+    least two labels, and categorical values appear in the space's order."""
+    import optuna
+    from matplotlib.transforms import Bbox
+    from tuneflow.workbench.search import _distribution, _figure
+    lo, hi = lr_range
+    space = {"head.lr": {"type": "float", "low": lo, "high": hi, "log": True},
+             "l2": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+             "dropout": {"type": "float", "low": 0.0, "high": 0.5, "log": False},
+             "batch_size": {"type": "categorical", "choices": [16, 32, 64]}}
+    dists = {k: _distribution(s) for k, s in space.items()}
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    for i in range(12):
+        t = study.ask(dists)
+        study.tell(t, 0.9 + 0.005 * i) if i % 3 else study.tell(t, state=optuna.trial.TrialState.PRUNED)
+    rows = [(0, t) for t in study.get_trials()]
+    fig = _figure(rows, [space])
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        axes = {ax.get_xlabel(): ax for ax in fig.axes}
+        for name, ax in axes.items():
+            boxes = _tick_boxes(ax, renderer)
+            for a, b in zip(boxes, boxes[1:]):
+                assert not a.overlaps(b), (name, [t.get_text() for t in ax.get_xticklabels()])
+        for name in ("head.lr", "l2"):
+            assert len(_tick_boxes(axes[name], renderer)) >= 2, name
+        assert [t.get_text() for t in axes["batch_size"].get_xticklabels()] == ["16", "32", "64"]
+        titles = [Bbox.union(_tick_boxes(ax, renderer) + [ax.xaxis.label.get_window_extent(renderer)])
+                  for ax in fig.axes if ax.axison]
+        for i, a in enumerate(titles):  # one panel's tick labels never run into another's
+            assert not any(a.overlaps(b) for b in titles[i + 1:])
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)

@@ -24,6 +24,8 @@ def _parser():
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     f.add_argument("--force", action="store_true",
                    help="with --resume: accept a recipe, overrides or data that differ from the run's")
+    f.add_argument("--no-export", action="store_true",
+                   help="measure on training's own path, write no model/ (what search trials do)")
     pr = sub.add_parser("predict", help="classify images with a trained run")
     pr.add_argument("run", help="a run folder (or its model/ folder)")
     pr.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
@@ -241,5 +243,5 @@ def _run(args) -> int:
         return predict_command(args)
     from .training.finetune import finetune
     finetune(args.recipe, args.data, args.out, overwrite=args.overwrite, resume=args.resume,
-             force=args.force, overrides=args.overrides)
+             force=args.force, overrides=args.overrides, export=not args.no_export)
     return 0

@@ -59,25 +59,36 @@ def write_predictions(run: RunDir, split: Split, probs: np.ndarray, classes: lis
     os.replace(tmp, run / PREDICTIONS_FILE)
 
 
-def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome: Outcome) -> dict:
+def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome: Outcome,
+             export: bool = True) -> dict:
     """Export the artifact, load it back from disk, and measure it on the validation (and test)
-    images; the fast path's own accuracy is kept beside it when the two differ."""
+    images; the fast path's own accuracy is kept beside it when the two differ.
+
+    ``export=False`` (a search trial) measures training's own path instead, writes no ``model/``
+    and no test accuracy: on cached features the export, reload and image pass take ~29 of a
+    trial's ~36 s on ants_bees, for an artifact nobody loads (the search's best recipe is trained
+    again by ``tuneflow finetune``, which exports)."""
     import time
     r = plan.recipe
-    t0 = time.time()
-    write_artifact(artifact_models(plan, asm), run.path)
-    save_backbone(asm.backbone, run.path, plan.spec.name)
-    t1 = time.time()
-    predictor = load(run.path)
-    t2 = time.time()
-    probs = predict_split(predictor, bundle.val)
-    t3 = time.time()
-    timing = {"export": round(t1 - t0, 2), "load": round(t2 - t1, 2), "evaluate": round(t3 - t2, 2)}
-    log.info("artifact: exported in %.1f s, loaded in %.1f s, %d validation images in %.1f s",
-             t1 - t0, t2 - t1, len(probs), t3 - t2)
+    predictor = timing = None
+    if export:
+        t0 = time.time()
+        write_artifact(artifact_models(plan, asm), run.path)
+        save_backbone(asm.backbone, run.path, plan.spec.name)
+        t1 = time.time()
+        predictor = load(run.path)
+        t2 = time.time()
+        probs = predict_split(predictor, bundle.val)
+        t3 = time.time()
+        timing = {"export": round(t1 - t0, 2), "load": round(t2 - t1, 2), "evaluate": round(t3 - t2, 2)}
+        log.info("artifact: exported in %.1f s, loaded in %.1f s, %d validation images in %.1f s",
+                 t1 - t0, t2 - t1, len(probs), t3 - t2)
+    else:
+        probs = outcome.fast_probs
+        log.info("no artifact exported: val accuracy measured by %s", outcome.fast_path)
     m = val_metrics(probs, bundle.val.y)
     write_predictions(run, bundle.val, probs, plan.classes)
-    fast = val_metrics(outcome.fast_probs, bundle.val.y) if outcome.fast_probs is not None else None
+    fast = val_metrics(outcome.fast_probs, bundle.val.y) if export and outcome.fast_probs is not None else None
     disagree = int(np.sum(outcome.fast_probs.argmax(1) != probs.argmax(1))) if fast is not None else 0
     if fast is not None and disagree:
         log.info("the exported float32 model gives val accuracy %.4f; training's fast path (%s) "
@@ -89,7 +100,7 @@ def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome
     baseline = rep.majority_baseline(bundle.val.y, y_pred, plan.classes)
     verdict, advice = rep.verdict(rows, baseline)
     test_acc = None
-    if bundle.test is not None and len(bundle.test):
+    if predictor is not None and bundle.test is not None and len(bundle.test):
         test_acc = float(np.mean(predict_split(predictor, bundle.test).argmax(1) == bundle.test.y))
     if rows:
         rep.plot_curves(rows, run / "curves.png", f"{r.name} · {plan.spec.name}")
@@ -109,8 +120,9 @@ def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome
         "num_test": len(bundle.test) if bundle.test is not None else 0,
         "val_accuracy": m["val_accuracy"], "val_loss": m["val_loss"], "test_accuracy": test_acc,
         "artifact_seconds": timing,
-        "evaluated": "model/ (float32 SavedModel, loaded from the run folder) on the validation images "
-                     + ("read from their files" if bundle.val.files else "given as arrays"),
+        "evaluated": ("model/ (float32 SavedModel, loaded from the run folder) on the validation images "
+                      + ("read from their files" if bundle.val.files else "given as arrays")) if export
+        else f"no artifact (--no-export): training's path, {outcome.fast_path}",
         "fast_path": None if fast is None else {
             "how": outcome.fast_path, "precision": plan.precision, "val_accuracy": fast["val_accuracy"],
             "val_loss": fast["val_loss"], "predictions_differing": disagree},

@@ -132,7 +132,7 @@ def preserved_global_state():
 
 
 def finetune(recipe, data, out=None, *, overwrite: bool = False, resume: bool = False, force: bool = False,
-             overrides=(), verbose: int = 1) -> Result:
+             overrides=(), verbose: int = 1, export: bool = True) -> Result:
     """Train, evaluate, checkpoint, export and report a recipe on ``data``.
 
     Args:
@@ -143,16 +143,18 @@ def finetune(recipe, data, out=None, *, overwrite: bool = False, resume: bool = 
       out: the run folder (default ``runs/<recipe>-<timestamp>``).
       overrides: ``["key=value", ...]`` or a dict (``{"head__lr": 3e-3}``), type-checked.
       resume: continue the run in ``out``; ``force`` accepts a changed recipe or data.
+      export: False measures the model on training's own path and writes no ``model/`` (what
+        ``tuneflow search`` trials use; ``tuneflow finetune --no-export``).
 
     >>> from tuneflow.recipes import small_similar                      # doctest: +SKIP
     >>> result = finetune(small_similar, "data/digits", overrides={"head__epochs": 5})  # doctest: +SKIP
     >>> result.report["val_accuracy"], result.predict(["some.png"])      # doctest: +SKIP
     """
     with preserved_global_state():
-        return _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose)
+        return _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, export)
 
 
-def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose) -> Result:
+def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, export=True) -> Result:
     t_start = time.time()
     suggestion = None
     if isinstance(recipe, str) and recipe == "auto":
@@ -208,7 +210,7 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose) -
             report = cross_validate(plan, bundle, run, verbose, resume_here)
         else:
             report, model = train_and_evaluate(plan, bundle, run, verbose, resume,
-                                               read_dir=shared_dir if resume else None)
+                                               read_dir=shared_dir if resume else None, export=export)
         if suggestion:
             report["suggest"] = suggestion
         report["wall_seconds"] = round(time.time() - t_start, 2)
@@ -230,7 +232,8 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose) -
     return Result(run.path, report, model)
 
 
-def train_and_evaluate(plan: Plan, bundle: DataBundle, run: RunDir, verbose, resume, read_dir=None):
+def train_and_evaluate(plan: Plan, bundle: DataBundle, run: RunDir, verbose, resume, read_dir=None,
+                       export: bool = True):
     """Build, train every stage (resuming if asked), export and evaluate: (report, trained model)."""
     r = plan.recipe
     with plan.strategy.scope():
@@ -249,7 +252,7 @@ def train_and_evaluate(plan: Plan, bundle: DataBundle, run: RunDir, verbose, res
                         read_folder=Path(read_dir) / "checkpoints" if read_dir is not None else None)
     resume_from = ckpts.latest_good() if resume else None
     outcome = run_stages(plan, bundle, run, asm, ckpts, resume_from, verbose)
-    report = evaluate(plan, bundle, run, asm, outcome)
+    report = evaluate(plan, bundle, run, asm, outcome, export=export)
     report["taps"] = tap_scores or None
     if r.weights is None:
         report["advice"] = (report.get("advice") or "") + (
