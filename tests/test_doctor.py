@@ -113,3 +113,22 @@ def test_top_losses_ranks_by_the_true_class_probability(tmp_path):
     assert png == tmp_path / "top_losses.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(RunError, match="val_predictions.csv"):
         top_losses_grid(tmp_path / "imgs")
+
+
+def test_image_grid_title_clears_the_captions():
+    """top_losses.png and suspects.png: the figure title and the three-line captions under it do
+    not touch (a gap of at least 2 px), nor do captions run into the row above."""
+    from tuneflow.workbench.doctor import grid_figure
+    images = [np.full((160, 160, 3), 120, np.uint8)] * 16
+    captions = [f"{i:06d}_0123456789abcdef.jpg\ntrue ants (0.10) pred bees (0.90)\nloss 2.26" for i in range(16)]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    fig = grid_figure(images, captions, "Top losses: the 16 validation images the model is most wrong about")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    caps = [ax.title.get_window_extent(renderer) for ax in fig.axes]
+    assert all(title.y0 - c.y1 >= 2 for c in caps), (title, max(c.y1 for c in caps))
+    images_box = [ax.get_window_extent(renderer) for ax in fig.axes]
+    for c in caps:
+        assert not any(c.overlaps(im) for im in images_box), c

@@ -331,11 +331,22 @@ def _activations(trainer, fx):
 
 
 def image_grid(images, captions, path: Path, title: str = "", cols: int = 4) -> Path:
-    """A PNG grid of RGB uint8 images (None: a blank tile) with a caption under each."""
+    """A PNG grid of RGB uint8 images (None: a blank tile) with a caption above each."""
+    fig = grid_figure(images, captions, title, cols)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+    return path
+
+
+def grid_figure(images, captions, title: str = "", cols: int = 4):
+    """The figure of :func:`image_grid`. Constrained layout places the title above the first
+    row's captions (``tight_layout`` ignores a suptitle, which then touched them)."""
     from matplotlib.figure import Figure
     n = len(images)
     rows = max(1, math.ceil(n / cols))
-    fig = Figure(figsize=(2.6 * cols, 2.9 * rows + 0.4), dpi=90)
+    fig = Figure(figsize=(2.6 * cols, 2.9 * rows + 0.4), dpi=90, layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax in axes:
         ax.axis("off")
@@ -345,12 +356,7 @@ def image_grid(images, captions, path: Path, title: str = "", cols: int = 4) -> 
         ax.set_title(cap, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
-    return path
+    return fig
 
 
 def top_losses(predictions_csv, n: int = 16) -> list[dict]:
@@ -392,7 +398,9 @@ def top_losses_grid(run_dir, n: int = 16, size: int = 160) -> Path:
         except Exception:  # noqa: BLE001 - a moved or array-backed image: a blank tile, its name still shown
             images.append(None)
         loss = row["loss"]
-        captions.append(f"{Path(row['path']).name[:24]}\ntrue {row['true_class']} ({row['p_true']:.2f}) "
+        name = Path(row["path"]).name
+        name = name if len(name) <= 26 else name[:12] + "…" + name[-13:]  # keep the extension in view
+        captions.append(f"{name}\ntrue {row['true_class']} ({row['p_true']:.2f}) "
                         f"pred {row['predicted_class']} ({float(row['probability']):.2f})\nloss {loss:.2f}")
     return image_grid(images, captions, run_dir / "top_losses.png",
                       f"Top losses: the {len(images)} validation images the model is most wrong about")
