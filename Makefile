@@ -27,8 +27,12 @@ $(STAMP): setup.cfg pyproject.toml
 finetune: $(STAMP)
 	$(call q,$(BIN)/tuneflow) finetune $(call q,$(RECIPE)) --data $(call q,$(DATA)) $(if $(OUT),--out $(call q,$(OUT))) $(ARGS)
 
+# Two test processes (pytest-xdist), a test file per process at a time (module fixtures are built
+# once): most of a small test's time is single-threaded Python (tracing, export, process start-up),
+# so two processes use both cores. TEST_JOBS=1 runs them in one process.
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(call q,$(BIN)/python) -m pytest $(PYTEST_ARGS)
+	$(call q,$(BIN)/python) -m pytest $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile) $(PYTEST_ARGS)
 
 # The inner loop (a few minutes): the unit-level modules and one end-to-end run with its artifact,
 # nothing marked slow. `make test` runs everything.

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import REPO, make_image_folder
+from conftest import REPO, make_image_folder, random_lite0_weights
 from tuneflow import finetune
 from tuneflow.runs.checkpoints import CheckpointMismatchError, Checkpoints, restore_model
 
@@ -107,9 +107,9 @@ STRATEGY_SCRIPT = textwrap.dedent("""
     import keras
     from tuneflow import finetune
     from tuneflow.runs.checkpoints import restore_model
-    data, out, train_strategy, restore_strategy = sys.argv[1:5]
-    ov = dict(input_size=32, weights=None, batch_size=4, precision="float32", strategy=train_strategy,
-              head__epochs=1, finetune__epochs=1, scale_lr=True, head__schedule="constant")
+    data, out, train_strategy, restore_strategy, weights = sys.argv[1:6]
+    ov = dict(input_size=32, weights=weights, batch_size=4, precision="float32", strategy=train_strategy,
+              head__epochs=1, finetune__epochs=1, scale_lr=True, head__schedule="constant", head_solver="sgd")
     res = finetune("large_similar", data, out, overrides=ov, verbose=0)
     x = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3)).astype(np.float32)
     from tuneflow.training.distribute import make_strategy
@@ -137,7 +137,8 @@ def test_checkpoints_restore_across_strategies(tmp_path, train_s, restore_s):
     data = make_image_folder(tmp_path / "d", per_class=6)
     script = tmp_path / "s.py"
     script.write_text(STRATEGY_SCRIPT)
-    out = subprocess.run([sys.executable, str(script), str(data), str(tmp_path / "run"), train_s, restore_s],
+    out = subprocess.run([sys.executable, str(script), str(data), str(tmp_path / "run"), train_s, restore_s,
+                          random_lite0_weights()],
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -153,10 +154,12 @@ def test_checkpoints_restore_across_strategies(tmp_path, train_s, restore_s):
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_finishes_like_an_uninterrupted_run(tmp_path):
+    # A frozen (random) Lite0 with its top blocks trained through the images (prefix_cache=off: the
+    # cached-prefix path would make an epoch too short to land a kill inside it), 40 steps an epoch.
     data = make_image_folder(tmp_path / "d", per_class=40, size=32)
     run = tmp_path / "run"
-    sets = ["input_size=32", "weights=None", "batch_size=2", "precision=float32", "head.epochs=1",
-            "finetune.epochs=4", "head.patience=0", "finetune.patience=0"]
+    sets = ["input_size=32", f"weights={random_lite0_weights()}", "batch_size=2", "precision=float32",
+            "head.epochs=1", "finetune.epochs=4", "head.patience=0", "finetune.patience=0", "prefix_cache=off"]
     cmd = [sys.executable, "-m", "tuneflow", "finetune", "large_similar", "--data", str(data),
            "--out", str(run)] + [a for s in sets for a in ("--set", s)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -165,11 +168,12 @@ def test_sigkill_mid_epoch_then_resume_finishes_like_an_uninterrupted_run(tmp_pa
     try:
         while time.time() < deadline:  # wait until the fine-tuning stage has finished one epoch
             rows = list(csv.DictReader(open(run / "metrics.csv"))) if (run / "metrics.csv").exists() else []
-            if sum(r["stage"] == "1" for r in rows) >= 1:
+            tuning = [r for r in rows if r["stage"] == "1"]
+            if tuning:
                 break
             assert proc.poll() is None, "training ended before it could be killed"
-            time.sleep(0.2)
-        time.sleep(1.0)  # into the middle of the next epoch
+            time.sleep(0.05)
+        time.sleep(0.5 * float(tuning[0]["seconds"]))  # into the middle of the next epoch, on any machine
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_image_folder
+from conftest import REPO, make_image_folder, random_lite0_weights
 from tuneflow.tf_import import has_nvidia_device, is_noise
 
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
@@ -55,7 +55,7 @@ def test_make_finetune_trains_on_a_folder_whose_name_has_spaces(tmp_path):
     bindir = Path(sys.executable).parent
     r = subprocess.run(["make", "-s", "-C", str(REPO), "finetune", f"BIN={bindir}", f"STAMP={stamp}",
                         f"DATA={data}", f"OUT={out}",
-                        "ARGS=--set weights=None --set input_size=32 --set head.epochs=1 "
+                        f"ARGS=--set weights={random_lite0_weights()} --set input_size=32 --set head.epochs=1 "
                         "--set feature_engine=tensorflow"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
