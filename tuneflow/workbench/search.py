@@ -862,7 +862,7 @@ def _figure(rows, spaces):
             ax.xaxis.set_major_formatter(FuncFormatter(_log_tick))
             ax.xaxis.set_minor_formatter(NullFormatter())
         else:
-            ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
         ax.set(xlabel=p, ylabel="val accuracy")
     for ax in flat[n:]:
         ax.axis("off")
