@@ -41,7 +41,7 @@ FAST_TESTS = tests/test_recipe.py tests/test_data.py tests/test_scale.py tests/t
 	tests/faults/test_overrides.py tests/faults/test_run_folder.py tests/faults/test_disk_errors.py \
 	tests/test_artifact.py::test_run_folder_holds_the_portable_artifact
 test-fast: $(STAMP)
-	$(call q,$(BIN)/python) -m pytest -m "not slow" -x -q $(FAST_TESTS) $(PYTEST_ARGS)
+	$(call q,$(BIN)/python) -m pytest $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile) -m "not slow" -x -q $(FAST_TESTS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(call q,$(BIN)/python) benchmarks/bench_recipes.py
