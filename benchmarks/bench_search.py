@@ -9,7 +9,9 @@ Both arms run ``tuneflow search small_similar`` with the default space, its head
 optimizer over epochs (``head_solver=sgd`` where recipes have that field: an L-BFGS head has no
 epochs to prune). With ``--sampler random``
 (the default here) both arms draw the same configurations, so "same best accuracy" means the best
-configuration was not pruned. Parent RSS is sampled every 0.2 s from /proc; its growth is the
+configuration was not pruned. ``replay_median_pruner`` replays the median pruner at other
+n_startup_trials / n_warmup_steps on the no-pruning arm's recorded curves (what each setting would
+have saved on the same trials). Parent RSS is sampled every 0.2 s from /proc; its growth is the
 peak after the first trial finished minus the value at that moment (imports done by then).
 """
 import argparse
@@ -58,13 +60,18 @@ def run_search(work: Path, name: str, data: str, trials: int, jobs: int, extra: 
     if proc.returncode != 0:
         sys.exit(f"{name} failed ({proc.returncode}); see {work / (name + '.log')}:\n"
                  + (work / f"{name}.log").read_text()[-3000:])
+    return summarize(out, " ".join(cmd[1:]), wall, first, peak)
+
+
+def summarize(out: Path, command: str, wall: float | None, first: float | None, peak: float | None) -> dict:
+    """One arm's figures from its search folder's trials.csv (and the RSS samples taken while it ran)."""
     with open(out / "trials.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     best = max(complete, key=lambda r: (float(r["val_accuracy"]), -float(r["val_loss"])))
     params = [k for k in rows[0] if k not in ("round", "number", "state", "val_accuracy", "val_loss", "epochs",
                                              "seconds", "run")]
-    return {"command": " ".join(cmd[1:]), "wall_seconds": round(wall, 1), "trials": len(rows),
+    return {"command": command, "wall_seconds": round(wall, 1) if wall is not None else None, "trials": len(rows),
             "states": {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")},
             "epochs": sum(int(r["epochs"] or 0) for r in rows),
             "best_val_accuracy": float(best["val_accuracy"]), "best_val_loss": float(best["val_loss"]),
@@ -73,6 +80,34 @@ def run_search(work: Path, name: str, data: str, trials: int, jobs: int, extra: 
             "rss_peak_mb": round(peak, 1) if peak else None,
             "rss_growth_mb": round(peak - first, 1) if first else None,
             "per_trial": [{k: r[k] for k in ("number", "state", "val_accuracy", "epochs", "seconds")} for r in rows]}
+
+
+def replay_pruner(out: Path, startup: int, warmup: int) -> dict:
+    """The median pruner replayed on a no-pruning search's recorded curves (each trial's
+    metrics.csv, in trial order): the epochs and best accuracy it would have given, without the
+    poll latency of a live search (which lets a killed trial run an epoch or two more)."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with open(out / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(
+        n_startup_trials=startup, n_warmup_steps=warmup))
+    epochs, best, pruned = 0, None, 0
+    for r in rows:
+        with open(out / r["run"] / "metrics.csv", newline="") as f:
+            curve = [float(m["val_accuracy"]) for m in csv.DictReader(f)]
+        trial = study.ask()
+        for step, acc in enumerate(curve, start=1):
+            trial.report(acc, step)
+            if trial.should_prune():
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                epochs, pruned = epochs + step, pruned + 1
+                break
+        else:
+            study.tell(trial, float(r["val_accuracy"]))
+            epochs, best = epochs + len(curve), max(best or 0.0, float(r["val_accuracy"]))
+    return {"prune_startup": startup, "prune_warmup": warmup, "epochs": epochs, "pruned": pruned,
+            "best_val_accuracy": best}
 
 
 def main():
@@ -88,6 +123,8 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench_search-"))
     result = {"data": data, "jobs": args.jobs, "sampler": args.sampler, "pruner": args.pruner,
               "command": "benchmarks/bench_search.py " + " ".join(sys.argv[1:])}
+    target = HERE / "results" / f"search_{Path(data).name}.json"
+    target.parent.mkdir(exist_ok=True)
     try:
         if args.trials:
             base = ["--sampler", args.sampler]
@@ -101,6 +138,9 @@ def main():
                   f"({100 * result['epochs_saved']:.0f}% saved); wall {none['wall_seconds']} s vs "
                   f"{pruned['wall_seconds']} s; best val accuracy {none['best_val_accuracy']:.4f} vs "
                   f"{pruned['best_val_accuracy']:.4f}", flush=True)
+            result["replay_median_pruner"] = [replay_pruner(work / "no_pruning", s, w)
+                                              for s in (3, 5, 10) for w in (1, 3, 6, 10)]
+            target.write_text(json.dumps(result, indent=2))  # the comparison survives a stopped memory run
         if args.rss_trials:
             mem = run_search(work, "memory", data, args.rss_trials, args.jobs, ["--sampler", args.sampler])
             result["memory"] = {k: mem[k] for k in ("command", "trials", "states", "wall_seconds",
@@ -109,8 +149,6 @@ def main():
                   f"peak {mem['rss_peak_mb']} MB (+{mem['rss_growth_mb']} MB)", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    target = HERE / "results" / f"search_{Path(data).name}.json"
-    target.parent.mkdir(exist_ok=True)
     target.write_text(json.dumps(result, indent=2))
     print(target)
 
