@@ -53,6 +53,40 @@ def test_small_different_probes_every_tap(tmp_path, tiny_folder):
     assert res.report["tap"] in res.report["taps"]
 
 
+def test_the_depth_probe_looks_at_a_stratified_sample_of_a_large_set(tmp_path, monkeypatch, caplog):
+    """Above PROBE_MAX_* images the probe ranks depths on a seeded, class-stratified sample (memory
+    and time bounded by the sample, not the data); the run still trains and reports on everything."""
+    from tuneflow.training import taps as taps_mod
+    monkeypatch.setattr(taps_mod, "PROBE_MAX_TRAIN", 9)
+    monkeypatch.setattr(taps_mod, "PROBE_MAX_VAL", 4)
+    seen = []
+    real = taps_mod._probe_scores
+    monkeypatch.setattr(taps_mod, "_probe_scores", lambda plan, xtr, ytr, xva, yva: (
+        seen.append((len(xtr), np.bincount(ytr, minlength=3).tolist(), len(xva))),
+        real(plan, xtr, ytr, xva, yva))[1])
+    data = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=12)
+    with caplog.at_level("INFO", logger="tuneflow"):
+        res = finetune("small_different", data, tmp_path / "r", overrides=_fast("small_different"), verbose=0)
+    n_train, n_val = res.report["num_train"], res.report["num_val"]
+    assert n_train > 9 and n_val > 4
+    assert f"of {n_train} training and" in caplog.text and f"of {n_val} validation images" in caplog.text
+    for n_tr, per_class, n_va in seen:  # one probe per tap, each on the same small sample
+        assert n_tr <= 9 + 3 and min(per_class) >= 1 and n_va <= 4 + 3
+    assert len(seen) == len(res.report["taps"]) > 1
+
+
+def test_probe_sample_keeps_small_splits_whole_and_every_class_of_large_ones():
+    from tuneflow.data.sources import Split
+    from tuneflow.training.taps import probe_sample
+    y = np.array([0] * 90 + [1] * 9 + [2] * 1, np.int32)
+    split = Split(np.zeros((100, 2, 2, 3), np.uint8), y, [f"f{i}" for i in range(100)])
+    assert probe_sample(split, 3, 100, 0) is split
+    a, b = probe_sample(split, 3, 20, 0), probe_sample(split, 3, 20, 0)
+    assert 18 <= len(a) <= 23 and np.bincount(a.y, minlength=3).min() >= 1
+    assert a.files == b.files  # seeded: the same sample every time (the cache key depends on it)
+    assert probe_sample(split, 3, 20, 1).files != a.files
+
+
 def test_batchnorm_statistics_stay_frozen_while_fine_tuning(tmp_path, tiny_folder):
     # pretrained-style weights from a file, so that freeze_bn applies (from scratch BN must learn)
     src = build_backbone("efficientnet_lite0", weights=None, input_size=32)
