@@ -1,14 +1,21 @@
 """tuneflow lr-find: is the range test's suggestion near the best LR of a grid of full runs?
 
-    .venv/bin/python benchmarks/bench_lr_find.py [--pairs DATA:RECIPE ...] [--grid 1e-4 3e-4 ...] [--set k=v ...]
+    .venv/bin/python benchmarks/bench_lr_find.py [--pairs DATA:RECIPE[:k=v,k=v] ...] [--grid 1e-4 3e-4 ...]
+        [--set k=v ...] [--grid-from OLD.json] [--out FILE]
     (default pairs: data/digits and ../shared/datasets/ants_bees with small_similar, when present;
-     JSON in benchmarks/results/lr_find.json)
+     JSON in benchmarks/results/lr_find.json, rewritten after each pair)
 
 For each dataset/recipe pair: the suggestion (valley rule, and the steepest-slope and minimum/10
 rules beside it) for stage 0, then one full ``finetune`` per grid LR (same seed, data and split),
 each scored by its reported val loss (ties: accuracy). The pair passes when the suggestion lies
 within half a decade (a factor 10**0.5 = 3.16) of the best grid LR. Recipes whose linear head is
 fitted by L-BFGS (no LR) run with ``head_solver=sgd``: their optimizer and epochs are then used.
+Overrides after the recipe (``:fraction=0.2``) apply to that pair's range test and grid alike.
+
+The grid does not depend on how the range test picks its LR, so ``--grid-from`` takes the grid
+runs of an earlier result file for every pair with the same data, recipe, overrides and grid LRs
+(the row then says ``"grid_from"``); the range test itself always runs afresh. The raw curve
+(LR and loss per step) is kept in each row, so the rules can be re-scored without re-running.
 """
 import argparse
 import json
@@ -23,7 +30,7 @@ REPO = HERE.parent
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
-def bench(data, recipe, grid, fixed) -> dict:
+def bench(data, recipe, grid, fixed, old_grid=None) -> dict:
     from tuneflow.training.finetune import finetune
     from tuneflow.workbench.lr_find import lr_find
     with tempfile.TemporaryDirectory() as tmp:
@@ -31,14 +38,19 @@ def bench(data, recipe, grid, fixed) -> dict:
         found = lr_find(recipe, data, stage=0, overrides=fixed, out=tmp)
         lr_seconds = time.time() - t0
         stage = found["stage"]
-        runs = []
-        for lr in grid:
-            t0 = time.time()
-            res = finetune(recipe, data, Path(tmp) / f"lr{lr:g}", overrides=fixed + [f"{stage}.lr={lr:g}"], verbose=0)
-            runs.append({"lr": lr, "val_loss": res.report["val_loss"], "val_accuracy": res.report["val_accuracy"],
-                         "seconds": round(time.time() - t0, 1)})
-    return score({"suggested_lr": found["suggested_lr"], "steep": found["steep"], "min": found["min"],
-                  "grid": runs}, data, recipe, fixed, stage, found["stopped"], lr_seconds)
+        runs = old_grid
+        if runs is None:
+            runs = []
+            for lr in grid:
+                t0 = time.time()
+                res = finetune(recipe, data, Path(tmp) / f"lr{lr:g}", overrides=fixed + [f"{stage}.lr={lr:g}"],
+                               verbose=0)
+                runs.append({"lr": lr, "val_loss": res.report["val_loss"], "val_accuracy": res.report["val_accuracy"],
+                             "seconds": round(time.time() - t0, 1)})
+    row = score({"suggested_lr": found["suggested_lr"], "steep": found["steep"], "min": found["min"],
+                 "grid": runs}, data, recipe, fixed, stage, found["stopped"], lr_seconds)
+    row["curve"] = {"lrs": found["lrs"], "losses": found["losses"]}
+    return row
 
 
 def score(found, data, recipe, fixed, stage, stopped, lr_seconds) -> dict:
@@ -56,30 +68,56 @@ def score(found, data, recipe, fixed, stage, stopped, lr_seconds) -> dict:
             "within_half_decade": off["suggested_lr"] <= 0.5}
 
 
+def parse_pair(pair: str):
+    """``DATA:RECIPE`` or ``DATA:RECIPE:k=v,k=v`` -> (data, recipe, [k=v, ...])."""
+    parts = pair.split(":")
+    if len(parts) >= 3 and "=" in parts[-1]:
+        return ":".join(parts[:-2]), parts[-2], [kv for kv in parts[-1].split(",") if kv]
+    data, recipe = pair.rsplit(":", 1)
+    return data, recipe, []
+
+
+def reusable_grid(path, data, recipe, fixed, grid):
+    """The grid runs of a row of an earlier result file made with the same settings, or None."""
+    if not path:
+        return None
+    for row in json.loads(Path(path).read_text())["pairs"]:
+        if (Path(row["data"]).resolve() == Path(data).resolve() and row["recipe"] == recipe
+                and row["overrides"] == fixed and [r["lr"] for r in row["grid"]] == list(grid)):
+            return row["grid"]
+    return None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", nargs="+", help="DATA:RECIPE (default: digits and ants_bees with small_similar)")
+    p.add_argument("--pairs", nargs="+", help="DATA:RECIPE[:k=v,...] (default: digits and ants_bees with small_similar)")
     p.add_argument("--grid", nargs="+", type=float, default=list(GRID))
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    p.add_argument("--grid-from", help="an earlier result file whose matching grid runs are reused")
     p.add_argument("--out", default=str(HERE / "results" / "lr_find.json"))
     args = p.parse_args(argv)
     default = (REPO / "data" / "digits", REPO.parent / "shared" / "datasets" / "ants_bees")
     pairs = args.pairs or [f"{d}:small_similar" for d in default if d.exists()]
-    fixed = ["head_solver=sgd"] + args.overrides
-    rows = []
-    for pair in pairs:
-        data, recipe = pair.rsplit(":", 1)
-        row = bench(data, recipe, args.grid, fixed)
-        rows.append(row)
-        print(f"{Path(data).name:12s} {recipe:16s} suggested {row['suggested_lr']:.2g} (steep {row['steep']:.2g}, "
-              f"min/10 {row['min']:.2g}); best grid lr {row['best_lr']:g}; {row['decades_off']['suggested_lr']:.2f} "
-              f"decades off -> {'ok' if row['within_half_decade'] else 'MISS'}; val loss at the nearest grid lr "
-              f"{row['val_loss_vs_best']:.2f}x the best", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(["benchmarks/bench_lr_find.py"] + (argv or sys.argv[1:])),
-                               "pairs": rows, "within_half_decade": sum(r["within_half_decade"] for r in rows),
-                               "of": len(rows)}, indent=2))
+    command = " ".join(["benchmarks/bench_lr_find.py"] + (argv or sys.argv[1:]))
+    rows = []
+    for pair in pairs:
+        data, recipe, extra = parse_pair(pair)
+        fixed = ["head_solver=sgd"] + args.overrides + extra
+        old = reusable_grid(args.grid_from, data, recipe, fixed, args.grid)
+        row = bench(data, recipe, args.grid, fixed, old)
+        if old is not None:
+            row["grid_from"] = args.grid_from
+        rows.append(row)
+        print(f"{Path(data).name:12s} {recipe:16s} {','.join(extra):14s} suggested {row['suggested_lr']:.2g} "
+              f"(steep {row['steep']:.2g}, min/10 {row['min']:.2g}); best grid lr {row['best_lr']:g}; "
+              f"{row['decades_off']['suggested_lr']:.2f} decades off -> "
+              f"{'ok' if row['within_half_decade'] else 'MISS'}; val loss at the nearest grid lr "
+              f"{row['val_loss_vs_best']:.2f}x the best", flush=True)
+        out.write_text(json.dumps({"command": command, "pairs": rows,
+                                   "within_half_decade": sum(r["within_half_decade"] for r in rows),
+                                   "of": len(rows)}, indent=2))
     print(f"{sum(r['within_half_decade'] for r in rows)} of {len(rows)} within half a decade; {out}")
 
 
