@@ -24,12 +24,10 @@ image (one per epoch when views = epochs, the default, so each epoch still sees 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, replace
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from ..errors import RecipeError
 
@@ -127,30 +125,4 @@ def activations(plan, bundle, split: PrefixSplit, stage, extractor_cls):
     sub = replace(plan, recipe=replace(plan.recipe, cache_views=views))
     extractor = extractor_cls(split.prefix, plan.recipe.feature_engine)
     ftr, fva = cached_features(sub, bundle, extractor, f"prefix:{split.boundary}")
-    return np.asarray(ftr), np.asarray(fva), extractor
-
-
-def dataset(plan, acts: np.ndarray, y: np.ndarray, seed: int):
-    """Batches of (activations, labels[, weights]); epoch e reads view e % views of each image,
-    in an order (shuffled or class-balanced) drawn anew each epoch."""
-    from ..data.pipeline import _epoch_indices
-    g, cw = plan.global_batch, plan.class_weights
-    views = acts.shape[0]
-    rng = np.random.default_rng(seed)
-    epoch = [0]
-
-    def batches():
-        v = epoch[0] % views
-        epoch[0] += 1
-        idx = _epoch_indices(y, plan.recipe.sampling, rng)
-        for b in range(0, len(idx), g):
-            sel = np.sort(idx[b:b + g])
-            xb = acts[v, sel].astype(np.float32)
-            yield (xb, y[sel]) if cw is None else (xb, y[sel], cw[y[sel]])
-
-    sig = (tf.TensorSpec((None,) + acts.shape[2:], tf.float32), tf.TensorSpec([None], tf.as_dtype(y.dtype)))
-    if cw is not None:
-        sig += (tf.TensorSpec([None], tf.float32),)
-    n = math.ceil(len(y) / g)
-    ds = tf.data.Dataset.from_generator(batches, output_signature=sig)
-    return ds.apply(tf.data.experimental.assert_cardinality(n)).prefetch(2), n
+    return np.asarray(ftr), np.asarray(fva)

@@ -229,35 +229,47 @@ def _cached_into(key, shape, dtype, fill, enabled):
 SLICES_MAX_BYTES = 64 << 20
 
 
-def cached_dataset(plan: Plan, x: np.ndarray, y: np.ndarray, seed: int):
+def cached_dataset(plan: Plan, x, y: np.ndarray, seed: int, dtype=None):
     """Batches of cached features: shuffled each epoch, or class-balanced with indices drawn anew
     every epoch (a single draw would drop the same majority examples for the whole stage).
 
-    Features in RAM up to SLICES_MAX_BYTES on the shuffle path become one tensor (tf.data's
-    shuffle); otherwise, memory maps included, each batch's rows are gathered by index from a
-    generator (a memory-mapped cache read with ``pread``): nothing is copied whole."""
+    ``x``: the features (N, ...), or a list of V arrays of them, one per view (augmented copies,
+    e.g. a cached prefix's activations): epoch e then reads view e % V. ``dtype``: each batch cast
+    to it (float16 caches train in float32).
+
+    Features in RAM up to SLICES_MAX_BYTES on the shuffle path (one view) become one tensor
+    (tf.data's shuffle); otherwise, memory maps included, each batch's rows are gathered by index
+    from a generator (a memory-mapped cache read with ``pread``): nothing is copied whole."""
     from ..features.cache import rows_view
+    views = list(x) if isinstance(x, (list, tuple)) else [x]
+    first = views[0]
     g, cw = plan.global_batch, plan.class_weights
     whole = plan.replicas > 1  # whole batches only: see distribute.predict for why
     n_batches = math.ceil(len(y) / g)
-    in_ram = not isinstance(x, np.memmap) and x.nbytes <= SLICES_MAX_BYTES
+    in_ram = len(views) == 1 and not isinstance(first, np.memmap) and first.nbytes <= SLICES_MAX_BYTES
     if plan.recipe.sampling == "shuffle" and not whole and in_ram:
-        parts = (x, y) if cw is None else (x, y, cw[y])
+        parts = (first if dtype is None else first.astype(dtype), y)
+        parts += () if cw is None else (cw[y],)
         ds = tf.data.Dataset.from_tensor_slices(parts).shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
         return ds.batch(g).prefetch(tf.data.AUTOTUNE), n_batches
     rng = np.random.default_rng(seed)
-    src = rows_view(x)
+    srcs = [rows_view(v) for v in views]
+    epoch = [0]
 
-    def batches():
+    def batches():  # called once an epoch
+        src = srcs[epoch[0] % len(srcs)]
+        epoch[0] += 1
         idx = _epoch_indices(y, plan.recipe.sampling, rng)
         short = (-len(idx)) % g
         if whole and short:
             idx = np.concatenate([idx, rng.choice(idx, short)])
         for b in range(0, len(idx), g):
             sel = idx[b:b + g]
-            yield (src[sel], y[sel]) if cw is None else (src[sel], y[sel], cw[y[sel]])
+            xb = src[sel] if dtype is None else np.asarray(src[sel]).astype(dtype)
+            yield (xb, y[sel]) if cw is None else (xb, y[sel], cw[y[sel]])
 
-    sig = (tf.TensorSpec((None,) + x.shape[1:], tf.as_dtype(x.dtype)), tf.TensorSpec([None], tf.as_dtype(y.dtype)))
+    sig = (tf.TensorSpec((None,) + first.shape[1:], tf.as_dtype(dtype or first.dtype)),
+           tf.TensorSpec([None], tf.as_dtype(y.dtype)))
     if cw is not None:
         sig += (tf.TensorSpec([None], tf.float32),)
     n = math.ceil((len(y) + ((-len(y)) % g if whole else 0)) / g)
@@ -373,9 +385,9 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
             trainer, last_cached = asm.model, None
             split = prefix.choose(plan, asm, stage, len(bundle.train), len(bundle.val))
             if split is not None:  # the frozen prefix's activations cached: only the top trains
-                acts, val_acts, _ = prefix.activations(plan, bundle, split, stage, FeatureExtractor)
+                acts, val_acts = prefix.activations(plan, bundle, split, stage, FeatureExtractor)
                 trainer = split.top
-                train_x, steps = prefix.dataset(plan, acts, bundle.train.y, r.seed + si)
+                train_x, steps = cached_dataset(plan, list(acts), bundle.train.y, r.seed + si, dtype=np.float32)
                 prefix_x = acts[0]
                 log.info("stage %s: frozen prefix cached at %s %s (%d views); training %d of %d layers",
                          stage.name, split.boundary, split.shape, acts.shape[0], len(split.top.layers),
