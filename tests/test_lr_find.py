@@ -1,4 +1,4 @@
-"""LR range test: exact restore, zero-lag smoothing, the three rules, the CLI's JSON, phase-aware stages, lr=auto."""
+"""LR range test: restore, smoothers, rules, inconclusive curves, finetune's tap, CLI JSON, stages, lr=auto."""
 import json
 import math
 
@@ -6,11 +6,11 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import make_image_folder
+from conftest import make_image_folder, random_lite0_weights
 from tuneflow.cli import main
 from tuneflow.errors import RecipeError
-from tuneflow.workbench.lr_find import (BETA, lr_find, minimum_tenth, range_test, resolve_auto_lr, smooth, steepest,
-                                        suggest, valley)
+from tuneflow.workbench.lr_find import (BETA, inconclusive, lr_find, minimum_tenth, range_test, resolve_auto_lr,
+                                        smooth, steepest, suggest, valley)
 
 FAST = {"input_size": 32, "precision": "float32", "head_solver": "sgd"}
 
@@ -60,7 +60,8 @@ def test_rules_on_a_known_curve():
     s = smooth(lrs, losses)
     assert found["min"] == pytest.approx(lrs[int(np.argmin(s))] / 10)
     assert abs(math.log10(found["min"] * 10 / best)) <= 0.25  # smoothing moves a noise-free minimum little
-    assert valley(lrs, s) == found["suggested_lr"]
+    assert found["suggested_lr"] == valley(lrs, _causal_ema(losses))  # valley: on fastai's EMA, as defined
+    assert found["inconclusive"] is None
     with pytest.raises(RecipeError, match="rule="):
         suggest({"lrs": lrs, "losses": losses, "stopped": ""}, rule="best")
 
@@ -89,14 +90,33 @@ def test_rules_find_the_minimum_and_the_steepest_fall_of_a_noisy_curve(seed):
     lrs = np.logspace(-7, 1, 100)  # the default range and number of steps
     losses = _synthetic_loss(np.log10(lrs)) + np.random.default_rng(seed).normal(0, 0.03, len(lrs))
     found = suggest({"lrs": list(lrs), "losses": list(losses), "stopped": "end of range"})
+    # steepest slope and minimum/10 read the zero-lag curve:
     assert abs(math.log10(found["min"] * 10) - x_min) <= 0.6, found
     assert abs(math.log10(found["steep"]) - x_steep) <= 0.3, found
-    assert x_steep - 0.75 <= math.log10(found["suggested_lr"]) <= x_min, found  # valley: in the descent
     # The same noisy curve under the causal EMA misses by more than these tolerances (its minimum
     # trails by more than a decade), so this test tells a lagging smoother from a zero-lag one.
     ema = _causal_ema(losses)
     assert (math.log10(minimum_tenth(lrs, ema) * 10) - x_min > 0.6
             or abs(math.log10(steepest(lrs, ema)) - x_steep) > 0.3)
+    # valley reads the EMA (its definition and calibration): in the descent, before the minimum.
+    assert found["suggested_lr"] == valley(lrs, ema)
+    assert x_steep <= math.log10(found["suggested_lr"]) <= x_min, found
+    assert found["inconclusive"] is None
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_flat_curve_is_inconclusive_and_says_why(seed):
+    """Flat loss plus 4% noise per step (brain_mri_yn's kind of curve): no rule has anything to read."""
+    lrs = np.logspace(-7, 1, 100)
+    losses = 0.69 + np.random.default_rng(seed).normal(0, 0.03, len(lrs))
+    found = suggest({"lrs": list(lrs), "losses": list(losses), "stopped": "end of range"})
+    assert found["inconclusive"] and ("falls only" in found["inconclusive"] and "--max-lr" in found["inconclusive"]
+                                      or "lowest at the start" in found["inconclusive"]), found
+    # A loss that only rises names the start of the range; a real fall with the same noise is conclusive.
+    rising = 0.69 + 0.05 * (np.log10(lrs) + 7) + np.random.default_rng(seed).normal(0, 0.03, len(lrs))
+    assert "lowest at the start of the range (step" in inconclusive(lrs, smooth(lrs, rising))
+    falling = _synthetic_loss(np.log10(lrs)) + np.random.default_rng(seed).normal(0, 0.03, len(lrs))
+    assert inconclusive(lrs, smooth(lrs, falling)) is None
 
 
 def test_smoother_has_no_lag_and_a_window_in_decades():
@@ -119,8 +139,8 @@ def test_cli_json_on_the_head_stage(folder, tmp_path, capsys):
         argv += ["--set", f"{k}={v}"]
     assert main(argv) == 0
     found = json.loads(capsys.readouterr().out)
-    assert sorted(found) == ["min", "rule", "steep", "suggested_lr"]
-    assert found["rule"] == "valley"
+    assert sorted(found) == ["inconclusive", "min", "rule", "steep", "suggested_lr", "tap"]
+    assert found["rule"] == "valley" and found["tap"] is None  # small_similar: one depth, the backbone's end
     for k in ("suggested_lr", "steep", "min"):
         assert math.isfinite(found[k]) and 1e-8 <= found[k] <= 10, found
     assert (tmp_path / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -149,3 +169,48 @@ def test_resolve_auto_lr_replaces_only_auto_lr_keys(folder, tmp_path):
     assert as_dict["head__lr"] == pytest.approx(lr)  # deterministic: same data, seed and range
     from tuneflow.training.finetune import resolve_recipe
     assert resolve_recipe("small_similar", out).stages[0].lr == pytest.approx(lr)
+
+
+def test_cli_warns_when_the_curve_is_inconclusive(folder, tmp_path, capsys, monkeypatch):
+    """A curve with no fall (the range test's result replaced by a flat one; the rest is the real
+    CLI path) is flagged in the JSON, and a warning names the reason and what to do."""
+    from tuneflow.workbench import lr_find as mod
+    lrs = list(np.logspace(-7, 1, 100))
+    rising = [0.69 + 0.001 * i for i in range(100)]
+    flat = {"lrs": lrs, "losses": rising, "smoothed": list(smooth(lrs, rising)),
+            "ema": rising, "stopped": "end of range"}
+    seen = {}
+    monkeypatch.setattr(mod, "range_test", lambda *a, **k: seen.update(range=a[4:]) or flat)
+    argv = ["lr-find", "small_similar", "--data", str(folder), "--out", str(tmp_path), "--min-lr", "1e-9",
+            "--steps", "40"]
+    for k, v in FAST.items():
+        argv += ["--set", f"{k}={v}"]
+    assert main(argv + ["--json"]) == 0
+    assert seen["range"] == (1e-9, 10.0, 40)  # the range options reach the test
+    cap = capsys.readouterr()
+    found = json.loads(cap.out)
+    assert found["inconclusive"] and "lowest at the start of the range" in found["inconclusive"]
+    assert "warning: inconclusive" in cap.err and "--min-lr" in cap.err and "check the data" in cap.err
+    assert main(argv) == 0
+    assert "warning: inconclusive" in capsys.readouterr().out
+
+
+def test_head_stage_uses_the_depth_finetune_keeps(tmp_path, monkeypatch):
+    """small_different: lr_find trains the head on the tap finetune's depth probe picks, and says which.
+
+    On this tiny folder every depth separates the classes perfectly and the probe would keep the
+    first tap on the tie; its scorer is made to prefer the widest features (the deepest tap) so
+    that a range test on the first tap cannot pass for the probe's choice."""
+    from tuneflow import finetune
+    from tuneflow.training import taps as taps_mod
+    real = taps_mod._probe_scores
+    monkeypatch.setattr(taps_mod, "_probe_scores", lambda plan, xtr, ytr, xva, yva: {
+        **real(plan, xtr, ytr, xva, yva), "inner": float(xtr.shape[1])})
+    data = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=10)
+    over = {"input_size": 32, "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32",
+            "head_solver": "sgd", "head__epochs": 1}
+    found = lr_find("small_different", data, steps=10, out=tmp_path, overrides=over)
+    res = finetune("small_different", data, tmp_path / "run", overrides=over, verbose=0)
+    taps = list(res.report["taps"])
+    assert len(taps) > 1 and res.report["tap"] == taps[-1] != taps[0]
+    assert found["tap"] == res.report["tap"], (found["tap"], taps)

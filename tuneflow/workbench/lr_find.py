@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,10 +16,16 @@ log = logging.getLogger("tuneflow")
 
 START_LR, END_LR = 1e-7, 10.0  # the range swept; 10 is also the recipe's upper bound for an lr
 STEPS = 100  # optimizer steps over the range: ~12 per decade, as fastai's default num_it
-BETA = 0.98  # causal EMA of the loss (debiased), for the live divergence stop only
+BETA = 0.98  # causal EMA of the loss (debiased): the divergence stop and fastai's valley rule
 DIVERGE = 4.0  # stop once the EMA of the loss exceeds this many times its minimum
 WINDOW = 0.25  # decades: the standard deviation, in log10(LR), of the smoother's Gaussian kernel
 RULES = ("valley", "steep", "min")
+# An inconclusive curve, judged on the zero-lag curve. The four readable recorded range tests
+# (benchmarks/results/lr_find_ema.json) fall by 22-98% from their start (the mean of the first 10%
+# of the steps) to their minimum, at step 72-78 of ~100; brain_mri_yn's flat one has its minimum at
+# step 1. Flat curves (0.69, Gaussian noise sd 0.03 per step) fall by up to 9% by chance (200 seeds).
+EARLY = 0.10  # the minimum in the first 10% of the steps (~0.8 decade by default): nothing fell
+MIN_DROP = 0.15  # the minimum less than 15% below the start: no fall to read a rule from
 
 
 def range_test(model, optimizer, loss_fn, batches, start_lr: float = START_LR, end_lr: float = END_LR,
@@ -28,9 +35,9 @@ def range_test(model, optimizer, loss_fn, batches, start_lr: float = START_LR, e
     divergence. Every model and optimizer variable (weights, BN statistics, moments, iteration
     count, learning rate) is put back afterwards, so the caller's objects are as they were.
 
-    Returns ``{"lrs", "losses", "smoothed", "stopped"}``: the LR each step ran at, its raw loss, and
-    :func:`smooth` of the finite losses, computed after the run. Only the stop watches a causal
-    EMA (``BETA``): it must decide from the steps seen so far.
+    Returns ``{"lrs", "losses", "smoothed", "ema", "stopped"}``: the LR each step ran at, its raw
+    loss, :func:`smooth` of the finite losses (computed after the run) and their causal EMA
+    (:func:`ema`). The stop watches the EMA: it must decide from the steps seen so far.
     """
     import tensorflow as tf
     train_vars = model.trainable_variables
@@ -78,7 +85,18 @@ def range_test(model, optimizer, loss_fn, batches, start_lr: float = START_LR, e
             v.assign(value)
         optimizer.learning_rate = saved_lr
     n = sum(1 for x in losses if math.isfinite(x))  # a NaN/Inf can only be the last step
-    return {"lrs": lrs, "losses": losses, "smoothed": list(smooth(lrs[:n], losses[:n])), "stopped": stopped}
+    return {"lrs": lrs, "losses": losses, "smoothed": list(smooth(lrs[:n], losses[:n])),
+            "ema": list(ema(losses[:n])), "stopped": stopped}
+
+
+def ema(losses, beta: float = BETA) -> np.ndarray:
+    """fastai's smoothing of the loss: the causal exponential moving average per step, debiased
+    (divided by 1 - beta**(i+1)) so the first steps are not pulled toward zero."""
+    out, avg = np.empty(len(losses)), 0.0
+    for i, v in enumerate(losses):
+        avg = beta * avg + (1 - beta) * float(v)
+        out[i] = avg / (1 - beta ** (i + 1))
+    return out
 
 
 def smooth(lrs, losses, window: float = WINDOW) -> np.ndarray:
@@ -86,12 +104,13 @@ def smooth(lrs, losses, window: float = WINDOW) -> np.ndarray:
     least squares weighted with a Gaussian in log10(LR) of standard deviation ``window`` decades
     (local linear regression, LOWESS-like), and its value there.
 
-    Why not the EMA per step that fastai smooths with: a causal average trails the curve. With
-    beta 0.98 its mean lag is ~50 steps, ~4 decades over 100 steps spanning 8, so its minimum and
-    its steepest fall sit far to the right of the raw loss's and every rule lands at too large an
-    LR. Here each point is weighted symmetrically, and the local line keeps a straight stretch
-    (even at either end of the range) where it is instead of pulling it toward the middle. The
-    window is in decades, not steps, so it means the same for any number of steps.
+    Why not the EMA per step that fastai smooths with (:func:`ema`): a causal average trails the
+    curve. With beta 0.98 its mean lag is ~50 steps, ~4 decades over 100 steps spanning 8, so its
+    minimum and its steepest fall sit to the right of the raw loss's. The steepest-slope and
+    minimum/10 rules read this curve; the valley rule keeps the EMA it was defined on. Here each
+    point is weighted symmetrically, and the local line keeps a straight stretch (even at either
+    end of the range) where it is instead of pulling it toward the middle. The window is in
+    decades, not steps, so it means the same for any number of steps.
     """
     x = np.log10(np.asarray(lrs, np.float64))
     y = np.asarray(losses, np.float64)
@@ -110,7 +129,12 @@ def valley(lrs, losses) -> float:
     """fastai's "valley" rule: the longest run of steps over which the smoothed loss keeps falling
     (the longest decreasing subsequence of the curve, O(n^2) for n <= a few hundred), and the LR
     at about half-way into its middle third (start + len/3 + len/6): inside the steep descent, safely
-    before the minimum, where the loss is still falling fastest for a whole stretch."""
+    before the minimum, where the loss is still falling fastest for a whole stretch.
+
+    fastai defines this rule on its causal EMA (beta 0.98, :func:`ema`) and chose the offsets on
+    that curve, whose lag they absorb; :func:`suggest` therefore applies it to the EMA. On the
+    zero-lag curve the same offsets land earlier: 0 of 5 benchmark pairs within half a decade of
+    the best grid LR, against 3 of 5 on the EMA (benchmarks/results/lr_find_ema.json)."""
     n = len(losses)
     lds, max_start, max_end = [1] * n, 0, 0
     for i in range(1, n):
@@ -136,9 +160,33 @@ def minimum_tenth(lrs, losses) -> float:
     return float(lrs[int(np.argmin(losses))] / 10)
 
 
+def inconclusive(lrs, smoothed) -> str | None:
+    """Why a (zero-lag) smoothed curve has no fall to read an LR from, or None: its minimum lies in
+    the first ``EARLY`` of the steps, or is less than ``MIN_DROP`` below its start (the mean over
+    those first steps: one end point of a smoothed curve is the noisiest)."""
+    s = np.asarray(smoothed, np.float64)
+    i = int(np.argmin(s))
+    start = float(np.mean(s[:max(1, int(EARLY * len(s)))]))
+    drop = (start - s[i]) / max(abs(start), 1e-12)
+    if i < EARLY * len(s):
+        return (f"the smoothed loss is lowest at the start of the range (step {i + 1} of {len(s)}, "
+                f"lr {lrs[i]:.2g}): it never fell; start the range lower (--min-lr) or check the data "
+                "(labels, too few or duplicated images, a task the frozen features already fit)")
+    if drop < MIN_DROP:
+        return (f"the smoothed loss falls only {100 * drop:.1f}% from its start to its minimum "
+                f"(lr {lrs[i]:.2g}; under {100 * MIN_DROP:g}%); try a larger end of the range (--max-lr), "
+                "more --steps, or check the data (labels, class balance)")
+    return None
+
+
+ADVICE = "no LR can be read from this curve: its three numbers are not a suggestion"
+
+
 def suggest(curve: dict, rule: str = "valley") -> dict:
-    """The three rules on the raw losses of ``curve`` smoothed by :func:`smooth` (a NaN/Inf step and
-    the step that set off the divergence stop excluded)."""
+    """The three rules on the raw losses of ``curve`` (a NaN/Inf step and the step that set off the
+    divergence stop excluded): valley on their causal EMA (:func:`ema`, as fastai defines it),
+    steepest slope and minimum/10 on :func:`smooth`. ``"inconclusive"`` is None, or the reason
+    (:func:`inconclusive`) the curve has no fall to read the rules from."""
     if rule not in RULES:
         raise RecipeError(f"rule={rule!r}: choose one of {', '.join(RULES)}.")
     n = sum(1 for x in curve["losses"] if math.isfinite(x))
@@ -149,12 +197,14 @@ def suggest(curve: dict, rule: str = "valley") -> dict:
                           "too few to suggest an LR. Lower the start of the range (start_lr) or check the data.")
     lrs = curve["lrs"][:n]
     s = smooth(lrs, curve["losses"][:n])
-    found = {"valley": valley(lrs, s), "steep": steepest(lrs, s), "min": minimum_tenth(lrs, s)}
-    return {"suggested_lr": found[rule], "rule": rule, "steep": found["steep"], "min": found["min"]}
+    found = {"valley": valley(lrs, ema(curve["losses"][:n])), "steep": steepest(lrs, s), "min": minimum_tenth(lrs, s)}
+    return {"suggested_lr": found[rule], "rule": rule, "steep": found["steep"], "min": found["min"],
+            "inconclusive": inconclusive(lrs, s)}
 
 
 def plot(curve: dict, found: dict, path: Path, title: str = "") -> Path:
-    """Loss against LR (log x): raw loss faint, smoothed loss, the three suggestions marked."""
+    """Loss against LR (log x): raw loss faint, the zero-lag curve, the causal EMA thin and dashed,
+    each suggestion marked on the curve its rule read; a note when the curve is inconclusive."""
     import textwrap
 
     from matplotlib.figure import Figure
@@ -163,14 +213,17 @@ def plot(curve: dict, found: dict, path: Path, title: str = "") -> Path:
     n = len(curve["smoothed"])
     lrs = np.asarray(curve["lrs"][:n])
     ax.plot(curve["lrs"][:len(curve["losses"])], curve["losses"], color="0.75", lw=0.8, label="loss per batch")
-    ax.plot(lrs, curve["smoothed"], color="C0", lw=1.8, label=f"smoothed (local linear, {WINDOW:g}-decade window)")
-    marks = (("valley", "C3", "o"), ("steep", "C2", "^"), ("min", "C1", "s"))
-    for key, color, marker in marks:
+    ax.plot(lrs, curve["smoothed"], color="C0", lw=1.8, label=f"zero-lag (local linear, {WINDOW:g}-decade window)")
+    avg = curve["ema"] if "ema" in curve else list(ema(curve["losses"][:n]))
+    ax.plot(lrs, avg, color="C4", lw=1.0, ls="--", label=f"causal EMA (beta {BETA:g})")
+    marks = (("valley", "C3", "o", avg, "on EMA"), ("steep", "C2", "^", curve["smoothed"], "on zero-lag"),
+             ("min", "C1", "s", curve["smoothed"], "on zero-lag"))
+    for key, color, marker, on, which in marks:
         lr = found["suggested_lr"] if key == found["rule"] else found[key]
-        y = float(np.interp(np.log(lr), np.log(lrs), curve["smoothed"]))
+        y = float(np.interp(np.log(lr), np.log(lrs), on))
         label = {"valley": "valley", "steep": "steepest slope", "min": "minimum / 10"}[key]
         ax.plot([lr], [y], marker=marker, color=color, ms=9, ls="none",
-                label=f"{label}: {lr:.2g}" + (" (suggested)" if key == found["rule"] else ""))
+                label=f"{label} ({which}): {lr:.2g}" + (" (suggested)" if key == found["rule"] else ""))
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
@@ -181,6 +234,8 @@ def plot(curve: dict, found: dict, path: Path, title: str = "") -> Path:
     ax.set_title("\n".join(textwrap.wrap(title or "LR range test", 70)), fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
+    if found.get("inconclusive"):  # above the axes, where no curve or legend can hide it
+        fig.suptitle("\n".join(textwrap.wrap(f"INCONCLUSIVE: {found['inconclusive']}", 90)), fontsize=8, color="C3")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
@@ -246,12 +301,17 @@ def lr_find(recipe, data, stage=0, overrides=(), out=None, *, start_lr: float = 
     """Run the LR range test for one stage of ``recipe`` on ``data``; write ``lr_find.png`` in ``out``.
 
     A frozen stage trains the head on cached pooled features (seconds); any other stage applies its
-    freeze spec and trains the whole model on image batches. For a stage after the first, the
+    freeze spec and trains the whole model on image batches. The head sits on the depth ``finetune``
+    would keep: with several taps (``taps=auto``), the same depth probe, cached, so a later finetune
+    does not pay for it again; the result names it (``"tap"``). For a stage after the first, the
     head is first set by a linear probe on the frozen features (what the head stage would leave),
     so the test measures the stage itself, not a random head.
 
     >>> lr_find("small_similar", "data/digits", overrides={"head_solver": "sgd"})  # doctest: +SKIP
-    {'suggested_lr': 0.0025, 'rule': 'valley', 'steep': ..., 'min': ..., ...}
+    {'suggested_lr': 0.0025, 'rule': 'valley', 'steep': ..., 'min': ..., 'inconclusive': None, ...}
+
+    ``"inconclusive"`` is None, or why the curve has no fall to read an LR from (the numbers are
+    then not to be trusted; a warning is logged).
     """
     from ..training.finetune import preserved_global_state
     if not 0 < start_lr < end_lr:
@@ -267,13 +327,12 @@ def _lr_find(recipe, data, stage, overrides, out, start_lr, end_lr, steps, rule,
 
     from ..backbones import apply_freeze
     from ..data.pipeline import train_dataset
-    from ..training.assemble import build
     from ..training.optim import make_optimizer
     from ..training.stages import uses_cache
     recipe, bundle, plan = prepare(recipe, data, overrides)
     si = _stage_index(recipe, stage)
     st = recipe.stages[si]
-    asm = build(plan, plan.taps()[0])
+    asm = _assemble_at_finetunes_tap(plan, bundle)
     cached = uses_cache(plan, st)
     if si > 0 and recipe.head == "linear":
         _probe_head(plan, bundle, asm)
@@ -302,6 +361,8 @@ def _lr_find(recipe, data, stage, overrides, out, start_lr, end_lr, steps, rule,
     log.info("LR range test, %s, lr %.1e..%.1e over %d steps", what, start_lr, end_lr, steps)
     curve = range_test(trainer, opt, loss_fn, batches, start_lr, end_lr, steps)
     found = suggest(curve, rule)
+    if found["inconclusive"]:
+        log.warning("LR range test inconclusive: %s (%s)", found["inconclusive"], ADVICE)
     # The recipe's lr is multiplied by global_batch / batch_size under scale_lr; the suggestion is for the field.
     out_dir = Path(out) if out is not None else Path.cwd()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -309,11 +370,23 @@ def _lr_find(recipe, data, stage, overrides, out, start_lr, end_lr, steps, rule,
                f"{recipe.name}, {what} ({len(curve['lrs'])} steps; {curve['stopped']})")
     log.info("LR range test: %s; suggested lr %.3g (%s), steepest %.3g, minimum/10 %.3g -> %s",
              curve["stopped"], found["suggested_lr"], rule, found["steep"], found["min"], png)
-    return {**found, "stage": st.name, "stopped": curve["stopped"], "lrs": curve["lrs"],
-            "losses": curve["losses"], "smoothed": curve["smoothed"], "plot": str(png),
+    return {**found, "stage": st.name, "tap": asm.tap, "stopped": curve["stopped"], "lrs": curve["lrs"],
+            "losses": curve["losses"], "smoothed": curve["smoothed"], "ema": curve["ema"], "plot": str(png),
             "note": ("the stage's linear head is fitted by L-BFGS (head_solver=auto/lbfgs), which uses no lr; "
                      "the suggestion applies with --set head_solver=sgd")
             if cached and recipe.head == "linear" and recipe.head_solver in ("auto", "lbfgs") else ""}
+
+
+def _assemble_at_finetunes_tap(plan, bundle):
+    """The model ``finetune`` would train: with several taps, the one its depth probe keeps."""
+    from ..training.assemble import assemble, make_backbone
+    from ..training.taps import probe_taps
+    with plan.strategy.scope():
+        backbone = make_backbone(plan)
+    taps = plan.taps()
+    tap = probe_taps(plan, bundle, backbone, taps, {}) if len(taps) > 1 else taps[0]
+    with plan.strategy.scope():
+        return assemble(plan, backbone, tap)
 
 
 def _probe_head(plan, bundle, asm) -> None:
@@ -364,12 +437,20 @@ def resolve_auto_lr(recipe, data, overrides=(), out=None):
 
 def cli_lr_find(args) -> int:
     out = args.out
-    found = lr_find(args.recipe, args.data, stage=args.stage, overrides=args.overrides, out=out)
+    rng = {k: v for k, v in (("start_lr", getattr(args, "min_lr", None)), ("end_lr", getattr(args, "max_lr", None)),
+                             ("steps", getattr(args, "steps", None))) if v is not None}
+    found = lr_find(args.recipe, args.data, stage=args.stage, overrides=args.overrides, out=out, **rng)
+    warning = f"warning: inconclusive: {found['inconclusive']} ({ADVICE})" if found["inconclusive"] else ""
     if args.json:
-        print(json.dumps({k: found[k] for k in ("suggested_lr", "rule", "steep", "min")}))
+        print(json.dumps({k: found[k] for k in ("suggested_lr", "rule", "steep", "min", "inconclusive", "tap")}))
+        if warning:
+            print(warning, file=sys.stderr)  # stdout stays one JSON object
     else:
         print(f"suggested lr {found['suggested_lr']:.3g} ({found['rule']} rule); steepest slope "
-              f"{found['steep']:.3g}; minimum/10 {found['min']:.3g}  [{found['stopped']}]")
+              f"{found['steep']:.3g}; minimum/10 {found['min']:.3g}  [{found['stopped']}"
+              + (f"; tap {found['tap']}]" if found["tap"] else "]"))
+        if warning:
+            print(warning)
         if found["note"]:
             print(f"note: {found['note']}")
         print(f"plot: {found['plot']}")
