@@ -8,7 +8,9 @@
 For each dataset/recipe pair: the suggestion (valley rule, and the steepest-slope and minimum/10
 rules beside it) for stage 0, then one full ``finetune`` per grid LR (same seed, data and split),
 each scored by its reported val loss (ties: accuracy). The pair passes when the suggestion lies
-within half a decade (a factor 10**0.5 = 3.16) of the best grid LR. Recipes whose linear head is
+within half a decade (a factor 10**0.5 = 3.16) of the best grid LR and the range test did not
+call its curve inconclusive (an inconclusive pair is a miss, whatever its number). Each row also
+gives the regret: the val loss of the grid run nearest the suggestion over the best run's. Recipes whose linear head is
 fitted by L-BFGS (no LR) run with ``head_solver=sgd``: their optimizer and epochs are then used.
 Overrides after the recipe (``:fraction=0.2``) apply to that pair's range test and grid alike.
 
@@ -48,14 +50,17 @@ def bench(data, recipe, grid, fixed, old_grid=None) -> dict:
                 runs.append({"lr": lr, "val_loss": res.report["val_loss"], "val_accuracy": res.report["val_accuracy"],
                              "seconds": round(time.time() - t0, 1)})
     row = score({"suggested_lr": found["suggested_lr"], "steep": found["steep"], "min": found["min"],
-                 "grid": runs}, data, recipe, fixed, stage, found["stopped"], lr_seconds)
+                 "inconclusive": found.get("inconclusive"), "grid": runs}, data, recipe, fixed, stage,
+                found["stopped"], lr_seconds)
+    row["tap"] = found.get("tap")
     row["curve"] = {"lrs": found["lrs"], "losses": found["losses"]}
     return row
 
 
 def score(found, data, recipe, fixed, stage, stopped, lr_seconds) -> dict:
     """Decades between each rule's LR and the best grid LR; and the regret: the val loss of the grid
-    run nearest the suggestion (in log LR) over the best run's (1.0 = as good as the best)."""
+    run nearest the suggestion (in log LR) over the best run's (1.0 = as good as the best). An
+    inconclusive range test is not within half a decade, whatever its number."""
     runs = found["grid"]
     best = min(runs, key=lambda r: (r["val_loss"], -r["val_accuracy"]))
     off = {k: abs(math.log10(found[k] / best["lr"])) for k in ("suggested_lr", "steep", "min")}
@@ -65,7 +70,8 @@ def score(found, data, recipe, fixed, stage, stopped, lr_seconds) -> dict:
             "stopped": stopped, "lr_find_seconds": round(lr_seconds, 1), "grid": runs,
             "nearest_grid_lr": near["lr"], "val_loss_vs_best": round(near["val_loss"] / best["val_loss"], 3),
             "best_lr": best["lr"], "decades_off": {k: round(v, 2) for k, v in off.items()},
-            "within_half_decade": off["suggested_lr"] <= 0.5}
+            "inconclusive": found.get("inconclusive"),
+            "within_half_decade": off["suggested_lr"] <= 0.5 and not found.get("inconclusive")}
 
 
 def parse_pair(pair: str):
@@ -113,12 +119,18 @@ def main(argv=None):
         print(f"{Path(data).name:12s} {recipe:16s} {','.join(extra):14s} suggested {row['suggested_lr']:.2g} "
               f"(steep {row['steep']:.2g}, min/10 {row['min']:.2g}); best grid lr {row['best_lr']:g}; "
               f"{row['decades_off']['suggested_lr']:.2f} decades off -> "
-              f"{'ok' if row['within_half_decade'] else 'MISS'}; val loss at the nearest grid lr "
-              f"{row['val_loss_vs_best']:.2f}x the best", flush=True)
+              f"{'ok' if row['within_half_decade'] else 'MISS'}"
+              f"{' (inconclusive: ' + row['inconclusive'] + ')' if row['inconclusive'] else ''}; "
+              f"val loss at the nearest grid lr {row['val_loss_vs_best']:.2f}x the best", flush=True)
         out.write_text(json.dumps({"command": command, "pairs": rows,
                                    "within_half_decade": sum(r["within_half_decade"] for r in rows),
+                                   "inconclusive": sum(bool(r["inconclusive"]) for r in rows),
+                                   "val_loss_vs_best": [r["val_loss_vs_best"] for r in rows],
                                    "of": len(rows)}, indent=2))
-    print(f"{sum(r['within_half_decade'] for r in rows)} of {len(rows)} within half a decade; {out}")
+    ratios = ", ".join(f"{r['val_loss_vs_best']:.2f}" for r in rows)
+    print(f"{sum(r['within_half_decade'] for r in rows)} of {len(rows)} within half a decade "
+          f"({sum(bool(r['inconclusive']) for r in rows)} inconclusive, counted as misses); "
+          f"val loss at the nearest grid lr / best: {ratios}; {out}")
 
 
 if __name__ == "__main__":
