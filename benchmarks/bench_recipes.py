@@ -7,6 +7,15 @@ empty), on a new dataset (weights converted before, no features) and warm (featu
 Each side runs in a fresh process; wall time is measured inside, after the imports.
 
     .venv/bin/python benchmarks/bench_recipes.py [DATA]   (default ../shared/datasets/ants_bees)
+
+``--goals [ROW ...] [--precision float32|auto]``: the accuracy-per-CPU-minute goals, each row a
+recipe run in a fresh process from a cold feature cache (converted weights kept), beside
+scikit-learn's default logistic regression (lbfgs, C=1, max_iter 5000) on the same backbone's
+ImageNet pooled features at the recipe's size and resize, of the same train/val split, measured
+in the same process after the run (its time is not in the run's). Rows: ants_bees
+(small_similar), brain_mri_yn (small_different), cats_dogs (large_similar), large_different
+(cats_dogs' 3,000 images as one folder, tuneflow's own split). JSON in
+benchmarks/results/goals.json (rows merged by name and precision).
 """
 import json
 import os
@@ -14,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 DATA = Path(sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("--")
@@ -71,7 +82,115 @@ def _in_fresh_process(which: str, home: Path | None = None, out: Path | None = N
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+SHARED = HERE.parent.parent / "shared" / "datasets"
+GOALS = {  # name: (data, recipe, goal accuracy, goal seconds)
+    "ants_bees": ("ants_bees", "small_similar", 0.975, 30),
+    "brain_mri_yn": ("brain_mri_yn", "small_different", 0.80, None),
+    "cats_dogs": ("cats_dogs", "large_similar", 0.995, 300),
+    "large_different": ("cats_dogs:merged", "large_different", None, 1200),
+}
+
+
+def _goal_data(spec: str, tmp: Path) -> Path:
+    """A dataset folder; ``NAME:merged``: its train and val class folders as one (symlinks in tmp)."""
+    name, _, how = spec.partition(":")
+    src = SHARED / name
+    if how != "merged":
+        return src
+    root = tmp / f"{name}_merged"
+    for split in ("train", "val"):
+        for cls in sorted(p for p in (src / split).iterdir() if p.is_dir()):
+            (root / cls.name).mkdir(parents=True, exist_ok=True)
+            for f in cls.iterdir():
+                os.symlink(f.resolve(), root / cls.name / f"{split}_{f.name}")
+    return root
+
+
+def goal_row(name: str, data: Path, out: Path, precision: str) -> dict:
+    """One goal row, in this (fresh) process: the recipe, then sklearn on the same split's features."""
+    import warnings
+
+    import keras
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    import tuneflow
+    from tuneflow import build_backbone
+    from tuneflow.data import load_data
+    from tuneflow.features.extractor import FeatureExtractor
+    _, recipe, goal_acc, goal_s = GOALS[name]
+    t0 = time.time()
+    res = tuneflow.finetune(recipe, str(data), str(out), overrides={"precision": precision}, verbose=0)
+    wall = time.time() - t0
+    rep = res.report
+    r = tuneflow.recipes.get(recipe)
+    size = rep.get("input_size") or r.input_size
+    t1 = time.time()
+    b = load_data(data, size, resize=rep.get("resize") or r.resize, val_fraction=r.val_fraction, seed=r.seed)
+    bb = build_backbone(rep["backbone"], input_size=size)
+    pooled = keras.Model(bb.input, keras.layers.GlobalAveragePooling2D()(bb.output))
+    f = np.asarray(FeatureExtractor(pooled, "auto").run([b.train.x, b.val.x]), np.float32)
+    ftr, fva = f[:len(b.train)], f[len(b.train):]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        sk = float(LogisticRegression(max_iter=5000).fit(ftr, b.train.y).score(fva, b.val.y))
+    same_split = (len(b.train), len(b.val)) == (rep["num_train"], rep["num_val"])
+    return {"row": name, "data": str(data), "recipe": recipe, "precision": precision,
+            "precision_used": rep.get("precision"), "val_accuracy": rep["val_accuracy"],
+            "majority_rate": rep.get("majority_rate"), "wall_seconds": round(wall, 1),
+            "stages": rep["stages"],
+            "artifact_seconds": rep.get("artifact_seconds"), "goal_accuracy": goal_acc, "goal_seconds": goal_s,
+            "sklearn_logreg_val_accuracy": sk, "sklearn_features": f"{rep['backbone']} pooled, {size} px, {rep.get('resize') or r.resize}",
+            "sklearn_seconds": round(time.time() - t1, 1), "same_split": same_split,
+            "cpus": os.cpu_count()}
+
+
+def goals_main(args):
+    import shutil
+    import subprocess
+    precision = args[args.index("--precision") + 1] if "--precision" in args else "float32"
+    names = [a for a in args if a in GOALS] or list(GOALS)
+    out_path = HERE / "results" / "goals.json"
+    rows = json.loads(out_path.read_text())["rows"] if out_path.exists() else []
+    src_home = Path(os.environ.get("TUNEFLOW_HOME") or Path("~/.keras/tuneflow").expanduser())
+    for name in names:
+        if not (SHARED / GOALS[name][0].split(":")[0]).exists():
+            print(f"skip {name}: {SHARED / GOALS[name][0]} not found")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            home = tmp / "home"  # cold: no features, no image store; converted weights reused
+            home.mkdir()
+            if (src_home / "weights").exists():
+                os.symlink(src_home / "weights", home / "weights")
+            data = _goal_data(GOALS[name][0], tmp)
+            env = dict(os.environ, TUNEFLOW_HOME=str(home), TF_CPP_MIN_LOG_LEVEL="3")
+            cmd = [sys.executable, __file__, "--goal-row", name, str(data), str(tmp / "run"), precision]
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode:
+                sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            shutil.rmtree(tmp / "run", ignore_errors=True)
+        row["command"] = f"benchmarks/bench_recipes.py --goals {name} --precision {precision}"
+        rows = [r for r in rows if (r["row"], r["precision"]) != (name, precision)] + [row]
+        out_path.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+        print(json.dumps(row), flush=True)
+    print("| row | recipe | precision | val accuracy | goal | wall s | goal s | sklearn LR (same features) |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['row']} | {r['recipe']} | {r['precision_used']} | {r['val_accuracy']:.4f} | "
+              f"{r['goal_accuracy'] or ''} | {r['wall_seconds']} | {r['goal_seconds'] or ''} | "
+              f"{r['sklearn_logreg_val_accuracy']:.4f} |")
+
+
 def main():
+    if "--goal-row" in sys.argv:
+        i = sys.argv.index("--goal-row")
+        name, data, out, precision = sys.argv[i + 1:i + 5]
+        print(json.dumps(goal_row(name, Path(data), Path(out), precision)))
+        return
+    if "--goals" in sys.argv:
+        return goals_main(sys.argv[sys.argv.index("--goals") + 1:])
     if not DATA.exists():
         print(f"skip: {DATA} not found")
         return

@@ -131,7 +131,10 @@ def test_search_writes_trials_plot_and_a_best_recipe_that_finetune_accepts(tmp_p
         report = json.loads((out / r["run"] / "report.json").read_text())
         assert not (out / r["run"] / "model").exists() and report["evaluated"].startswith("no artifact")
         assert report["val_accuracy"] == pytest.approx(float(r["val_accuracy"]))
-        assert json.loads((out / r["run"] / "recipe.json").read_text())["fraction"] == 0.9
+        # nor the pictures nobody opens in a trial: no histograms, no top_losses.png (curves stay)
+        trial_recipe = json.loads((out / r["run"] / "recipe.json").read_text())
+        assert trial_recipe["fraction"] == 0.9 and trial_recipe["tensorboard_histograms"] == 0
+        assert not (out / r["run"] / "top_losses.png").exists() and (out / r["run"] / "curves.png").exists()
     r0 = [r for r in rows if r["round"] == "0"]
     best0 = max(r0, key=lambda r: float(r["val_accuracy"]))
     # round 1 starts from round 0's best and samples inside the narrowed ranges

@@ -105,7 +105,8 @@ def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome
     if rows:
         rep.plot_curves(rows, run / "curves.png", f"{r.name} · {plan.spec.name}")
     rep.write_confusion(cm, plan.classes, run.path)
-    if bundle.val.files:  # the validation images the model is most wrong about, to look at
+    if bundle.val.files and export:  # the validation images the model is most wrong about, to look at
+        # (not for a search trial, export=False: nobody opens a trial's pictures)
         from ..workbench.doctor import top_losses_grid
         try:
             top_losses_grid(run.path)

@@ -12,7 +12,9 @@ Design (why each piece is the way it is):
   in a fresh Python process, its run folder under ``trials/`` and its output in ``trials/NNNN.log``.
   ``--no-export``: a trial is measured on training's own path (the per-epoch figures the pruner
   reads) and writes no artifact; exporting, reloading and re-reading the validation images took
-  ~29 s of a ~36 s trial on ants_bees, and ~70 MB of disk a trial. ``best_recipe.json`` is trained
+  ~29 s of a ~36 s trial on ants_bees, and ~70 MB of disk a trial; nor does it write TensorBoard
+  histograms or ``top_losses.png`` (~8 s each; curves, metrics and scalars stay, and a space may
+  still set ``tensorboard_histograms``). ``best_recipe.json`` is trained
   by ``tuneflow finetune``, which exports and measures the artifact. TensorFlow never runs in the
   parent, so the parent's memory does not grow trial after trial (in-process tuners keep graphs,
   datasets and allocator pools alive). A child dies with its parent (``PR_SET_PDEATHSIG`` on Linux).
@@ -381,6 +383,8 @@ class _Runner:
                "--data", self.data, "--out", str(run), "--no-export"]
         for k, v in params.items():
             cmd += ["--set", f"{k}={_fmt(v)}"]
+        if "tensorboard_histograms" not in params:  # pictures nobody opens in a trial: ~8 s of 60 (scalars stay)
+            cmd += ["--set", "tensorboard_histograms=0"]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if self.jobs > 1:  # J trials share the cores: without this each TensorFlow takes all of them
             threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
