@@ -17,7 +17,7 @@ from conftest import REPO, make_image_folder, random_lite0_weights
 from tuneflow import finetune
 from tuneflow.runs.checkpoints import CheckpointMismatchError, Checkpoints, restore_model
 
-FT = {"input_size": 32, "weights": None, "batch_size": 4, "precision": "float32",
+FT = {"input_size": 32, "weights": random_lite0_weights(), "batch_size": 4, "precision": "float32",
       "head__epochs": 1, "finetune__epochs": 3, "head__patience": 0, "finetune__patience": 0}
 
 

@@ -38,11 +38,24 @@ def test_weights_none_trains_every_layer_in_every_stage():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet50", "vgg16"])
-def test_large_different_runs_both_stages_on_deeper_and_shallower_backbones(tmp_path, name):
+@pytest.mark.parametrize("name, pretrained", [("resnet50", True), ("vgg16", False)])
+def test_large_different_runs_both_stages_on_deeper_and_shallower_backbones(tmp_path, backbones, name, pretrained):
+    """ResNet50 from a weights file (the pretrained path: head on cached features, then the top
+    blocks; from scratch it took ~500 s of a loaded suite, writing every variable's Adam slots at
+    each checkpoint), VGG16 from scratch (every layer trains in every stage)."""
+    weights = None
+    if pretrained:
+        from tuneflow import save_backbone
+        weights = str(save_backbone(backbones[name], tmp_path / "w", name))
     data = make_image_folder(tmp_path / "d", per_class=6)
     res = finetune("large_different", data, tmp_path / "r", verbose=0,
-                   overrides={"backbone": name, "weights": None, "input_size": 32, "batch_size": 4,
+                   overrides={"backbone": name, "weights": weights, "input_size": 32, "batch_size": 4,
                               "head__epochs": 1, "finetune__epochs": 1, "precision": "float32"})
     assert [s["epochs_run"] for s in res.report["stages"]] == [1, 1]
-    assert res.report["from_scratch"] and all(s["train"] == "all" for s in res.report["stages"])
+    stages = registry.get("large_different").stages
+    if pretrained:
+        assert not res.report["from_scratch"]
+        # the recipe's top:6 is capped to the blocks ResNet50 has (top:5)
+        assert [s["train"] for s in res.report["stages"]] == ["frozen", "top:5"] and stages[1].train == "top:6"
+    else:
+        assert res.report["from_scratch"] and all(s["train"] == "all" for s in res.report["stages"])
