@@ -593,3 +593,35 @@ def test_a_recipe_runs_from_the_store_and_a_memory_mapped_cache(tmp_path, on_dis
     new = set(fcache.cache_root().glob("*.npy")) - before
     assert len(new) == 2 and all(isinstance(np.load(p, mmap_mode="r"), np.memmap) for p in new)
     assert 0.0 <= res.report["val_accuracy"] <= 1.0
+
+
+def test_views_of_a_mapped_cache_are_read_with_pread_at_their_own_offsets(tmp_path):
+    """A (V, N, ...) cache (a cached prefix's augmented views): each view becomes a map of its
+    own at its true offset, read with pread (not paged into the process through the map), and
+    the training batches read view e % V in epoch e, cast to float32."""
+    from tuneflow.features.cache import rows_view, split_views
+    from tuneflow.training.stages import cached_dataset
+    rng = np.random.default_rng(1)
+    views, n, d = 3, 37, 5
+    acts = rng.normal(size=(views, n, d)).astype(np.float16)
+    path = tmp_path / "acts.npy"
+    np.save(path, acts)
+    mm = np.load(path, mmap_mode="r")
+    # a plain slice carries the file's offset, wrong for view 1: rows_view must not pread it
+    assert not isinstance(rows_view(mm[1]), ImageRows)
+    parts = split_views(mm)
+    assert len(parts) == views
+    for v, part in enumerate(parts):
+        src = rows_view(part)
+        assert isinstance(src, ImageRows)
+        np.testing.assert_array_equal(src[np.array([0, 5, 36])], acts[v, [0, 5, 36]])
+        np.testing.assert_array_equal(np.asarray(src), acts[v])
+    y = (np.arange(n) % 2).astype(np.int32)
+    ds, steps = cached_dataset(_plan(sampling="shuffle"), parts, y, seed=0, dtype=np.float32)
+    for epoch in range(4):  # each epoch one view, every row once
+        xs = np.concatenate([a.numpy() for a, _ in ds])
+        assert xs.dtype == np.float32 and len(xs) == n
+        want = acts[epoch % views].astype(np.float32)
+        np.testing.assert_array_equal(xs[np.lexsort(xs.T)], want[np.lexsort(want.T)])
+    # in RAM, the same function takes the plain arrays
+    assert [p.shape for p in split_views(acts)] == [(n, d)] * views

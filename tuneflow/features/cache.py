@@ -214,18 +214,36 @@ class RowWriter:
 
 
 def rows_view(x):
-    """``x`` for reading rows from: a memory map of a whole cache file comes back as an
-    :class:`~tuneflow.data.store.ImageRows` (rows read with ``pread``, so the pages stay in the
-    kernel's cache, not in this process's resident set); anything else as it is."""
+    """``x`` for reading rows from: a memory map whose offset is known (a whole cache file, or a
+    map made by :func:`split_views`) comes back as an :class:`~tuneflow.data.store.ImageRows`
+    (rows read with ``pread``, so the pages stay in the kernel's cache, not in this process's
+    resident set); anything else as it is."""
+    import mmap
+
     from ..data.store import ImageRows
-    if not isinstance(x, np.memmap) or not x.flags.c_contiguous or not x.filename:
+    if not isinstance(x, np.memmap) or not x.flags.c_contiguous or not x.filename or not x.ndim:
         return x
     try:
-        if os.path.getsize(x.filename) != x.offset + x.nbytes:  # a part of the file: map reads
+        # A slice of a map inherits its parent's ``offset`` (wrong for it): read those through the
+        # map. A map made with its own offset (base = the mmap) or one spanning to the file's end is right.
+        if not isinstance(x.base, mmap.mmap) and os.path.getsize(x.filename) != x.offset + x.nbytes:
             return x
-        return ImageRows(x, path=str(x.filename)) if x.ndim else x
+        return ImageRows(x, path=str(x.filename))
     except OSError:  # the file is gone (a temporary cache, unlinked): read through the map
         return x
+
+
+def split_views(x) -> list:
+    """The views of a (V, N, ...) cache, ``x[v]`` each: for a memory-mapped file, each its own map
+    at its true offset (so :func:`rows_view` reads it with ``pread``; a slice ``x[v]`` would
+    carry the file's offset and be read through the map, its pages joining the process's RSS)."""
+    import mmap
+    if isinstance(x, np.memmap) and x.filename and x.flags.c_contiguous and (
+            isinstance(x.base, mmap.mmap) or os.path.getsize(x.filename) == x.offset + x.nbytes):
+        step = x[0].nbytes
+        return [np.memmap(x.filename, x.dtype, "r", offset=x.offset + v * step, shape=x.shape[1:])
+                for v in range(x.shape[0])]
+    return [x[v] for v in range(len(x))]
 
 
 # Features at most this large are read back into RAM; larger ones stay memory-mapped. Lower than

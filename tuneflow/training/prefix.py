@@ -125,4 +125,4 @@ def activations(plan, bundle, split: PrefixSplit, stage, extractor_cls):
     sub = replace(plan, recipe=replace(plan.recipe, cache_views=views))
     extractor = extractor_cls(split.prefix, plan.recipe.feature_engine)
     ftr, fva = cached_features(sub, bundle, extractor, f"prefix:{split.boundary}")
-    return np.asarray(ftr), np.asarray(fva)
+    return ftr, fva  # memory maps above 64 MB stay maps (np.asarray would hide the file)

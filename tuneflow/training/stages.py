@@ -16,6 +16,7 @@ from ..data import DataBundle
 from ..data.augment import make_augmenter
 from ..data.pipeline import _epoch_indices, train_dataset
 from ..features.extractor import FeatureExtractor
+from ..features.cache import split_views
 from ..runs import report as rep
 from ..runs.checkpoints import Checkpoints
 from ..runs.folder import RunDir
@@ -207,7 +208,7 @@ def cached_features(plan: Plan, bundle: DataBundle, extractor: FeatureExtractor,
                  ", memory-mapped" if isinstance(ftr, np.memmap) else "")
     else:
         log.info("feature cache: reused (same backbone, weights, size, tap, engine and data)")
-    return ftr, fva[0]
+    return ftr, split_views(fva)[0]  # a map of its own: read with pread (see rows_view)
 
 
 def _exists(*keys):
@@ -241,7 +242,7 @@ def cached_dataset(plan: Plan, x, y: np.ndarray, seed: int, dtype=None):
     (tf.data's shuffle); otherwise, memory maps included, each batch's rows are gathered by index
     from a generator (a memory-mapped cache read with ``pread``): nothing is copied whole."""
     from ..features.cache import rows_view
-    views = list(x) if isinstance(x, (list, tuple)) else [x]
+    views = list(x) if isinstance(x, (list, tuple)) else [x]  # a (V, N, ...) map: pass split_views(x)
     first = views[0]
     g, cw = plan.global_batch, plan.class_weights
     whole = plan.replicas > 1  # whole batches only: see distribute.predict for why
@@ -387,7 +388,7 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
             if split is not None:  # the frozen prefix's activations cached: only the top trains
                 acts, val_acts = prefix.activations(plan, bundle, split, stage, FeatureExtractor)
                 trainer = split.top
-                train_x, steps = cached_dataset(plan, list(acts), bundle.train.y, r.seed + si, dtype=np.float32)
+                train_x, steps = cached_dataset(plan, split_views(acts), bundle.train.y, r.seed + si, dtype=np.float32)
                 prefix_x = acts[0]
                 log.info("stage %s: frozen prefix cached at %s %s (%d views); training %d of %d layers",
                          stage.name, split.boundary, split.shape, acts.shape[0], len(split.top.layers),
