@@ -213,22 +213,24 @@ class RowWriter:
             view, pos = view[done:], pos + done
 
 
+def _offset_known(x) -> bool:
+    """Whether ``x`` is a memory map whose ``offset`` is where its data starts in its file. A
+    slice of a map inherits its parent's ``offset`` (wrong for it); a map made with its own offset
+    (its base is the ``mmap``) or one that runs to the file's end (the whole cache) is right.
+    Raises OSError when the file is gone."""
+    import mmap
+    return (isinstance(x, np.memmap) and bool(x.filename) and x.flags.c_contiguous and x.ndim > 0
+            and (isinstance(x.base, mmap.mmap) or os.path.getsize(x.filename) == x.offset + x.nbytes))
+
+
 def rows_view(x):
     """``x`` for reading rows from: a memory map whose offset is known (a whole cache file, or a
     map made by :func:`split_views`) comes back as an :class:`~tuneflow.data.store.ImageRows`
     (rows read with ``pread``, so the pages stay in the kernel's cache, not in this process's
-    resident set); anything else as it is."""
-    import mmap
-
+    resident set); anything else (a slice of a map is read through the map) as it is."""
     from ..data.store import ImageRows
-    if not isinstance(x, np.memmap) or not x.flags.c_contiguous or not x.filename or not x.ndim:
-        return x
     try:
-        # A slice of a map inherits its parent's ``offset`` (wrong for it): read those through the
-        # map. A map made with its own offset (base = the mmap) or one spanning to the file's end is right.
-        if not isinstance(x.base, mmap.mmap) and os.path.getsize(x.filename) != x.offset + x.nbytes:
-            return x
-        return ImageRows(x, path=str(x.filename))
+        return ImageRows(x, path=str(x.filename)) if _offset_known(x) else x
     except OSError:  # the file is gone (a temporary cache, unlinked): read through the map
         return x
 
@@ -237,9 +239,11 @@ def split_views(x) -> list:
     """The views of a (V, N, ...) cache, ``x[v]`` each: for a memory-mapped file, each its own map
     at its true offset (so :func:`rows_view` reads it with ``pread``; a slice ``x[v]`` would
     carry the file's offset and be read through the map, its pages joining the process's RSS)."""
-    import mmap
-    if isinstance(x, np.memmap) and x.filename and x.flags.c_contiguous and (
-            isinstance(x.base, mmap.mmap) or os.path.getsize(x.filename) == x.offset + x.nbytes):
+    try:
+        known = _offset_known(x)
+    except OSError:
+        known = False
+    if known:
         step = x[0].nbytes
         return [np.memmap(x.filename, x.dtype, "r", offset=x.offset + v * step, shape=x.shape[1:])
                 for v in range(x.shape[0])]
