@@ -207,7 +207,7 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, e
         plan = Plan.make(recipe, bundle, strategy, precision)
         if recipe.folds:
             from .kfold import cross_validate
-            report = cross_validate(plan, bundle, run, verbose, resume_here)
+            report = cross_validate(plan, bundle, run, verbose, resume_here, export=export)
         else:
             report, model = train_and_evaluate(plan, bundle, run, verbose, resume,
                                                read_dir=shared_dir if resume else None, export=export)

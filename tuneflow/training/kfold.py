@@ -33,9 +33,10 @@ def _finished_report(folder) -> dict | None:
     return None
 
 
-def cross_validate(plan: Plan, bundle: DataBundle, run: RunDir, verbose, resume: bool) -> dict:
+def cross_validate(plan: Plan, bundle: DataBundle, run: RunDir, verbose, resume: bool, export: bool = True) -> dict:
     """Train ``folds`` sub-runs (``fold-1`` ...) whose validation sets partition train+val. A resumed
-    K-fold run keeps finished folds and resumes the interrupted one from its checkpoints."""
+    K-fold run keeps finished folds and resumes the interrupted one from its checkpoints.
+    ``export=False`` (``--no-export``, a search trial): no fold writes an artifact."""
     from .finetune import train_and_evaluate
     r = plan.recipe
     folds = []
@@ -53,7 +54,7 @@ def cross_validate(plan: Plan, bundle: DataBundle, run: RunDir, verbose, resume:
             sub.status("running", recipe=r.name, fold=i + 1)
             fold_plan = Plan.make(r, fold, plan.strategy, plan.precision)
             t0 = time.time()
-            report, _ = train_and_evaluate(fold_plan, fold, sub, verbose, again)
+            report, _ = train_and_evaluate(fold_plan, fold, sub, verbose, again, export=export)
             report["wall_seconds"] = round(time.time() - t0, 2)
             sub.write_json("report.json", report)
             sub.write_text("report.md", rep.markdown(report))
