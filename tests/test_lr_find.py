@@ -133,6 +133,29 @@ def test_smoother_has_no_lag_and_a_window_in_decades():
     assert peaks[0] == pytest.approx(peaks[1], rel=0.03)
 
 
+@pytest.mark.parametrize("kwargs, words", [
+    ({"start_lr": 1.0, "end_lr": 0.1}, ["start_lr=1, end_lr=0.1", "--min-lr", "0 < start_lr < end_lr"]),
+    ({"start_lr": 0.0}, ["start_lr=0", "0 < start_lr < end_lr"]),
+    ({"start_lr": float("nan")}, ["start_lr=nan", "0 < start_lr < end_lr"]),
+    ({"steps": 2}, ["steps=2", "--steps", "at least 5 steps"]),
+])
+def test_a_bad_range_is_refused_before_anything_runs(tmp_path, kwargs, words):
+    with pytest.raises(RecipeError) as err:
+        lr_find("small_similar", tmp_path / "no such folder", **kwargs)  # refused before the data is read
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_a_test_that_diverged_at_once_is_too_short_to_suggest():
+    curve = {"lrs": [1e-7, 1e-6, 1e-5], "losses": [0.7, 0.9, float("nan")], "stopped": "diverged at lr 1e-05 (NaN loss)"}
+    with pytest.raises(RecipeError, match=r"stopped after 3 steps .*too few to suggest an LR.*--min-lr"):
+        suggest(curve)
+
+
+def test_cli_refuses_a_bad_range_with_the_flags_named(tmp_path, capsys):
+    code = main(["lr-find", "small_similar", "--data", str(tmp_path), "--min-lr", "1", "--max-lr", "0.01"])
+    assert code != 0 and "--min-lr" in capsys.readouterr().err
+
+
 def test_cli_json_on_the_head_stage(folder, tmp_path, capsys):
     argv = ["lr-find", "small_similar", "--data", str(folder), "--out", str(tmp_path), "--json"]
     for k, v in FAST.items():

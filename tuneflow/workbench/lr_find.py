@@ -194,7 +194,7 @@ def suggest(curve: dict, rule: str = "valley") -> dict:
         n -= 1
     if n < 3:
         raise RecipeError(f"The LR range test stopped after {len(curve['losses'])} steps ({curve['stopped']}): "
-                          "too few to suggest an LR. Lower the start of the range (start_lr) or check the data.")
+                          "too few to suggest an LR. Lower the start of the range (--min-lr, start_lr) or check the data.")
     lrs = curve["lrs"][:n]
     s = smooth(lrs, curve["losses"][:n])
     found = {"valley": valley(lrs, ema(curve["losses"][:n])), "steep": steepest(lrs, s), "min": minimum_tenth(lrs, s)}
@@ -315,9 +315,10 @@ def lr_find(recipe, data, stage=0, overrides=(), out=None, *, start_lr: float = 
     """
     from ..training.finetune import preserved_global_state
     if not 0 < start_lr < end_lr:
-        raise RecipeError(f"start_lr={start_lr:g}, end_lr={end_lr:g}: need 0 < start_lr < end_lr.")
+        raise RecipeError(f"start_lr={start_lr:g}, end_lr={end_lr:g} (--min-lr, --max-lr): need "
+                          f"0 < start_lr < end_lr; the default range is {START_LR:g} to {END_LR:g}.")
     if steps < 5:
-        raise RecipeError(f"steps={steps}: the range test needs at least 5 steps (default {STEPS}).")
+        raise RecipeError(f"steps={steps} (--steps): the range test needs at least 5 steps (default {STEPS}).")
     with preserved_global_state():
         return _lr_find(recipe, data, stage, overrides, out, start_lr, end_lr, steps, rule, plot_name)
 
