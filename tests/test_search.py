@@ -79,6 +79,14 @@ def test_space_file_errors_name_the_key_and_what_is_valid(tmp_path):
                  "batch_size": {"type": "categorical", "choices": [16, 32]}}
 
 
+def test_trials_drop_histograms_unless_the_search_asked_for_them():
+    from tuneflow.workbench.search import _trial_sets
+    base = registry.get("small_similar")
+    assert _trial_sets(base, {"head.lr": 0.01}) == ["head.lr=0.01", "tensorboard_histograms=0"]
+    assert _trial_sets(base.override("tensorboard_histograms=5"), {"head.lr": 0.01}) == ["head.lr=0.01"]
+    assert _trial_sets(base, {"tensorboard_histograms": 2}) == ["tensorboard_histograms=2"]
+
+
 def test_narrow_space_keeps_the_best_quarter_on_its_scale():
     space = {"lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
              "dropout": {"type": "float", "low": 0.0, "high": 0.5, "log": False},

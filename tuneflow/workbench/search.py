@@ -13,8 +13,8 @@ Design (why each piece is the way it is):
   ``--no-export``: a trial is measured on training's own path (the per-epoch figures the pruner
   reads) and writes no artifact; exporting, reloading and re-reading the validation images took
   ~29 s of a ~36 s trial on ants_bees, and ~70 MB of disk a trial; nor does it write TensorBoard
-  histograms or ``top_losses.png`` (~8 s each; curves, metrics and scalars stay, and a space may
-  still set ``tensorboard_histograms``). ``best_recipe.json`` is trained
+  histograms or ``top_losses.png`` (~8 s each; curves, metrics and scalars stay; a search's
+  ``--set tensorboard_histograms=N`` other than the default, or a space over it, keeps them). ``best_recipe.json`` is trained
   by ``tuneflow finetune``, which exports and measures the artifact. TensorFlow never runs in the
   parent, so the parent's memory does not grow trial after trial (in-process tuners keep graphs,
   datasets and allocator pools alive). A child dies with its parent (``PR_SET_PDEATHSIG`` on Linux).
@@ -283,6 +283,17 @@ class _Child:
         self.best = (-math.inf, math.inf)  # best (val_accuracy, val_loss) over the epochs read
 
 
+def _trial_sets(base: Recipe, params: dict) -> list[str]:
+    """A trial's ``--set`` values: its parameters, and no TensorBoard histograms (nobody opens a
+    trial's: ~8 s of a 60 s trial; scalars stay) unless the search's ``--set`` or its space chose a
+    value other than the default."""
+    sets = [f"{k}={_fmt(v)}" for k, v in params.items()]
+    default = Recipe.__dataclass_fields__["tensorboard_histograms"].default
+    if "tensorboard_histograms" not in params and base.tensorboard_histograms == default:
+        sets.append("tensorboard_histograms=0")
+    return sets
+
+
 class _Runner:
     """The parent loop: asks Optuna for trials, runs them as child processes, reports and prunes."""
 
@@ -381,10 +392,7 @@ class _Runner:
         offsets = [sum(s.epochs for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
         cmd = [sys.executable, "-P", "-c", _CHILD, str(os.getpid()), "finetune", str(self.base_json),
                "--data", self.data, "--out", str(run), "--no-export"]
-        for k, v in params.items():
-            cmd += ["--set", f"{k}={_fmt(v)}"]
-        if "tensorboard_histograms" not in params:  # pictures nobody opens in a trial: ~8 s of 60 (scalars stay)
-            cmd += ["--set", "tensorboard_histograms=0"]
+        cmd += [a for kv in _trial_sets(self.base, params) for a in ("--set", kv)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if self.jobs > 1:  # J trials share the cores: without this each TensorFlow takes all of them
             threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
