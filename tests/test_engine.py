@@ -75,6 +75,23 @@ def test_the_depth_probe_looks_at_a_stratified_sample_of_a_large_set(tmp_path, m
     assert len(seen) == len(res.report["taps"]) > 1
 
 
+def test_a_resumed_run_keeps_its_stored_tap_and_never_probes_again(monkeypatch):
+    import tensorflow as tf
+    from tuneflow.training import taps as taps_mod
+    from tuneflow.training.plan import Plan
+    bundle = type("B", (), {"classes": ["a", "b"], "train": type("S", (), {"y": np.array([0, 1] * 4)})()})()
+    plan = Plan.make(registry.get("small_different").override(**FAST), bundle, tf.distribute.get_strategy(), "float32")
+    taps = plan.taps()
+    assert len(taps) > 1
+
+    def probe(*a, **k):
+        raise AssertionError("probed although a stored tap was given")
+    monkeypatch.setattr(taps_mod, "probe_taps", probe)
+    assert taps_mod.choose_tap(plan, bundle, None, {}, stored=taps[-1]) == taps[-1]
+    with pytest.raises(AssertionError, match="probed"):  # a stored tap the plan lacks is probed for
+        taps_mod.choose_tap(plan, bundle, None, {}, stored="no_such_layer")
+
+
 def test_probe_sample_keeps_small_splits_whole_and_every_class_of_large_ones():
     from tuneflow.data.sources import Split
     from tuneflow.training.taps import probe_sample

@@ -26,7 +26,7 @@ from .distribute import choose_precision, make_strategy, worker_role
 from .evaluate import evaluate
 from .plan import Plan
 from .stages import run_stages
-from .taps import probe_taps
+from .taps import choose_tap
 
 log = logging.getLogger("tuneflow")
 
@@ -238,13 +238,8 @@ def train_and_evaluate(plan: Plan, bundle: DataBundle, run: RunDir, verbose, res
     r = plan.recipe
     with plan.strategy.scope():
         backbone = asm_mod.make_backbone(plan)
-    taps = plan.taps()
     tap_scores: dict = {}
-    if len(taps) > 1:
-        stored = _stored_tap(run) if resume else None
-        tap = stored if stored in taps else probe_taps(plan, bundle, backbone, taps, tap_scores)
-    else:
-        tap = taps[0]
+    tap = choose_tap(plan, bundle, backbone, tap_scores, _stored_tap(run) if resume else None)
     run.status("running", tap=tap)
     with plan.strategy.scope():
         asm = asm_mod.assemble(plan, backbone, tap)

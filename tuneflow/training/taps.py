@@ -31,6 +31,15 @@ def probe_sample(split, n_classes: int, limit: int, seed: int):
     return split.take(idx)
 
 
+def choose_tap(plan: Plan, bundle: DataBundle, backbone: keras.Model, scores: dict, stored: str | None = None) -> str:
+    """The depth a run trains at: its only tap, or ``stored`` (the tap an interrupted run chose)
+    when it is one of the plan's, or the one :func:`probe_taps` keeps (filling ``scores``)."""
+    taps = plan.taps()
+    if len(taps) == 1:
+        return taps[0]
+    return stored if stored in taps else probe_taps(plan, bundle, backbone, taps, scores)
+
+
 def probe_taps(plan: Plan, bundle: DataBundle, backbone: keras.Model, taps: list[str], scores: dict) -> str:
     """Fill ``scores`` (tap -> {"inner": cross-validated accuracy on the training images, "val": val
     accuracy}) and return the tap with the best inner accuracy (ties: the earlier, then val).

@@ -381,11 +381,10 @@ def _lr_find(recipe, data, stage, overrides, out, start_lr, end_lr, steps, rule,
 def _assemble_at_finetunes_tap(plan, bundle):
     """The model ``finetune`` would train: with several taps, the one its depth probe keeps."""
     from ..training.assemble import assemble, make_backbone
-    from ..training.taps import probe_taps
+    from ..training.taps import choose_tap
     with plan.strategy.scope():
         backbone = make_backbone(plan)
-    taps = plan.taps()
-    tap = probe_taps(plan, bundle, backbone, taps, {}) if len(taps) > 1 else taps[0]
+    tap = choose_tap(plan, bundle, backbone, {})
     with plan.strategy.scope():
         return assemble(plan, backbone, tap)
 
