@@ -5,7 +5,7 @@ fresh process.
 Per size: peak RSS (VmHWM) and peak RssAnon (the process's own memory; RssFile, pages of mapped
 files, is the kernel's evictable cache), sampled every 50 ms; images/s of loading (decode +
 resize into the store) and of the feature pass; images/s of the training input pipeline
-(gather + medium augmentation, no model) over its first 2,000 images.
+(gather + medium augmentation, no model) over 2,000 images after 3 warm-up batches.
 
     .venv/bin/python benchmarks/bench_scale.py [N ...]          (default 2000 20000)
         --size 224 --feature-mode streamed|extractor|none --keep (keep the generated folders)
@@ -17,6 +17,11 @@ resize into the store) and of the feature pass; images/s of the training input p
 cached recipes run, ``FeatureExtractor.compute_into`` writing each batch of one train+val pass into
 ``features.cache.cached_into`` files; ``none``: no feature pass.
 JSON in benchmarks/results/scale.json (rows merged by size and mode).
+
+``--paths DATA [--rounds 3]``: the in-memory and the store path on one real folder (the store forced
+with TUNEFLOW_INMEMORY_MAX_BYTES=1), alternated in fresh processes with fresh stores, ``--rounds``
+times each at 224 px without a feature pass: load and input-pipeline images/s per run, their
+medians and the store/RAM ratios; JSON in benchmarks/results/paths_<data>.json.
 
 ``--recipes NAME,...``: each recipe run whole (``tuneflow.finetune``, ImageNet weights, ``--set``
 overrides passed on) on each folder in a fresh process: wall time, val accuracy, peak RssAnon and
@@ -35,6 +40,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 WORK = Path(tempfile.gettempdir()) / "tuneflow_bench_scale"
 CLASSES = 10
+WARM_BATCHES = 3  # input pipeline: batches drawn before timing starts
+INPUT_IMAGES = 2000  # input pipeline: images timed after those
 
 
 def make_folder(n: int) -> Path:
@@ -97,13 +104,12 @@ def one(folder: str, size: int, mode: str) -> dict:
     after_load = Peak.now()
     anon_load = peak.anon
 
-    t = time.time()
-    ds = train_dataset(bundle.train, 32, augment="medium", seed=0)
-    seen = 0
-    for xb, _ in ds:
-        seen += len(xb)
-        if seen >= 2000:
-            break
+    ds = iter(train_dataset(bundle.train, 32, augment="medium", seed=0, repeat=True))
+    for _ in range(WARM_BATCHES):  # tracing and the first fill of the prefetch buffers: not throughput
+        next(ds)
+    t, seen = time.time(), 0
+    while seen < INPUT_IMAGES:
+        seen += len(next(ds)[0])
     input_ips = seen / (time.time() - t)
 
     bb = build_backbone("efficientnet_lite0", input_size=size)
@@ -198,6 +204,50 @@ def recipes_main(args, sizes, size):
               f"{r['val_accuracy']} | {r['peak_rss_anon_mb']} | {r['vmhwm_mb']} |")
 
 
+def _fresh_run(folder: str, size: int, mode: str, extra_env: dict) -> dict:
+    """``one`` in a fresh process with a fresh TUNEFLOW_HOME (the converted weights linked in)."""
+    src_home = Path(os.environ.get("TUNEFLOW_HOME") or Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser()
+                    / "tuneflow")
+    WORK.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=WORK) as home:
+        if (src_home / "weights").exists():
+            os.symlink(src_home / "weights", Path(home) / "weights")
+        env = dict(os.environ, TUNEFLOW_HOME=home, TF_CPP_MIN_LOG_LEVEL="3", **extra_env)
+        done = subprocess.run([sys.executable, __file__, "--only", folder, str(size), mode],
+                              capture_output=True, text=True, env=env)
+        if done.returncode:
+            sys.exit(done.stderr[-3000:])
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def paths_main(args):
+    import statistics
+    data = str(Path(args[args.index("--paths") + 1]).resolve())
+    rounds = int(args[args.index("--rounds") + 1]) if "--rounds" in args else 3
+    rows = []
+    for r in range(1, rounds + 1):
+        for path, env in (("ram", {}), ("store", {"TUNEFLOW_INMEMORY_MAX_BYTES": "1"})):
+            env.setdefault("TUNEFLOW_INMEMORY_MAX_BYTES", os.environ.get("TUNEFLOW_INMEMORY_MAX_BYTES", ""))
+            if not env["TUNEFLOW_INMEMORY_MAX_BYTES"]:
+                del env["TUNEFLOW_INMEMORY_MAX_BYTES"]
+            row = {**_fresh_run(data, 224, "none", env), "round": r, "path": path}
+            if row["in_store"] != (path == "store"):
+                sys.exit(f"{path} run came back with in_store={row['in_store']}: the threshold did not apply")
+            rows.append(row)
+            print({k: row[k] for k in ("round", "path", "load_images_per_second",
+                                       "input_pipeline_images_per_second", "vmhwm_mb")}, flush=True)
+    med = {p: {k: statistics.median(x[k] for x in rows if x["path"] == p)
+               for k in ("load_images_per_second", "input_pipeline_images_per_second", "vmhwm_mb")}
+           for p in ("ram", "store")}
+    ratio = {k: round(med["store"][k] / med["ram"][k], 3) for k in med["ram"]}
+    load = os.getloadavg()
+    out = {"command": "benchmarks/bench_scale.py " + " ".join(args), "data": data, "medians": med,
+           "store_over_ram": ratio, "loadavg_at_end": [round(x, 2) for x in load], "rows": rows}
+    target = HERE / "results" / f"paths_{Path(data).name}.json"
+    target.write_text(json.dumps(out, indent=2))
+    print(f"medians over {rounds} rounds: {med}; store / RAM: {ratio} -> {target}")
+
+
 def main():
     if "--only-recipe" in sys.argv:
         i = sys.argv.index("--only-recipe")
@@ -208,6 +258,8 @@ def main():
         print(json.dumps(one(sys.argv[i + 1], int(sys.argv[i + 2]), sys.argv[i + 3])))
         return
     args = sys.argv[1:]
+    if "--paths" in args:
+        return paths_main(args)
     size = int(args[args.index("--size") + 1]) if "--size" in args else 224
     mode = args[args.index("--feature-mode") + 1] if "--feature-mode" in args else "streamed"
     sizes = [int(a) for i, a in enumerate(args) if a.isdigit() and (i == 0 or not args[i - 1].startswith("--"))]

@@ -139,7 +139,7 @@ def main():
                   f"{pruned['wall_seconds']} s; best val accuracy {none['best_val_accuracy']:.4f} vs "
                   f"{pruned['best_val_accuracy']:.4f}", flush=True)
             result["replay_median_pruner"] = [replay_pruner(work / "no_pruning", s, w)
-                                              for s in (3, 5, 10) for w in (1, 3, 6, 10)]
+                                              for s in (3, 5, 10) for w in (1, 2, 3, 6)]
             target.write_text(json.dumps(result, indent=2))  # the comparison survives a stopped memory run
         if args.rss_trials:
             mem = run_search(work, "memory", data, args.rss_trials, args.jobs, ["--sampler", args.sampler])

@@ -15,7 +15,7 @@ from conftest import make_image_folder
 from tuneflow.errors import RecipeError, RunError
 from tuneflow.recipe import Recipe
 import tuneflow.recipes as registry
-from tuneflow.workbench.search import default_space, load_space, narrow_space, search
+from tuneflow.workbench.search import default_prune_warmup, default_space, load_space, narrow_space, search
 
 # ImageNet Lite0 (converted offline) at 32 px: the synthetic classes separate within an epoch at
 # a good learning rate and stay at the first epoch's accuracy at 1e-6, so good and bad trials
@@ -85,6 +85,17 @@ def test_trials_drop_histograms_unless_the_search_asked_for_them():
     assert _trial_sets(base, {"head.lr": 0.01}) == ["head.lr=0.01", "tensorboard_histograms=0"]
     assert _trial_sets(base.override("tensorboard_histograms=5"), {"head.lr": 0.01}) == ["head.lr=0.01"]
     assert _trial_sets(base, {"tensorboard_histograms": 2}) == ["tensorboard_histograms=2"]
+
+
+def test_default_prune_warmup_is_one_epoch_or_the_lr_warmup():
+    from dataclasses import replace
+    base = registry.get("small_similar")
+    assert base.stages[0].warmup_epochs == 0 and default_prune_warmup(base) == 1
+    warm = replace(base, stages=(replace(base.stages[0], schedule="warmup_cosine", warmup_epochs=2.5),))
+    assert default_prune_warmup(warm) == 3  # not judged before its learning rate is reached
+    assert default_prune_warmup(replace(base, stages=(replace(warm.stages[0], warmup_epochs=2),))) == 3
+    late = replace(base, stages=(base.stages[0], replace(base.stages[0], name="late", warmup_epochs=9)))
+    assert default_prune_warmup(late) == 1  # the first stage's: pruning reads the run's first epochs
 
 
 def test_narrow_space_keeps_the_best_quarter_on_its_scale():

@@ -63,7 +63,7 @@ def _parser():
     se.add_argument("--narrow", type=int, nargs="?", const=1, default=0, metavar="ROUNDS",
                     help="then search again around the best trials (coarse to fine), ROUNDS times (default 1)")
     se.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
-    se.add_argument("--prune-warmup", type=int, help="epochs never pruned (default 10%% of the first stage)")
+    se.add_argument("--prune-warmup", type=int, help="the first epoch at which a trial may be pruned (default 1, as Optuna's; after the first stage's warmup_epochs when it has some)")
     se.add_argument("--prune-startup", type=int, default=5, help="completed trials before pruning starts")
     se.add_argument("--seed", type=int, default=0, help="sampler seed")
     co = sub.add_parser("compare", help="one table and one figure comparing run folders")
