@@ -1,5 +1,6 @@
 """LR range test: restore, smoothers, rules, inconclusive curves, finetune's tap, CLI JSON, stages, lr=auto."""
 import json
+import logging
 import math
 
 import keras
@@ -216,6 +217,22 @@ def test_cli_warns_when_the_curve_is_inconclusive(folder, tmp_path, capsys, monk
     assert "warning: inconclusive" in cap.err and "--min-lr" in cap.err and "check the data" in cap.err
     assert main(argv) == 0
     assert "warning: inconclusive" in capsys.readouterr().out
+
+
+def test_auto_lr_keeps_the_recipes_lr_when_the_curve_is_inconclusive(folder, tmp_path, monkeypatch, caplog):
+    """lr=auto on a curve with no fall (the range test's result replaced by a flat one) does not use
+    its numbers: the stage keeps the recipe's own LR, and a warning says why."""
+    from tuneflow.workbench import lr_find as mod
+    lrs = list(np.logspace(-7, 1, 100))
+    rising = [0.69 + 0.001 * i for i in range(100)]
+    flat = {"lrs": lrs, "losses": rising, "smoothed": list(smooth(lrs, rising)), "ema": rising,
+            "stopped": "end of range"}
+    monkeypatch.setattr(mod, "range_test", lambda *a, **k: flat)
+    fixed = ["input_size=32", "precision=float32", "head_solver=sgd"]
+    with caplog.at_level(logging.WARNING, logger="tuneflow"):
+        out = resolve_auto_lr("small_similar", folder, fixed + ["head.lr=auto"], out=tmp_path)
+    assert out == fixed + ["head.lr=0.001"]  # small_similar's own head lr
+    assert any("the recipe's own value" in r.message and "inconclusive" in r.message for r in caplog.records)
 
 
 def test_head_stage_uses_the_depth_finetune_keeps(tmp_path, monkeypatch):

@@ -408,7 +408,9 @@ def resolve_auto_lr(recipe, data, overrides=(), out=None):
     """``overrides`` with every ``STAGE.lr=auto`` (or ``stages.N.lr=auto``, ``head__lr="auto"``)
     replaced by the LR range test's suggestion for that stage, the other overrides applied first.
     Returns the same form it was given (a list of ``key=value`` strings or a dict). Each stage's
-    plot is written to ``out`` (default: the current folder) as ``lr_find_<stage>.png``.
+    plot is written to ``out`` (default: the current folder) as ``lr_find_<stage>.png``. Where the
+    range test calls its curve inconclusive, the stage keeps the recipe's own LR (with a warning
+    saying why): its numbers are not a suggestion.
 
     >>> resolve_auto_lr("large_similar", "data/digits", ["head.lr=auto", "batch_size=16"])  # doctest: +SKIP
     ['head.lr=0.0021', 'batch_size=16']
@@ -429,8 +431,13 @@ def resolve_auto_lr(recipe, data, overrides=(), out=None):
         stage = head.split(".", 1)[1] if head.startswith("stages.") else head
         name = base.stages[_stage_index(base, stage)].name
         found = lr_find(base, data, stage=stage, out=out, plot_name=f"lr_find_{name}.png")
-        lr = float(f"{min(found['suggested_lr'], END_LR):.3g}")
-        log.info("%s=auto -> %g (LR range test, %s rule)", items[i][0], lr, found["rule"])
+        if found.get("inconclusive"):  # no LR can be read from the curve: keep the recipe's own
+            lr = float(base.stages[_stage_index(base, stage)].lr)
+            log.warning("%s=auto -> %g, the recipe's own value: the LR range test was inconclusive (%s)",
+                        items[i][0], lr, found["inconclusive"])
+        else:
+            lr = float(f"{min(found['suggested_lr'], END_LR):.3g}")
+            log.info("%s=auto -> %g (LR range test, %s rule)", items[i][0], lr, found["rule"])
         items[i] = (items[i][0], lr if as_dict else f"{lr:g}")
     return dict(items) if as_dict else [f"{k}={v}" for k, v in items]
 
