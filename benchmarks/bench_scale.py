@@ -20,8 +20,9 @@ JSON in benchmarks/results/scale.json (rows merged by size and mode).
 
 ``--paths DATA [--rounds 3]``: the in-memory and the store path on one real folder (the store forced
 with TUNEFLOW_INMEMORY_MAX_BYTES=1), alternated in fresh processes with fresh stores, ``--rounds``
-times each at 224 px without a feature pass: load and input-pipeline images/s per run, their
-medians and the store/RAM ratios; JSON in benchmarks/results/paths_<data>.json.
+times each at 224 px without a feature pass: load, input-pipeline and fine-tuning images/s per run
+(``train_throughput``: Lite0's top 2 blocks and head trained on batches from that path), their
+medians, the store/RAM ratios and input pipeline / training; JSON in benchmarks/results/paths_<data>.json.
 
 ``--recipes NAME,...``: each recipe run whole (``tuneflow.finetune``, ImageNet weights, ``--set``
 overrides passed on) on each folder in a fresh process: wall time, val accuracy, peak RssAnon and
@@ -87,6 +88,32 @@ class Peak:
             time.sleep(0.05)
 
 
+TRAIN_STEPS, TRAIN_WARM = 24, 3  # fine-tuning throughput: steps timed, after these untimed ones
+
+
+def train_throughput(bundle, size: int) -> float:
+    """Images/s of fine-tuning steps (Lite0 at ``size``, top 2 blocks and a linear head trained,
+    batch 32, ImageNet weights) fed by ``train_dataset`` over ``bundle.train`` with medium
+    augmentation: what a fine-tuning epoch runs at on this input path."""
+    import keras
+
+    from tuneflow import build_backbone
+    from tuneflow.backbones import apply_freeze, get_spec
+    from tuneflow.data.pipeline import train_dataset
+    from tuneflow.recipes import large_similar
+    from tuneflow.training.heads import build_head
+    bb = build_backbone("efficientnet_lite0", input_size=size)
+    apply_freeze(bb, get_spec("efficientnet_lite0"), "top:2")
+    k = int(bundle.train.y.max()) + 1
+    model = keras.Model(bb.input, build_head(bb.output.shape[1:], k, large_similar, "batch")(bb.output))
+    model.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
+    ds = train_dataset(bundle.train, 32, augment="medium", seed=0, repeat=True)
+    model.fit(ds, steps_per_epoch=TRAIN_WARM, epochs=1, verbose=0)  # tracing, thread pools
+    t = time.time()
+    model.fit(ds, steps_per_epoch=TRAIN_STEPS, epochs=1, verbose=0)
+    return TRAIN_STEPS * 32 / (time.time() - t)
+
+
 def one(folder: str, size: int, mode: str) -> dict:
     peak = Peak()
     import keras
@@ -112,11 +139,14 @@ def one(folder: str, size: int, mode: str) -> dict:
         seen += len(next(ds)[0])
     input_ips = seen / (time.time() - t)
 
+    train_ips = None
+    if mode == "train":  # a fine-tuning epoch fed by this path: Lite0's top 2 blocks + head, medium augmentation
+        train_ips = train_throughput(bundle, size)
     bb = build_backbone("efficientnet_lite0", input_size=size)
     model = keras.Model(bb.input, keras.layers.GlobalAveragePooling2D()(bb.output))
     ex = FeatureExtractor(model, engine="openvino")
     t = time.time()
-    if mode == "none":  # loading and the input pipeline only (the feature pass takes ~1 h at 100k on 2 cores)
+    if mode in ("none", "train"):  # loading and the input pipeline only (the feature pass takes ~1 h at 100k on 2 cores)
         feats = np.zeros((n, 1))
     elif mode == "extractor":
         feats = ex.compute([bundle.train.x, bundle.val.x])[0]
@@ -142,7 +172,8 @@ def one(folder: str, size: int, mode: str) -> dict:
             "in_store": isinstance(bundle.train.x, ImageRows), "load_seconds": round(load_s, 1),
             "load_images_per_second": round(n / load_s, 1), "input_pipeline_images_per_second": round(input_ips, 1),
             "feature_seconds": round(feat_s, 1),
-            "feature_images_per_second": round(n / feat_s, 1) if mode != "none" else None,
+            "feature_images_per_second": round(n / feat_s, 1) if mode not in ("none", "train") else None,
+            "train_images_per_second": round(train_ips, 1) if train_ips else None,
             "rss_anon_after_imports_mb": round(base["RssAnon"] / 1024, 1),
             "rss_anon_after_load_mb": round(after_load["RssAnon"] / 1024, 1),
             "peak_rss_anon_load_mb": round(anon_load / 1024, 1),
@@ -230,22 +261,28 @@ def paths_main(args):
             env.setdefault("TUNEFLOW_INMEMORY_MAX_BYTES", os.environ.get("TUNEFLOW_INMEMORY_MAX_BYTES", ""))
             if not env["TUNEFLOW_INMEMORY_MAX_BYTES"]:
                 del env["TUNEFLOW_INMEMORY_MAX_BYTES"]
-            row = {**_fresh_run(data, 224, "none", env), "round": r, "path": path}
+            row = {**_fresh_run(data, 224, "train", env), "round": r, "path": path}
             if row["in_store"] != (path == "store"):
                 sys.exit(f"{path} run came back with in_store={row['in_store']}: the threshold did not apply")
             rows.append(row)
             print({k: row[k] for k in ("round", "path", "load_images_per_second",
-                                       "input_pipeline_images_per_second", "vmhwm_mb")}, flush=True)
+                                       "input_pipeline_images_per_second", "train_images_per_second",
+                                       "vmhwm_mb")}, flush=True)
     med = {p: {k: statistics.median(x[k] for x in rows if x["path"] == p)
-               for k in ("load_images_per_second", "input_pipeline_images_per_second", "vmhwm_mb")}
+               for k in ("load_images_per_second", "input_pipeline_images_per_second",
+                         "train_images_per_second", "vmhwm_mb")}
            for p in ("ram", "store")}
     ratio = {k: round(med["store"][k] / med["ram"][k], 3) for k in med["ram"]}
+    input_over_train = {p: round(med[p]["input_pipeline_images_per_second"] / med[p]["train_images_per_second"], 2)
+                        for p in med}
     load = os.getloadavg()
     out = {"command": "benchmarks/bench_scale.py " + " ".join(args), "data": data, "medians": med,
-           "store_over_ram": ratio, "loadavg_at_end": [round(x, 2) for x in load], "rows": rows}
+           "store_over_ram": ratio,
+           "input_pipeline_over_training": input_over_train, "loadavg_at_end": [round(x, 2) for x in load], "rows": rows}
     target = HERE / "results" / f"paths_{Path(data).name}.json"
     target.write_text(json.dumps(out, indent=2))
-    print(f"medians over {rounds} rounds: {med}; store / RAM: {ratio} -> {target}")
+    print(f"medians over {rounds} rounds: {med}; store / RAM: {ratio}; input pipeline / training: "
+          f"{input_over_train} -> {target}")
 
 
 def main():

@@ -269,7 +269,10 @@ def decode_rows(items, names, size: int, resize: str, decode, desc: str = "decod
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                   "shape": (n, size, size, 3)}
         np.lib.format.write_array_header_1_0(f, header)
-        buf = np.zeros((CHUNK_ROWS, size, size, 3), np.uint8)
+        # Two buffers: one chunk is written (a writer thread, its own file position) while the
+        # next is decoded, so the decoders never wait on the disk.
+        bufs = [np.zeros((CHUNK_ROWS, size, size, 3), np.uint8) for _ in range(2)]
+        writer, pending = ThreadPoolExecutor(1), [None, None]
         x = None
         log.info("decoding %d images (%.1f GB) to %s", n, nbytes / 1e9, root)
     else:
@@ -286,7 +289,10 @@ def decode_rows(items, names, size: int, resize: str, decode, desc: str = "decod
                     raise DataError(f"The data ended after {lo + len(chunk)} of the {n} images it announced "
                                     f"(last: {names[lo + len(chunk) - 1] if lo + len(chunk) else 'none'}); "
                                     "it changed while being read: load it again.")
-                out = x[lo:hi] if x is not None else buf[:hi - lo]
+                slot = (lo // CHUNK_ROWS) % 2
+                if x is None and pending[slot] is not None:
+                    pending[slot].result()  # that buffer's previous chunk is on its way to disk
+                out = x[lo:hi] if x is not None else bufs[slot][:hi - lo]
 
                 def work(i, chunk=chunk, out=out, lo=lo):
                     try:
@@ -300,10 +306,13 @@ def decode_rows(items, names, size: int, resize: str, decode, desc: str = "decod
 
                 list(pool.map(work, range(hi - lo)))  # one chunk's futures at a time: bounded memory
                 if x is None:
-                    f.write(out.tobytes())
+                    pending[slot] = writer.submit(f.write, memoryview(out).cast("B"))
                 bar.update(hi - lo)
         skipped.sort()
         if x is None:
+            for p in pending:  # in order: one writer thread
+                if p is not None:
+                    p.result()
             f.flush()
             os.fsync(f.fileno())
             f.close()
@@ -319,6 +328,7 @@ def decode_rows(items, names, size: int, resize: str, decode, desc: str = "decod
             x.meta = meta["extra"]
     finally:
         if on_disk:
+            writer.shutdown(wait=True)  # no write still running into a file about to be removed
             if not f.closed:
                 f.close()
             if os.path.exists(tmp):
