@@ -146,6 +146,39 @@ def _epochs(split, shard, epochs, batch=4, whole=False):
     return out, per_epoch
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float16, np.float32])
+def test_store_rows_in_any_order_read_as_numpy_would(tmp_path, dtype):
+    """ImageRows reads every key numpy takes (int, slice, negative, repeats, unsorted, a view of a
+    view) with the same result, including a run of 3,000 consecutive file rows scattered into a
+    random order (more than the 1,024 buffers one preadv call takes)."""
+    from tuneflow.data.store import ImageRows
+    x = (np.random.default_rng(0).random((3000, 4, 3, 2)) * 100).astype(dtype)
+    np.save(tmp_path / "a.npy", x)
+    rows = ImageRows(np.load(tmp_path / "a.npy", mmap_mode="r"), None, str(tmp_path / "a.npy"))
+    rng = np.random.default_rng(1)
+    perm = rng.permutation(3000)
+    assert np.array_equal(rows[perm], x[perm])
+    for _ in range(30):
+        idx = rng.integers(-3000, 3000, rng.integers(1, 200))
+        assert np.array_equal(rows[idx], x[idx])
+    assert np.array_equal(rows[[4, 4, 4, 3, 5, 6, 7, 2]], x[[4, 4, 4, 3, 5, 6, 7, 2]])
+    assert np.array_equal(rows[7], x[7]) and np.array_equal(rows[-1], x[-1])
+    assert np.array_equal(rows[10:2000:7], x[10:2000:7]) and np.array_equal(rows[100:1400], x[100:1400])
+    sub = rows.take(perm[:500])
+    assert np.array_equal(sub[np.arange(500)[::-1]], x[perm[:500]][::-1])
+
+
+def test_a_store_truncated_under_a_reader_raises_naming_the_file(tmp_path):
+    from tuneflow.data.store import ImageRows
+    x = np.arange(100 * 12, dtype=np.uint8).reshape(100, 2, 2, 3)
+    np.save(tmp_path / "a.npy", x)
+    rows = ImageRows(np.load(tmp_path / "a.npy", mmap_mode="r"), None, str(tmp_path / "a.npy"))
+    os.truncate(tmp_path / "a.npy", 128 + 50 * 12)  # header + 50 rows left
+    assert np.array_equal(rows[[3, 1, 40]], x[[3, 1, 40]])
+    with pytest.raises(OSError, match="a.npy: unexpected end of file"):
+        rows[[2, 70, 5]]
+
+
 @pytest.mark.parametrize("n", [23, 21])
 def test_shards_cover_every_index_once_per_epoch(n):
     from tuneflow.data import Split
