@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import keras
@@ -46,16 +47,34 @@ def val_metrics(probs: np.ndarray, y: np.ndarray) -> dict:
 CALL_CHUNK_BYTES = 64 << 20
 
 
+_DIRECT_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its traced call
+
+
+def _direct_fn(model):
+    """``model(x, training=False)`` as one traced graph, kept for the model's lifetime (traced once,
+    or twice for a last short chunk): called eagerly, op by op, a model keeps far more of its
+    intermediate tensors alive. Measured on large_different's trainable top (Lite0 blocks 3-7 on
+    56x56x24 cached activations, 600 validation rows): eager in chunks of 256, 10.7 GB RssAnon;
+    traced, 1.6 GB and 3.7x faster."""
+    fn = _DIRECT_FNS.get(model)
+    if fn is None:
+        ref = weakref.ref(model)  # the entry must not keep its own key (the model) alive
+        fn = tf.function(lambda t: ref()(t, training=False), reduce_retracing=True)
+        _DIRECT_FNS[model] = fn
+    return fn
+
+
 def call_direct(model, x, chunk: int = 4096) -> np.ndarray:
-    """A head on cached features, called directly: for a few thousand vectors this takes
-    microseconds, where ``predict`` would build a dataset and retrace its function every epoch.
-    Chunk by chunk (at most CALL_CHUNK_BYTES of inputs each); a memory-mapped cache is read with
-    ``pread``, so its pages never join this process's memory."""
+    """A head (or a trainable top) on cached features, called directly through its traced graph:
+    ``predict`` would build a dataset and retrace its function every epoch. Chunk by chunk (at
+    most CALL_CHUNK_BYTES of inputs each); a memory-mapped cache is read with ``pread``, so its
+    pages never join this process's memory."""
     from ..features.cache import rows_view
     src = rows_view(x)
     row_bytes = int(np.prod(x.shape[1:], dtype=np.int64)) * np.dtype(x.dtype).itemsize
     chunk = max(1, min(chunk, CALL_CHUNK_BYTES // max(1, row_bytes)))
-    return np.concatenate([np.asarray(model(src[i:i + chunk], training=False), dtype=np.float32)
+    fn = _direct_fn(model)
+    return np.concatenate([np.asarray(fn(tf.convert_to_tensor(src[i:i + chunk])), dtype=np.float32)
                            for i in range(0, len(x), chunk)])
 
 
