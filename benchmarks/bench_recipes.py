@@ -142,7 +142,13 @@ def goal_row(name: str, data: Path, out: Path, precision: str) -> dict:
             "artifact_seconds": rep.get("artifact_seconds"), "goal_accuracy": goal_acc, "goal_seconds": goal_s,
             "sklearn_logreg_val_accuracy": sk, "sklearn_features": f"{rep['backbone']} pooled, {size} px, {rep.get('resize') or r.resize}",
             "sklearn_seconds": round(time.time() - t1, 1), "same_split": same_split,
-            "cpus": os.cpu_count()}
+            "vmhwm_mb": _vmhwm_mb(), "cpus": os.cpu_count()}
+
+
+def _vmhwm_mb() -> float:
+    """This process's peak resident memory (the row runs in a process of its own)."""
+    with open("/proc/self/status") as f:
+        return round(next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024, 1)
 
 
 def goals_main(args):
