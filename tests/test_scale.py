@@ -115,6 +115,21 @@ def _truncated_jpeg(path: Path, size=40):
         assert im.size == (size, size)
 
 
+def test_a_source_that_ends_early_mid_store_leaves_no_partial_file(on_disk):
+    """Chunks are written by a writer thread while the next decodes: a source that stops after
+    600 of the 1,000 images it announced (3 chunks in) raises, naming where it stopped, and leaves
+    neither a store nor a partial file; the next complete decode writes the store."""
+    from tuneflow.data.store import decode_rows, store_root
+    names = [f"img{i}" for i in range(1000)]
+    decode = lambda i: np.full((8, 8, 3), i % 251, np.uint8)  # noqa: E731
+    with pytest.raises(DataError, match="ended after 600 of the 1000 images"):
+        decode_rows(iter(range(600)), names, 8, "squash", decode, key="ends-early")
+    assert not list(store_root().glob("*.part")) and not list(store_root().glob("ends-early*"))
+    x, ok, skipped = decode_rows(iter(range(1000)), names, 8, "squash", decode, key="ends-early")
+    assert isinstance(x, ImageRows) and ok.all() and not skipped
+    assert np.array_equal(x[[999, 0, 512, 256, 255]][:, 0, 0, 0], np.array([999, 0, 512, 256, 255]) % 251)
+
+
 def test_corrupt_file_met_mid_decode_is_skipped_and_named(tmp_path, on_disk):
     root = make_image_folder(tmp_path / "d", per_class=10, size=16)
     bad = root / "a" / "a_x_004b.jpg"  # sorts into the middle of class a
