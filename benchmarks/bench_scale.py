@@ -24,10 +24,13 @@ times each at 224 px without a feature pass: load, input-pipeline and fine-tunin
 (``train_throughput``: Lite0's top 2 blocks and head trained on batches from that path), their
 medians, the store/RAM ratios and input pipeline / training; JSON in benchmarks/results/paths_<data>.json.
 
+``--gather``: random 32-row batches gathered from RAM and from a store file (``gather_speed``).
+
 ``--recipes NAME,...``: each recipe run whole (``tuneflow.finetune``, ImageNet weights, ``--set``
 overrides passed on) on each folder in a fresh process: wall time, val accuracy, peak RssAnon and
 VmHWM; rows in benchmarks/results/scale_recipes.json (merged by recipe, size and overrides).
 """
+import contextlib
 import json
 import os
 import shutil
@@ -210,11 +213,7 @@ def recipes_main(args, sizes, size):
     for n in sizes:
         folder = make_folder(n)
         for name in names:
-            with tempfile.TemporaryDirectory(dir=WORK) as home:  # fresh image store and feature cache
-                src_home = Path(os.environ.get("TUNEFLOW_HOME") or Path("~/.keras/tuneflow").expanduser())
-                if (src_home / "weights").exists():
-                    os.symlink(src_home / "weights", Path(home) / "weights")
-                env = dict(os.environ, TUNEFLOW_HOME=home, TF_CPP_MIN_LOG_LEVEL="3")
+            with _fresh_home() as env:  # fresh image store and feature cache
                 cmd = [sys.executable, __file__, "--only-recipe", str(folder), str(size), name] + sets
                 done = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 log_path = WORK / f"recipe_{name}_{n}.log"  # the run's log, for reading
@@ -235,20 +234,50 @@ def recipes_main(args, sizes, size):
               f"{r['val_accuracy']} | {r['peak_rss_anon_mb']} | {r['vmhwm_mb']} |")
 
 
-def _fresh_run(folder: str, size: int, mode: str, extra_env: dict) -> dict:
-    """``one`` in a fresh process with a fresh TUNEFLOW_HOME (the converted weights linked in)."""
+@contextlib.contextmanager
+def _fresh_home(extra_env: dict | None = None):
+    """The environment of a fresh process with a fresh TUNEFLOW_HOME (no image store, no feature
+    cache; the converted ImageNet weights linked in), deleted afterwards."""
     src_home = Path(os.environ.get("TUNEFLOW_HOME") or Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser()
                     / "tuneflow")
     WORK.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=WORK) as home:
         if (src_home / "weights").exists():
             os.symlink(src_home / "weights", Path(home) / "weights")
-        env = dict(os.environ, TUNEFLOW_HOME=home, TF_CPP_MIN_LOG_LEVEL="3", **extra_env)
+        yield dict(os.environ, TUNEFLOW_HOME=home, TF_CPP_MIN_LOG_LEVEL="3", **(extra_env or {}))
+
+
+def _fresh_run(folder: str, size: int, mode: str, extra_env: dict | None = None) -> dict:
+    """``one`` in a fresh process with a fresh TUNEFLOW_HOME."""
+    with _fresh_home(extra_env) as env:
         done = subprocess.run([sys.executable, __file__, "--only", folder, str(size), mode],
                               capture_output=True, text=True, env=env)
-        if done.returncode:
-            sys.exit(done.stderr[-3000:])
-        return json.loads(done.stdout.strip().splitlines()[-1])
+    if done.returncode:
+        sys.exit(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def gather_speed(n: int = 3000, size: int = 224, batches: int = 300) -> dict:
+    """Random 32-row batches gathered (what the input pipeline does per batch) from ``n`` rows of
+    ``size`` px uint8 in RAM and from the same rows in a store file read by ``ImageRows`` (the file
+    in the page cache), alternated twice; images/s of each run."""
+    import numpy as np
+
+    from tuneflow.data.store import ImageRows
+    x = np.random.default_rng(0).integers(0, 255, (n, size, size, 3), dtype=np.uint8)
+    WORK.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=WORK) as d:
+        np.save(Path(d) / "rows.npy", x)
+        rows = ImageRows(np.load(Path(d) / "rows.npy", mmap_mode="r"), None, str(Path(d) / "rows.npy"))
+        rng, out = np.random.default_rng(1), {"ram": [], "store": []}
+        for name, src in (("ram", x), ("store", rows)) * 2:
+            t = time.time()
+            for _ in range(batches):
+                src[rng.choice(n, 32, replace=False)]
+            out[name].append(round(batches * 32 / (time.time() - t)))
+        del rows
+    return {"command": "benchmarks/bench_scale.py --gather", "rows": n, "size": size,
+            "images_per_second": out}
 
 
 def summarize_paths(rows: list[dict]) -> dict:
@@ -274,9 +303,6 @@ def paths_main(args):
     rows = []
     for r in range(1, rounds + 1):
         for path, env in (("ram", {}), ("store", {"TUNEFLOW_INMEMORY_MAX_BYTES": "1"})):
-            env.setdefault("TUNEFLOW_INMEMORY_MAX_BYTES", os.environ.get("TUNEFLOW_INMEMORY_MAX_BYTES", ""))
-            if not env["TUNEFLOW_INMEMORY_MAX_BYTES"]:
-                del env["TUNEFLOW_INMEMORY_MAX_BYTES"]
             row = {**_fresh_run(data, 224, "train", env), "round": r, "path": path}
             if row["in_store"] != (path == "store"):
                 sys.exit(f"{path} run came back with in_store={row['in_store']}: the threshold did not apply")
@@ -303,6 +329,8 @@ def main():
     args = sys.argv[1:]
     if "--paths" in args:
         return paths_main(args)
+    if "--gather" in args:
+        return print(json.dumps(gather_speed()))
     size = int(args[args.index("--size") + 1]) if "--size" in args else 224
     mode = args[args.index("--feature-mode") + 1] if "--feature-mode" in args else "streamed"
     sizes = [int(a) for i, a in enumerate(args) if a.isdigit() and (i == 0 or not args[i - 1].startswith("--"))]
@@ -311,19 +339,9 @@ def main():
         return recipes_main(args, sizes, size)
     out_path = HERE / "results" / "scale.json"
     rows = json.loads(out_path.read_text())["rows"] if out_path.exists() else []
-    src_home = Path(os.environ.get("TUNEFLOW_HOME") or Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser()
-                    / "tuneflow")
     for n in sizes:
         folder = make_folder(n)
-        with tempfile.TemporaryDirectory(dir=WORK) as home:  # a fresh image store per size, deleted after
-            if (src_home / "weights").exists():
-                os.symlink(src_home / "weights", Path(home) / "weights")  # converted ImageNet weights
-            env = dict(os.environ, TUNEFLOW_HOME=home, TF_CPP_MIN_LOG_LEVEL="3")
-            cmd = [sys.executable, __file__, "--only", str(folder), str(size), mode]
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if done.returncode:
-                sys.exit(done.stderr[-3000:])
-            row = json.loads(done.stdout.strip().splitlines()[-1])
+        row = _fresh_run(str(folder), size, mode)  # a fresh image store per size, deleted after
         same = ("images", "size", "mode", "in_store")
         rows = [r for r in rows if [r[k] for k in same] != [row[k] for k in same]]
         rows.append(row)
