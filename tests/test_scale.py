@@ -192,6 +192,8 @@ def test_a_store_truncated_under_a_reader_raises_naming_the_file(tmp_path):
     assert np.array_equal(rows[[3, 1, 40]], x[[3, 1, 40]])
     with pytest.raises(OSError, match="a.npy: unexpected end of file"):
         rows[[2, 70, 5]]
+    with pytest.raises(OSError, match="a.npy: unexpected end of file at byte 728"):
+        rows[[51, 48, 49, 50]]  # one run across the end: two rows read, then nothing (128 + 50 x 12)
 
 
 @pytest.mark.parametrize("n", [23, 21])
