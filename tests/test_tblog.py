@@ -68,7 +68,8 @@ def test_cached_head_stage_logs_histograms_and_its_scalars(run):
     tags = read(run / "tensorboard" / "head" / "histograms")
     grads = check_histograms(tags, "gradients/")
     assert all("head" in t for t in grads)  # only the head trains on cached features
-    assert set(check_histograms(tags, "activations/")) == {"activations/features"}  # linear: dropout, classifier
+    # linear on SGD: the standardised features the classifier's twin trains on (then dropout, classifier)
+    assert set(check_histograms(tags, "activations/")) == {"activations/features", "activations/head_standardise"}
     for scalar in ("learning_rate", "epoch_loss", "epoch_val_accuracy"):
         assert scalar in tags, sorted(tags)
         assert all(np.isfinite(v) for _, v in tags[scalar])

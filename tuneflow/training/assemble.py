@@ -36,10 +36,14 @@ def assemble(plan: Plan, backbone: keras.Model, tap: str | None) -> Assembly:
     out = backbone.output if tap is None else backbone.get_layer(tap).output
     feature_model = keras.Model(backbone.input, out, name="features")
     keras.utils.set_random_seed(plan.recipe.seed)
-    from .stages import uses_cache, uses_lbfgs
-    lbfgs = uses_lbfgs(plan) and any(uses_cache(plan, st) for st in plan.recipe.stages)
+    from .stages import uses_cache
+    from .standardise import standardises
+    # A linear head trained on cached features is fitted standardised (L-BFGS, or SGD through
+    # StandardisedHead) and folded: its penalty lives there, in standardised units, not on the
+    # folded weights.
+    folded = standardises(plan.recipe) and any(uses_cache(plan, st) for st in plan.recipe.stages)
     head = build_head(tuple(out.shape[1:]), len(plan.classes), plan.recipe, plan.norm,
-                      classifier_penalty=not lbfgs)
+                      classifier_penalty=not folded)
     model = keras.Model(backbone.input, head(feature_model.output), name=f"tuneflow_{plan.recipe.name}")
     return Assembly(backbone, feature_model, head, model, tap)
 

@@ -27,6 +27,7 @@ from .distribute import predict as dist_predict
 from . import prefix
 from .optim import current_lr, make_optimizer
 from .plan import Plan
+from .standardise import StandardisedHead, standardises
 from .tblog import histograms_for_stage
 
 log = logging.getLogger("tuneflow")
@@ -380,7 +381,9 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
     for si, stage in enumerate(r.stages):
         train = plan.stage_train(stage)
         use_cache = uses_cache(plan, stage)
+        std_head = None  # a linear head trained on standardised cached features, folded at the end
         prefix_x = None  # the cached prefix activations, when the stage trains only its top
+        lbfgs = False  # the linear head fitted by L-BFGS on the cached features
         if si < start_stage:
             out.stages.append(stage_info(stage, train, "restored", use_cache))
             continue
@@ -397,7 +400,12 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
             views = ftr.shape[0]
             train_x, steps = cached_dataset(plan, ftr.reshape((-1,) + ftr.shape[2:]),
                                             np.tile(bundle.train.y, views), r.seed)
-            last_cached = (trainer, val_feats)
+            last_cached = (trainer, val_feats)  # the plain head: after the stage, folded weights
+            lbfgs = uses_lbfgs(plan) and lbfgs_fits(ftr)
+            if standardises(r) and not lbfgs:
+                with strategy.scope():
+                    std_head = StandardisedHead(r, trainer, ftr)
+                trainer = std_head.trainer
 
             def validate(trainer=trainer, val_feats=val_feats):
                 return val_metrics(call_direct(trainer, val_feats), bundle.val.y)
@@ -431,7 +439,7 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
                 def validate():
                     return val_metrics(dist_predict(asm.model, bundle.val.x, max(plan.global_batch, 64)),
                                        bundle.val.y)
-        if use_cache and uses_lbfgs(plan) and lbfgs_fits(ftr):
+        if use_cache and lbfgs:
             if si == start_stage and resume_from is not None and start_epoch > 0:
                 ckpts.restore(resume_from, with_optimizer=False)
             _fit_head_lbfgs(plan, bundle, run, trainer, ftr, si, validate)
@@ -473,6 +481,8 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
                 plan, run / "tensorboard" / stage.name / "histograms", trainer, asm,
                 ftr[0] if use_cache else (bundle.train.x if prefix_x is None else prefix_x), bundle.train.y,
                 one_hot=n_classes if r.label_smoothing else 0, start=None if prefix_x is None else split.boundary))
+        if std_head is not None:
+            std_head.begin()  # the classifier's weights as they are now (restored, if resumed)
         stopped_before = bool(state and stage.patience and state.get("wait", 0) >= stage.patience)
         if initial < stage.epochs and not stopped_before:
             t0 = time.time()
@@ -482,6 +492,8 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
                 out.train_seconds += time.time() - t0 - hook.val_seconds
                 out.train_images += (hook.epochs_run - initial) * len(bundle.train)
         epochs_done = max(hook.epochs_run, initial)
+        if std_head is not None:
+            std_head.fold()  # the stage's weights (its best epoch, if restored) into the model
         if hook.nan:
             out.nan_note = (f"Stage {stage.name!r} produced a NaN/inf loss and was stopped. Likely cause: "
                             + rep.nan_diagnosis(r, lr, (float(bundle.train.x.min()), float(bundle.train.x.max()))))

@@ -284,15 +284,24 @@ def prepare(recipe, data, overrides=()):
 
 
 def head_on_cache(plan, bundle, asm):
-    """(trainer, train features, val features) for the head on cached pooled features."""
+    """(trainer, train features, val features) for the head on cached pooled features: the same
+    trainer the stage trains (a linear head on standardised features, see
+    :mod:`~tuneflow.training.standardise`), on the same cache (same engine and precision)."""
     import keras
 
     from ..features.extractor import FeatureExtractor
     from ..training.stages import cache_trainer, cached_features
-    trainer, pool = cache_trainer(plan.recipe, asm.head, int(asm.feature_model.output.shape[-1]))
+    from ..training.standardise import StandardisedHead, standardises
+    r = plan.recipe
+    trainer, pool = cache_trainer(r, asm.head, int(asm.feature_model.output.shape[-1]))
     feat = asm.feature_model if pool is None else keras.Model(
         asm.feature_model.input, pool(asm.feature_model.output), name="pooled_features")
-    ftr, fva = cached_features(plan, bundle, FeatureExtractor(feat, plan.recipe.feature_engine), asm.tap)
+    extractor = FeatureExtractor(feat, r.feature_engine,
+                                 precision="float32" if r.feature_precision == "float32" else None)
+    ftr, fva = cached_features(plan, bundle, extractor, asm.tap)
+    if standardises(r):
+        with plan.strategy.scope():
+            trainer = StandardisedHead(r, trainer, ftr).trainer
     return trainer, np.asarray(ftr[0], np.float32), np.asarray(fva, np.float32)
 
 

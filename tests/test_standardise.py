@@ -1,0 +1,111 @@
+"""Linear heads trained by SGD on standardised cached features (tuneflow.training.standardise)."""
+import keras
+import numpy as np
+import pytest
+
+from tuneflow.recipe import Recipe
+from tuneflow.training.standardise import MIN_STD, StandardisedHead, feature_moments
+from tuneflow.training.stages import cache_trainer
+
+from conftest import make_image_folder
+
+
+def _head(c=12, k=3, dropout=0.2, seed=0):
+    keras.utils.set_random_seed(seed)
+    from tuneflow.training.heads import build_head
+    r = Recipe(name="t", head="linear", dropout=dropout, l2=1e-3)
+    head = build_head((2, 2, c), k, r, "batch", classifier_penalty=False)
+    trainer, _ = cache_trainer(r, head, c)
+    return r, head, trainer
+
+
+def test_feature_moments_over_views_and_memory_maps(tmp_path):
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(3, 500, 7)) * [1e-3, 0.1, 1, 10, 100, 0, 0.5] + 3).astype(np.float32)
+    x[..., 5] = 2.0  # a constant channel: std 1, not 1/0
+    path = tmp_path / "f.npy"
+    mm = np.lib.format.open_memmap(path, "w+", np.float32, x.shape)
+    mm[:] = x
+    mm.flush()
+    for arr in (x, np.load(path, mmap_mode="r")):
+        mean, std = feature_moments(arr)
+        flat = x.reshape(-1, 7).astype(np.float64)
+        np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-6)
+        want = flat.std(0)
+        want[5] = 1.0
+        np.testing.assert_allclose(std, want, rtol=1e-5)
+    mean2, std2 = feature_moments(x[0])  # (N, C): one view
+    np.testing.assert_allclose(mean2, x[0].astype(np.float64).mean(0), rtol=1e-6)
+    assert MIN_STD > 0
+
+
+def test_begin_then_fold_is_exact_and_the_twin_computes_what_the_head_does():
+    r, head, plain = _head()
+    rng = np.random.default_rng(1)
+    k, b = plain.layers[-1].get_weights()
+    plain.layers[-1].set_weights([rng.normal(size=k.shape).astype(np.float32),
+                                  rng.normal(size=b.shape).astype(np.float32)])
+    ftr = (rng.normal(size=(2, 80, 12)) * np.logspace(-3, 1, 12) + 0.5).astype(np.float32)
+    before = plain.predict(ftr[0], verbose=0)
+    std = StandardisedHead(r, plain, ftr)
+    np.testing.assert_allclose(std.trainer.predict(ftr[0], verbose=0), before, atol=2e-5)
+    std.fold()
+    np.testing.assert_allclose(plain.predict(ftr[0], verbose=0), before, atol=2e-5)
+    # Train the twin a little: the folded head on raw features gives what the twin gave.
+    std.trainer.compile(keras.optimizers.Adam(0.05), "sparse_categorical_crossentropy")
+    std.trainer.fit(ftr[0], rng.integers(0, 3, 80), epochs=2, verbose=0)
+    trained = std.trainer.predict(ftr[0], verbose=0)
+    assert np.abs(trained - before).max() > 1e-3
+    std.fold()
+    np.testing.assert_allclose(plain.predict(ftr[0], verbose=0), trained, atol=2e-5)
+    # The penalty is on the twin (standardised units), none on the model's own classifier.
+    assert std.dense.kernel_regularizer is not None and plain.layers[-1].kernel_regularizer is None
+    assert std.trainer.losses and not plain.losses
+
+
+def test_sgd_learns_badly_scaled_features_only_when_standardised():
+    """The point of it: signal in channels ~1000x smaller than the rest (as in pooled backbone
+    features) is out of reach of a fixed-LR Adam head on raw features (Adam moves each weight by ~lr a step), and easy standardised."""
+    rng = np.random.default_rng(0)
+    n, c = 600, 12
+    scale = np.where(np.arange(c) < 4, 1e-3, 1.0)
+    z = rng.normal(size=(n, c))
+    y = (z[:, :4].sum(1) > 0).astype(np.int64)  # the label lives in the 4 tiny channels
+    x = (z * scale).astype(np.float32)
+    accs = {}
+    for standardise in (False, True):
+        r, head, plain = _head(c=c, k=2, dropout=0.0)
+        trainer = StandardisedHead(r, plain, x[None]).trainer if standardise else plain
+        trainer.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+        trainer.fit(x[:400], y[:400], epochs=20, batch_size=32, verbose=0)
+        accs[standardise] = float(np.mean(plain.predict(x[400:], verbose=0).argmax(1) == y[400:])) \
+            if not standardise else float(np.mean(trainer.predict(x[400:], verbose=0).argmax(1) == y[400:]))
+    assert accs[True] >= 0.9, accs
+    assert accs[False] <= 0.7, accs
+
+
+def _layer(model, name):
+    return next(layer for layer in model._flatten_layers() if layer.name == name)
+
+
+def test_finetune_with_an_sgd_head_exports_the_model_it_measured(tmp_path):
+    """End to end: the SGD head trains standardised and is folded at the stage's end; the run's
+    artifact (raw features in, no extra layer, no Keras penalty on the classifier) predicts what
+    training's own path measured on the cached features."""
+    import tuneflow
+    data = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=12)
+    over = {"input_size": 32, "precision": "float32", "head_solver": "sgd", "head__epochs": 6,
+            "head__patience": 0, "head__lr": 0.01, "l2": 1e-3}
+    res = tuneflow.finetune("small_similar", data, tmp_path / "run", overrides=over, verbose=0)
+    clf = _layer(res.model, "head_classifier")
+    assert clf.kernel_regularizer is None
+    assert not any("standardise" in layer.name for layer in res.model._flatten_layers())
+    fast = res.report["fast_path"]
+    assert fast["predictions_differing"] == 0, fast  # the folded head is the head training measured
+    assert fast["val_accuracy"] == pytest.approx(res.report["val_accuracy"])
+    assert res.report["val_accuracy"] > 0.6  # and it learned (chance: 1/3)
+    # The artifact, loaded by plain Keras, holds the same folded classifier.
+    loaded = keras.models.load_model(res.run_dir / "model.keras", compile=False)
+    assert not any("standardise" in layer.name for layer in loaded._flatten_layers())
+    for a, b in zip(_layer(loaded, "head_classifier").get_weights(), clf.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
