@@ -6,6 +6,12 @@ default logistic regression at each of the registry's depths.
     .venv/bin/python benchmarks/bench_probe.py DATA [size:resize ...]
     (default configurations: 224:squash 224:crop 288:crop)
     .venv/bin/python benchmarks/bench_probe.py --probe DATA [size:resize ...]   (default 224:crop)
+    .venv/bin/python benchmarks/bench_probe.py --backbones DATA [backbone:size ...]
+    (the ceiling of linear probing: tuneflow's probe on each backbone's pooled features, with
+     horizontal flips as extra training vectors and as test-time averaging, and on pairs of
+     backbones' features concatenated; which validation images each gets wrong. Default
+     configurations: efficientnet_lite0:288 efficientnet_lite1:240 efficientnet_lite2:260
+     efficientnet_lite2:320; JSON in results/probe_backbones_NAME.json)
 """
 import json
 import sys
@@ -117,9 +123,74 @@ def main_learn(args):
     (out / f"probe_learn_{data.name}.json").write_text(json.dumps(rows, indent=2))
 
 
+BACKBONES = ("efficientnet_lite0:288", "efficientnet_lite1:240", "efficientnet_lite2:260", "efficientnet_lite2:320")
+
+
+def main_backbones(args):
+    import time
+
+    import keras
+
+    from tuneflow import build_backbone
+    from tuneflow.data import load_data
+    from tuneflow.training.distribute import predict
+    from tuneflow.training.probe import fit_probe
+    data = Path(args[0])
+    if not data.exists():
+        print(f"skip: {data} not found")
+        return
+    rows, feats = [], {}
+    for c in args[1:] or BACKBONES:
+        name, size = c.split(":")
+        b = load_data(data, int(size), resize="crop")
+        bb = build_backbone(name, input_size=int(size))
+        pooled = keras.Model(bb.input, keras.layers.GlobalAveragePooling2D()(bb.output))
+        t = time.time()
+        f = np.asarray(predict(pooled, [b.train.x, b.val.x], 32), np.float32)
+        seconds = time.time() - t
+        flip = np.asarray(predict(pooled, [b.train.x[:, :, ::-1], b.val.x[:, :, ::-1]], 32), np.float32)
+        n, ytr, yva = len(b.train), b.train.y, b.val.y
+        feats[c] = (f[:n], f[n:])
+        plain = fit_probe(f[:n], ytr)
+        both = fit_probe(np.concatenate([f[:n], flip[:n]]), np.concatenate([ytr, ytr]))
+        tta = (both.predict_proba(f[n:]) + both.predict_proba(flip[n:])) / 2
+        pred = plain.predict(f[n:])
+        row = {"config": c, "extract_seconds": round(seconds, 1), "images_per_second": round(len(f) / seconds, 1),
+               "probe_val_accuracy": plain.score(f[n:], yva), "chosen_C": plain.chosen_C,
+               "inner_accuracy": plain.inner_accuracy,
+               "flip_train_val_accuracy": both.score(f[n:], yva),
+               "flip_train_and_tta_val_accuracy": float(np.mean(tta.argmax(1) == yva)),
+               "wrong": sorted(Path(b.val.files[i]).name if b.val.files else str(i)
+                               for i in np.where(pred != yva)[0])}
+        rows.append(row)
+        print(f"{c}: features {seconds:.1f} s ({row['images_per_second']} img/s); probe val "
+              f"{row['probe_val_accuracy']:.4f} (C={plain.chosen_C:g}, inner {plain.inner_accuracy:.3f}); "
+              f"+flipped training vectors {row['flip_train_val_accuracy']:.4f}; +flip test-time average "
+              f"{row['flip_train_and_tta_val_accuracy']:.4f}; {len(row['wrong'])} wrong", flush=True)
+    keys = list(feats)
+    pairs = []
+    for i in range(len(keys)):
+        for j in range(i + 1, len(keys)):
+            (a_tr, a_va), (b_tr, b_va) = feats[keys[i]], feats[keys[j]]
+            p = fit_probe(np.concatenate([a_tr, b_tr], 1), ytr)
+            pairs.append({"configs": [keys[i], keys[j]], "val_accuracy": p.score(np.concatenate([a_va, b_va], 1), yva),
+                          "inner_accuracy": p.inner_accuracy})
+            print(f"concatenated {keys[i]} + {keys[j]}: val {pairs[-1]['val_accuracy']:.4f} "
+                  f"(inner {p.inner_accuracy:.3f})", flush=True)
+    wrong_everywhere = sorted(set.intersection(*(set(r["wrong"]) for r in rows))) if rows else []
+    print(f"wrong under every backbone: {len(wrong_everywhere)}: {wrong_everywhere}")
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"probe_backbones_{data.name}.json").write_text(json.dumps(
+        {"command": "benchmarks/bench_probe.py --backbones " + " ".join(args), "rows": rows, "concatenated": pairs,
+         "num_val": int(len(yva)), "wrong_under_every_backbone": wrong_everywhere}, indent=2))
+
+
 def main():
     if sys.argv[1:2] == ["--probe"]:
         return main_learn(sys.argv[2:])
+    if sys.argv[1:2] == ["--backbones"]:
+        return main_backbones(sys.argv[2:])
     data = Path(sys.argv[1])
     if not data.exists():
         print(f"skip: {data} not found")
