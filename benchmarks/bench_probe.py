@@ -179,6 +179,14 @@ def main_backbones(args):
                   f"(inner {p.inner_accuracy:.3f})", flush=True)
     wrong_everywhere = sorted(set.intersection(*(set(r["wrong"]) for r in rows))) if rows else []
     print(f"wrong under every backbone: {len(wrong_everywhere)}: {wrong_everywhere}")
+    if wrong_everywhere:  # what they look like: a person judges at a glance whether they can be learned
+        from tuneflow.workbench.doctor import image_grid
+        names = [Path(f).name for f in b.val.files]
+        idx = [names.index(w) for w in wrong_everywhere]
+        png = image_grid([b.val.x[i] for i in idx], [f"{w}\nlabelled {b.classes[yva[i]]}" for w, i in zip(wrong_everywhere, idx)],
+                         HERE / "results" / f"probe_backbones_{data.name}_wrong.png",
+                         title=f"{data.name}: validation images every probe gets wrong", cols=len(idx))
+        print(png)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / f"probe_backbones_{data.name}.json").write_text(json.dumps(
