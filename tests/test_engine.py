@@ -235,6 +235,28 @@ def test_nan_loss_stops_training_with_a_diagnosis(tmp_path, tiny_folder, seed):
     assert json.loads((res.run_dir / "run.json").read_text())["status"] == "finished"
 
 
+def test_a_diverging_stage_is_named_in_the_report_and_not_kept(tmp_path, tiny_folder):
+    """A real divergence (plain SGD at lr 1 on the top blocks: the training loss climbs from ~0.002
+    to thousands): the model keeps the head's weights, and the report names the stage, its losses
+    and what to do, beside which weights the model holds."""
+    # Real ImageNet weights (offline Lite0): the head fits at once and the fine-tuning's first epoch
+    # is still near it; random weights blow up within the first epoch, where no curve shows it.
+    ov = {**_fast("large_similar"), "weights": "imagenet", "finetune__epochs": 4, "finetune__lr": 1.0,
+          "finetune__patience": 0,
+          "finetune__optimizer": "sgd", "finetune__schedule": "constant", "clipnorm": 0.0}
+    res = finetune("large_similar", tiny_folder, tmp_path / "r", overrides=ov, verbose=0)
+    rep = res.report
+    assert rep["nan"] is None  # finite: not the NaN path
+    head, ft = rep["stage_health"]
+    assert ft["diverged"] and not head["diverged"], [(h["first_loss"], h["max_loss"]) for h in rep["stage_health"]]
+    assert ft["max_loss"] > 3 * ft["first_loss"] and ft["epochs"] == 4
+    assert rep["model_from"]["stage"] == "head" and rep["model_from"]["epoch"] == "end"
+    assert "Stage 'finetune' diverged" in rep["advice"] and "not kept (the model is from stage 'head')" in rep["advice"]
+    assert f"tuneflow lr-find large_similar --data {tiny_folder} --stage 1" in rep["advice"]
+    md = (res.run_dir / "report.md").read_text()
+    assert "**diverged**" in md and "- model: the best validated weights, from stage 'head' (its end)" in md
+
+
 @pytest.mark.parametrize("opt", ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw"])
 @pytest.mark.parametrize("schedule", ["constant", "step", "exponential", "inverse_time", "cosine", "warmup_cosine", "plateau"])
 def test_optimizer_and_schedule_registry(opt, schedule):

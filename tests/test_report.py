@@ -173,3 +173,51 @@ def test_write_confusion_1000_classes_is_bounded(tmp_path):
     assert len(rows) == 1001 and all(len(r) == 1001 for r in rows)
     assert sum(int(v) for r in rows[1:] for v in r[1:]) == m["total"]
     assert len(m["top"]) == rep.TOP_CONFUSED
+
+
+def _rows(stage, losses, accs):
+    return [{"stage": str(stage), "epoch": str(i + 1), "loss": str(l), "accuracy": "0.5", "val_loss": "0.6",
+             "val_accuracy": str(a)} for i, (l, a) in enumerate(zip(losses, accs))]
+
+
+STAGES = [{"name": "head", "train": "frozen", "epochs_run": 1, "optimizer": "lbfgs", "lr": 0.0,
+           "schedule": "converged", "cache": True},
+          {"name": "finetune", "train": "top:6", "epochs_run": 7, "optimizer": "momentum", "lr": 1e-3,
+           "schedule": "warmup_cosine", "cache": False}]
+
+
+def test_stage_health_flags_a_stage_whose_training_loss_blew_up():
+    # large_different fine-tuning 203 brain MRIs at lr 1e-3 (metrics.csv of a real run, rounded)
+    rows = _rows(0, [0.22], [0.694]) + _rows(1, [1.05, 148.7, 4.24, 0.69, 0.67, 0.68, 0.70],
+                                            [0.347, 0.347, 0.653, 0.653, 0.653, 0.653, 0.347])
+    head, ft = rep.stage_health(rows, STAGES)
+    assert not head["diverged"] and head["best_val_accuracy"] == pytest.approx(0.694)
+    assert ft["diverged"] and ft["first_loss"] == 1.05 and ft["max_loss"] == 148.7 and ft["epochs"] == 7
+    advice = rep.divergence_advice([head, ft], {"stage": "head", "index": 0, "epoch": "end"}, "large_different",
+                                   "../shared/datasets/brain_mri_yn")
+    assert "Stage 'finetune' diverged (training loss 1.05 after its first epoch, up to 149)" in advice
+    assert "not kept (the model is from stage 'head')" in advice
+    assert "--set finetune.lr=" in advice
+    assert "tuneflow lr-find large_different --data ../shared/datasets/brain_mri_yn --stage 1" in advice
+    # The report says where the model's weights come from, and shows each stage's health.
+    md = rep.markdown(minimal_report(stages=STAGES, stage_health=[head, ft],
+                                     model_from={"stage": "head", "index": 0, "epoch": "end"}))
+    assert "- model: the best validated weights, from stage 'head' (its end)" in md
+    row = next(s for s in md.splitlines() if s.startswith("| finetune |"))
+    assert "| 0.6530 |" in row and "1.05 -> 0.7, max 149 **diverged**" in row
+
+
+@pytest.mark.parametrize("losses", [
+    [0.9, 0.7, 0.5, 0.45],  # falling: healthy
+    [0.3, 0.5, 0.8, 1.1],  # rising 3.7x but by less than a nat: over-fitting's drift, not divergence
+    [2.0, 2.6, 2.2],  # a wobble of tens of percent at a high loss
+    [0.5],  # one epoch: nothing to compare
+])
+def test_stage_health_leaves_ordinary_curves_alone(losses):
+    (h,) = rep.stage_health(_rows(0, losses, [0.8] * len(losses)), STAGES[:1])
+    assert not h["diverged"]
+    assert rep.divergence_advice([h], None, "small_similar") == ""
+
+
+def test_stage_health_skips_stages_that_did_not_run():
+    assert [h["stage"] for h in rep.stage_health(_rows(0, [0.5, 0.4], [0.8, 0.8]), STAGES)] == ["head"]

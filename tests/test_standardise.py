@@ -106,6 +106,12 @@ def test_finetune_with_an_sgd_head_exports_the_model_it_measured(tmp_path):
     assert fast["predictions_differing"] == 0, fast  # the folded head is the head training measured
     assert fast["val_accuracy"] == pytest.approx(res.report["val_accuracy"])
     assert res.report["val_accuracy"] > 0.6  # and it learned (chance: 1/3)
+    # The report says which weights the model holds: the head stage's end (its checkpoint).
+    assert res.report["model_from"] == {**res.report["model_from"], "stage": "head", "index": 0, "epoch": "end"}
+    assert res.report["model_from"]["val_accuracy"] == pytest.approx(fast["val_accuracy"])
+    (health,) = res.report["stage_health"]
+    assert health["epochs"] == 6 and not health["diverged"]
+    assert "- model: the best validated weights, from stage 'head' (its end)" in (res.run_dir / "report.md").read_text()
     # The artifact, loaded by plain Keras, holds the same folded classifier.
     loaded = keras.models.load_model(res.run_dir / "model.keras", compile=False)
     assert not any("standardise" in layer.name for layer in loaded._flatten_layers())

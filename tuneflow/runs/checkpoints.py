@@ -243,6 +243,7 @@ class Checkpoints:
         self.bind_optimizer(optimizer)
         self.best_json = self.folder / "best.json"
         self._bad: set[str] = set()  # checkpoints found damaged: never "best", never resumed from
+        self.restored: dict | None = None  # the record restore_best restored
         self._records = _scan(self.folder)
         if self.folder.is_dir():
             self._tidy()
@@ -420,13 +421,15 @@ class Checkpoints:
 
     def restore_best(self) -> bool:
         """The best validated weights (across stages, and across this folder and ``read_folder``);
-        a damaged best is reported and the next best used."""
+        a damaged best is reported and the next best used. ``self.restored`` then holds the
+        restored checkpoint's record (stage, epoch, metrics; None for a legacy ``best`` file)."""
         records = dict(enumerate(self._records.values()))
         if self.read_folder != self.folder:
             records.update({len(records) + i: r for i, r in enumerate(_scan(self.read_folder).values())})
         ranked = sorted((r for r in records.values() if _score(r) is not None),
                         key=lambda r: _score(r), reverse=True)
         ckpt = self._first_good([r["path"] for r in ranked], "using the next best")
+        self.restored = next((r for r in ranked if r["path"] == ckpt), None) if ckpt is not None else None
         if ckpt is None:
             ckpt = self._first_good(_legacy(self.folder / "best"), "no best checkpoint")
         if ckpt is None:

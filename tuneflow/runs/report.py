@@ -121,6 +121,50 @@ def verdict(rows: list[dict], baseline: dict | None = None) -> tuple[str, str]:
     return "good fit", "Train and validation agree; to go further, try a bigger backbone or fine-tune more blocks."
 
 
+# A stage "diverged" when its training loss, after its first epoch, rose above both 3x and
+# 1 nat more than that first epoch's (large_different fine-tuning 203 brain MRIs at lr 1e-3:
+# 1.05 -> 148.7 in one epoch; a healthy stage's loss falls or wobbles by tens of percent).
+DIVERGED_RATIO, DIVERGED_MARGIN = 3.0, 1.0
+
+
+def stage_health(rows: list[dict], stages: list[dict]) -> list[dict]:
+    """Per stage that ran (metrics.csv rows, ``stage`` its index): its best val accuracy, its
+    training loss at the first and last epoch and at its worst, and whether it diverged."""
+    out = []
+    for i, st in enumerate(stages):
+        mine = [r for r in rows if str(r.get("stage")) == str(i)]
+        losses = [float(r["loss"]) for r in mine if r.get("loss") not in ("", None)]
+        accs = [float(r["val_accuracy"]) for r in mine if r.get("val_accuracy") not in ("", None)]
+        if not mine:
+            continue
+        h = {"stage": st["name"], "index": i, "epochs": len(mine),
+             "best_val_accuracy": max(accs) if accs else None,
+             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+             "max_loss": max(losses) if losses else None, "diverged": False}
+        if len(losses) >= 2:
+            worst = max(losses[1:])
+            h["diverged"] = bool(worst > DIVERGED_RATIO * losses[0] and worst > losses[0] + DIVERGED_MARGIN)
+        out.append(h)
+    return out
+
+
+def divergence_advice(health: list[dict], model_from: dict | None, recipe: str, data: str = "DATA") -> str:
+    """What to do about the stages that diverged ("" when none did)."""
+    notes = []
+    for h in health:
+        if not h["diverged"]:
+            continue
+        kept = model_from is not None and model_from["index"] == h["index"]
+        notes.append(
+            f"Stage '{h['stage']}' diverged (training loss {h['first_loss']:.3g} after its first epoch, up to "
+            f"{h['max_loss']:.3g})" + ("" if kept else (
+                f" and its weights were not kept (the model is from stage '{model_from['stage']}')"
+                if model_from else " and its weights were not kept")) +
+            f"; lower its learning rate (--set {h['stage']}.lr=...), or measure one with "
+            f"`tuneflow lr-find {recipe} --data {data} --stage {h['index']}`.")
+    return " ".join(notes)
+
+
 def nan_diagnosis(recipe, lr: float, x_range: tuple[float, float]) -> str:
     hints = []
     if lr >= 1e-2:
@@ -295,12 +339,22 @@ def markdown(report: dict) -> str:
     lines += [f"- wall time {report['wall_seconds']:.1f} s" + (f", {', '.join(speed)}" if speed else ""),
               f"- strategy {report['strategy']} ({report['replicas']} replicas), global batch "
               f"{report['global_batch']}, precision {report['precision']}, norm {report['norm']}",
-              f"- verdict: **{report['verdict']}** — {report['advice']}", "", "## Stages", "",
-              "| stage | train | epochs run | optimizer | lr | schedule | feature cache |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              f"- verdict: **{report['verdict']}** — {report['advice']}"]
+    mf = report.get("model_from")
+    if mf:
+        lines.append(f"- model: the best validated weights, from stage '{mf['stage']}' "
+                     + ("(its end)" if mf["epoch"] == "end" else f"(epoch {mf['epoch']})"))
+    lines += ["", "## Stages", "",
+              "| stage | train | epochs run | optimizer | lr | schedule | feature cache | best val accuracy | training loss (first -> last, max) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    health = {h["stage"]: h for h in report.get("stage_health") or []}
     for s in report["stages"]:
+        h = health.get(s["name"])
+        acc = f"{h['best_val_accuracy']:.4f}" if h and h["best_val_accuracy"] is not None else ""
+        loss = (f"{h['first_loss']:.3g} -> {h['last_loss']:.3g}, max {h['max_loss']:.3g}"
+                + (" **diverged**" if h["diverged"] else "")) if h and h["first_loss"] is not None else ""
         lines.append(f"| {s['name']} | {s['train']} | {s['epochs_run']} | {s['optimizer']} | "
-                     f"{s['lr']:g} | {s['schedule']} | {s['cache']} |")
+                     f"{s['lr']:g} | {s['schedule']} | {s['cache']} | {acc} | {loss} |")
     lines += ["", "## Per class (validation)", "", "| class | precision | recall | F1 | support |",
               "| --- | --- | --- | --- | --- |"]
     for c, m in report["per_class"].items():

@@ -99,6 +99,11 @@ def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome
     rows = run.metrics_rows()
     baseline = rep.majority_baseline(bundle.val.y, y_pred, plan.classes)
     verdict, advice = rep.verdict(rows, baseline)
+    health = rep.stage_health(rows, outcome.stages)
+    diverged = rep.divergence_advice(health, outcome.model_from, r.name, bundle.source or "DATA")
+    if diverged:
+        log.warning(diverged)
+        advice = f"{advice} {diverged}"
     test_acc = None
     if predictor is not None and bundle.test is not None and len(bundle.test):
         test_acc = float(np.mean(predict_split(predictor, bundle.test).argmax(1) == bundle.test.y))
@@ -144,4 +149,5 @@ def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome
         "leaks": bundle.leaks, "nan": outcome.nan_note,
         "adapted": getattr(r, "adapted", None) or None,
         "selected_by": "best val_accuracy checkpoint across stages",
+        "model_from": outcome.model_from, "stage_health": health,
     }

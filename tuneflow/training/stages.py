@@ -177,6 +177,7 @@ class Outcome:
     fast_probs: np.ndarray | None = None  # val probabilities of the trained model on its training path
     fast_path: str = ""  # what computed them (e.g. "head on cached features (openvino/bf16)")
     extractor_stats: list = field(default_factory=list)  # (images, seconds, engine) of feature passes
+    model_from: dict | None = None  # which stage and epoch the final (best validated) weights are from
 
 
 def cache_trainer(recipe, head, channels: int):
@@ -509,6 +510,7 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
         out.stages.append(info)
 
     ckpts.restore_best()  # the best validated weights across all stages, never a worse one
+    out.model_from = model_from(ckpts.restored, r.stages)
     if last_cached is not None:
         # The backbone did not change since the cache was filled: the head on the cached val
         # vectors is what training measured (features from the fast engine, e.g. OpenVINO bf16).
@@ -520,6 +522,20 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
         out.fast_path = f"Keras model under {plan.precision}"
     out.extractor_stats = list(extractor.stats) if extractor is not None else []
     return out
+
+
+def model_from(record: dict | None, stages) -> dict | None:
+    """Which stage (its name and index) and epoch a checkpoint record holds. A stage's end is saved
+    as (its index + 1, epoch 0): reported as that stage, ``"epoch": "end"``."""
+    if not record:
+        return None
+    k, e = int(record["stage"]), int(record["epoch"])
+    i = k - 1 if e == 0 and k > 0 else k
+    if not 0 <= i < len(stages):
+        return None
+    m = record.get("metrics") or {}
+    return {"stage": stages[i].name, "index": i, "epoch": "end" if e == 0 else e,
+            "val_accuracy": m.get("val_accuracy"), "val_loss": m.get("val_loss")}
 
 
 def _digest(model) -> str:
