@@ -6,6 +6,7 @@ import math
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from conftest import make_image_folder, random_lite0_weights
 from tuneflow.cli import main
@@ -46,6 +47,38 @@ def test_range_test_puts_model_and_optimizer_back_exactly():
     for b, a in zip(before, after):
         np.testing.assert_array_equal(b, a)
     assert float(opt.learning_rate) == pytest.approx(1e-3)
+
+
+class FixedLoss(keras.Model):
+    """A 'model' whose loss is whatever the batch says (its one weight only gets a gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = self.add_weight(shape=(), initializer="zeros")
+
+    def call(self, x, training=False):
+        return x + 0.0 * self.w
+
+
+def test_noise_on_a_near_zero_loss_is_not_divergence_a_blow_up_is():
+    """fastai's stop (EMA > 4x its minimum) alone fired after 2 steps on a head that already fits
+    its batches (loss ~3e-4, a batch at 3e-3); a real blow-up rises by nats and still stops."""
+    keras.utils.set_random_seed(0)
+    model, opt = FixedLoss(), keras.optimizers.SGD(1e-3)
+
+    def batches(losses):
+        for v in losses:
+            yield np.full((4,), v, np.float32), np.zeros(4, np.int64)
+
+    def loss_fn(y, p, sample_weight=None):
+        return tf.reduce_mean(p)
+
+    noisy = [3.5e-4, 5.5e-3, 2e-4, 4e-3, 1e-4] * 8
+    curve = range_test(model, opt, loss_fn, batches(noisy), 1e-7, 10.0, steps=40)
+    assert curve["stopped"] == "end of range" and len(curve["lrs"]) == 40
+    rising = [0.5] * 20 + [0.5 * 2 ** i for i in range(1, 20)]
+    curve = range_test(model, opt, loss_fn, batches(rising), 1e-7, 10.0, steps=39)
+    assert curve["stopped"].startswith("diverged at lr") and len(curve["lrs"]) < 39
 
 
 def test_rules_on_a_known_curve():

@@ -17,7 +17,11 @@ log = logging.getLogger("tuneflow")
 START_LR, END_LR = 1e-7, 10.0  # the range swept; 10 is also the recipe's upper bound for an lr
 STEPS = 100  # optimizer steps over the range: ~12 per decade, as fastai's default num_it
 BETA = 0.98  # causal EMA of the loss (debiased): the divergence stop and fastai's valley rule
-DIVERGE = 4.0  # stop once the EMA of the loss exceeds this many times its minimum
+DIVERGE = 4.0  # stop once the EMA of the loss exceeds this many times its minimum (fastai's rule) ...
+# ... and exceeds it by this many nats too: a model that already fits its batches (a probed head
+# before an unfrozen stage: loss ~3e-4) has batch-to-batch noise of 4x and more at the smallest
+# LR, which the ratio alone called divergence after 2 steps. A real blow-up rises by nats.
+DIVERGE_MIN_RISE = 0.1
 WINDOW = 0.25  # decades: the standard deviation, in log10(LR), of the smoother's Gaussian kernel
 RULES = ("valley", "steep", "min")
 # An inconclusive curve, judged on the zero-lag curve. The four readable recorded range tests
@@ -77,7 +81,7 @@ def range_test(model, optimizer, loss_fn, batches, start_lr: float = START_LR, e
             avg = BETA * avg + (1 - BETA) * loss
             s = avg / (1 - BETA ** (i + 1))
             best = min(best, s)
-            if s > diverge * best:
+            if s > diverge * best and s - best > DIVERGE_MIN_RISE:
                 stopped = f"diverged at lr {lr:.3g} (loss EMA {s:.3g} > {diverge:g} x minimum {best:.3g})"
                 break
     finally:
