@@ -123,6 +123,14 @@ def main_learn(args):
     (out / f"probe_learn_{data.name}.json").write_text(json.dumps(rows, indent=2))
 
 
+def _name(split, i) -> str:
+    """A validation image's name: class folder and file (row number for array sources)."""
+    if not split.files:
+        return f"row {i}"
+    f = Path(split.files[i])
+    return f"{f.parent.name}/{f.name}"
+
+
 BACKBONES = ("efficientnet_lite0:288", "efficientnet_lite1:240", "efficientnet_lite2:260", "efficientnet_lite2:320")
 
 
@@ -160,8 +168,7 @@ def main_backbones(args):
                "inner_accuracy": plain.inner_accuracy,
                "flip_train_val_accuracy": both.score(f[n:], yva),
                "flip_train_and_tta_val_accuracy": float(np.mean(tta.argmax(1) == yva)),
-               "wrong": sorted(Path(b.val.files[i]).name if b.val.files else str(i)
-                               for i in np.where(pred != yva)[0])}
+               "wrong": sorted(_name(b.val, i) for i in np.where(pred != yva)[0])}
         rows.append(row)
         print(f"{c}: features {seconds:.1f} s ({row['images_per_second']} img/s); probe val "
               f"{row['probe_val_accuracy']:.4f} (C={plain.chosen_C:g}, inner {plain.inner_accuracy:.3f}); "
@@ -179,16 +186,16 @@ def main_backbones(args):
                   f"(inner {p.inner_accuracy:.3f})", flush=True)
     wrong_everywhere = sorted(set.intersection(*(set(r["wrong"]) for r in rows))) if rows else []
     print(f"wrong under every backbone: {len(wrong_everywhere)}: {wrong_everywhere}")
-    if wrong_everywhere:  # what they look like: a person judges at a glance whether they can be learned
-        from tuneflow.workbench.doctor import image_grid
-        names = [Path(f).name for f in b.val.files]
-        idx = [names.index(w) for w in wrong_everywhere]
-        png = image_grid([b.val.x[i] for i in idx], [f"{w}\nlabelled {b.classes[yva[i]]}" for w, i in zip(wrong_everywhere, idx)],
-                         HERE / "results" / f"probe_backbones_{data.name}_wrong.png",
-                         title=f"{data.name}: validation images every probe gets wrong", cols=len(idx))
-        print(png)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
+    if wrong_everywhere:  # what they look like: a person judges at a glance whether they can be learned
+        from tuneflow.workbench.doctor import image_grid
+        names = [_name(b.val, i) for i in range(len(b.val))]
+        idx = [names.index(w) for w in wrong_everywhere]
+        png = image_grid([b.val.x[i] for i in idx], [f"{w}\nlabelled {b.classes[yva[i]]}" for w, i in zip(wrong_everywhere, idx)],
+                         out / f"probe_backbones_{data.name}_wrong.png",
+                         title=f"{data.name}: validation images every probe gets wrong", cols=len(idx))
+        print(png)
     (out / f"probe_backbones_{data.name}.json").write_text(json.dumps(
         {"command": "benchmarks/bench_probe.py --backbones " + " ".join(args), "rows": rows, "concatenated": pairs,
          "num_val": int(len(yva)), "wrong_under_every_backbone": wrong_everywhere}, indent=2))

@@ -195,7 +195,7 @@ def test_stage_health_flags_a_stage_whose_training_loss_blew_up():
     assert ft["diverged"] and ft["first_loss"] == 1.05 and ft["max_loss"] == 148.7 and ft["epochs"] == 7
     advice = rep.divergence_advice([head, ft], {"stage": "head", "index": 0, "epoch": "end"}, "large_different",
                                    "../shared/datasets/brain_mri_yn")
-    assert "Stage 'finetune' diverged (training loss 1.05 after its first epoch, up to 149)" in advice
+    assert "Stage 'finetune' diverged (training loss 1.05, then 149 by epoch 2)" in advice
     assert "not kept (the model is from stage 'head')" in advice
     assert "--set finetune.lr=" in advice
     assert "tuneflow lr-find large_different --data ../shared/datasets/brain_mri_yn --stage 1" in advice
@@ -205,6 +205,14 @@ def test_stage_health_flags_a_stage_whose_training_loss_blew_up():
     assert "- model: the best validated weights, from stage 'head' (its end)" in md
     row = next(s for s in md.splitlines() if s.startswith("| finetune |"))
     assert "| 0.6530 |" in row and "1.05 -> 0.7, max 149 **diverged**" in row
+
+
+def test_stage_health_catches_a_blow_up_after_a_fall():
+    # From an untrained head: the loss falls, then blows up to 15x its low but below 3x its start.
+    (h,) = rep.stage_health(_rows(0, [2.3, 0.2, 3.0, 2.5], [0.5, 0.9, 0.5, 0.5]), STAGES[:1])
+    assert h["diverged"] and h["diverged_at_epoch"] == 3 and h["lowest_before"] == 0.2
+    assert "training loss 0.2, then 3 by epoch 3" in rep.divergence_advice([h], None, "r", "my data")
+    assert "--data 'my data'" in rep.divergence_advice([h], None, "r", "my data")  # quoted for a shell
 
 
 @pytest.mark.parametrize("losses", [

@@ -117,3 +117,28 @@ def test_finetune_with_an_sgd_head_exports_the_model_it_measured(tmp_path):
     assert not any("standardise" in layer.name for layer in loaded._flatten_layers())
     for a, b in zip(_layer(loaded, "head_classifier").get_weights(), clf.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_early_stopping_restores_the_best_epoch_before_the_fold(tmp_path):
+    """The stage ends on its best epoch (early stopping restores it into the twin), and that is what
+    is folded into the model: the report's fast path scores exactly the best epoch's metrics."""
+    import csv
+
+    import tuneflow
+    import shutil
+    data = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=20)
+    files = sorted(data.rglob("*.png"))  # a quarter of the labels wrong: no epoch is perfect
+    for i, f in enumerate(files[::4]):
+        shutil.move(str(f), str(data / "abc"[(i + 1) % 3] / f"moved_{f.name}"))
+    over = {"input_size": 32, "precision": "float32", "head_solver": "sgd", "head__epochs": 40,
+            "head__patience": 3, "head__lr": 0.3, "dropout": 0.5}
+    res = tuneflow.finetune("small_similar", data, tmp_path / "run", overrides=over, verbose=0)
+    rows = [r for r in csv.DictReader(open(res.run_dir / "metrics.csv")) if r["stage"] == "0"]
+    best = max(rows, key=lambda r: (float(r["val_accuracy"]), -float(r["val_loss"])))
+    last = rows[-1]
+    assert len(rows) < 40 and best is not last, "early stopping did not restore an earlier epoch"
+    assert (best["val_accuracy"], best["val_loss"]) != (last["val_accuracy"], last["val_loss"])
+    fast = res.report["fast_path"]
+    assert fast["val_accuracy"] == pytest.approx(float(best["val_accuracy"]))
+    assert fast["val_loss"] == pytest.approx(float(best["val_loss"]), rel=1e-4)
+    assert res.report["model_from"]["val_loss"] == pytest.approx(float(best["val_loss"]), rel=1e-4)

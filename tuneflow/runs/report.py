@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -121,9 +123,9 @@ def verdict(rows: list[dict], baseline: dict | None = None) -> tuple[str, str]:
     return "good fit", "Train and validation agree; to go further, try a bigger backbone or fine-tune more blocks."
 
 
-# A stage "diverged" when its training loss, after its first epoch, rose above both 3x and
-# 1 nat more than that first epoch's (large_different fine-tuning 203 brain MRIs at lr 1e-3:
-# 1.05 -> 148.7 in one epoch; a healthy stage's loss falls or wobbles by tens of percent).
+# A stage "diverged" when an epoch's training loss rose above both 3x and 1 nat more than the
+# lowest loss of the stage's epochs before it (large_different fine-tuning 203 brain MRIs at lr
+# 1e-3: 1.05 -> 148.7 in one epoch; a healthy stage's loss falls or wobbles by tens of percent).
 DIVERGED_RATIO, DIVERGED_MARGIN = 3.0, 1.0
 
 
@@ -141,9 +143,12 @@ def stage_health(rows: list[dict], stages: list[dict]) -> list[dict]:
              "best_val_accuracy": max(accs) if accs else None,
              "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
              "max_loss": max(losses) if losses else None, "diverged": False}
-        if len(losses) >= 2:
-            worst = max(losses[1:])
-            h["diverged"] = bool(worst > DIVERGED_RATIO * losses[0] and worst > losses[0] + DIVERGED_MARGIN)
+        low = math.inf
+        for i, v in enumerate(losses):
+            if i and v > DIVERGED_RATIO * low and v > low + DIVERGED_MARGIN:
+                h["diverged"], h["diverged_at_epoch"], h["lowest_before"] = True, i + 1, low
+                break
+            low = min(low, v)
         out.append(h)
     return out
 
@@ -156,12 +161,13 @@ def divergence_advice(health: list[dict], model_from: dict | None, recipe: str, 
             continue
         kept = model_from is not None and model_from["index"] == h["index"]
         notes.append(
-            f"Stage '{h['stage']}' diverged (training loss {h['first_loss']:.3g} after its first epoch, up to "
-            f"{h['max_loss']:.3g})" + ("" if kept else (
+            f"Stage '{h['stage']}' diverged (training loss {h['lowest_before']:.3g}, then "
+            f"{h['max_loss']:.3g} by epoch {h['diverged_at_epoch']})" + ("" if kept else (
                 f" and its weights were not kept (the model is from stage '{model_from['stage']}')"
                 if model_from else " and its weights were not kept")) +
             f"; lower its learning rate (--set {h['stage']}.lr=...), or measure one with "
-            f"`tuneflow lr-find {recipe} --data {data} --stage {h['index']}`.")
+            f"`tuneflow lr-find {recipe} --data {shlex.quote(str(data))} --stage {h['index']}` "
+            "(with the run's other --set options).")
     return " ".join(notes)
 
 

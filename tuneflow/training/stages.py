@@ -493,7 +493,7 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
                 out.train_seconds += time.time() - t0 - hook.val_seconds
                 out.train_images += (hook.epochs_run - initial) * len(bundle.train)
         epochs_done = max(hook.epochs_run, initial)
-        if std_head is not None:
+        if std_head is not None and not hook.nan:
             std_head.fold()  # the stage's weights (its best epoch, if restored) into the model
         if hook.nan:
             out.nan_note = (f"Stage {stage.name!r} produced a NaN/inf loss and was stopped. Likely cause: "

@@ -169,7 +169,10 @@ def histograms_for_stage(plan, log_dir: Path, model: keras.Model, asm, train_x, 
         log.info("tensorboard: gradient histograms skipped under %d replicas (weights and activations "
                  "are logged)", plan.replicas)
     on_features = asm.head not in model.layers  # the head (or its layers after pooling) on cached features
-    known = {layer.name for layer in asm.backbone.layers} | {layer.name for layer in asm.head.layers}
+    # + the standardising layer of an SGD linear head's twin on the cache (training.standardise):
+    # it exists in that stage only, so a later stage skips it instead of calling it unknown
+    known = ({layer.name for layer in asm.backbone.layers} | {layer.name for layer in asm.head.layers}
+             | {"head_standardise"})
     return Histograms(log_dir, r.tensorboard_histograms, x, y, None if on_features else model,
                       model if on_features else asm.head, layers=r.tensorboard_layers,
                       features=None if on_features else asm.feature_model.output, known=known,
