@@ -142,3 +142,43 @@ def test_early_stopping_restores_the_best_epoch_before_the_fold(tmp_path):
     assert fast["val_accuracy"] == pytest.approx(float(best["val_accuracy"]))
     assert fast["val_loss"] == pytest.approx(float(best["val_loss"]), rel=1e-4)
     assert res.report["model_from"]["val_loss"] == pytest.approx(float(best["val_loss"]), rel=1e-4)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_resumed_cached_stage_starts_from_the_restored_classifier(tmp_path, monkeypatch):
+    """Two SGD head stages on the cache; a crash in the second, then --resume: the process starts
+    with a fresh classifier, restores the first stage's folded one from its checkpoint, and the
+    twin must start from that (carried in after the restore), not from the fresh weights. The
+    second stage trains at lr ~ 0, so its val metrics must be the first stage's end."""
+    import csv
+
+    import tuneflow
+    import tuneflow.training.stages as train
+    from tuneflow.recipe import Stage
+    data = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=12)
+    recipe = Recipe(name="two_heads", head="linear", head_solver="sgd", input_size=32, precision="float32",
+                    dropout=0.0, l2=0.0,
+                    stages=(Stage("head", epochs=5, lr=0.01), Stage("again", epochs=2, lr=1e-12)))
+    original = train.EpochHook.on_epoch_end
+
+    def crash_in_stage_1(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if self.stage_index == 1:
+            raise _Crash("simulated crash")
+
+    monkeypatch.setattr(train.EpochHook, "on_epoch_end", crash_in_stage_1)
+    with pytest.raises(_Crash):
+        tuneflow.finetune(recipe, data, tmp_path / "run", verbose=0)
+    monkeypatch.setattr(train.EpochHook, "on_epoch_end", original)
+    res = tuneflow.finetune(recipe, data, tmp_path / "run", verbose=0, resume=True)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    end0 = [r for r in rows if r["stage"] == "0"][-1]
+    again = [r for r in rows if r["stage"] == "1"]
+    assert len(again) == 2
+    for r in again:
+        assert float(r["val_loss"]) == pytest.approx(float(end0["val_loss"]), rel=1e-4)
+        assert r["val_accuracy"] == end0["val_accuracy"]
+    assert float(end0["val_loss"]) < 0.8 * np.log(3)  # the first stage learned: a fresh head would be ~ln 3
