@@ -39,7 +39,10 @@ test: $(STAMP)
 FAST_TESTS = tests/test_recipe.py tests/test_data.py tests/test_scale.py tests/test_report.py \
 	tests/test_probe.py tests/test_index.py tests/test_recipes_backbones.py tests/faults/test_bad_data.py \
 	tests/faults/test_overrides.py tests/faults/test_run_folder.py tests/faults/test_disk_errors.py \
-	tests/test_artifact.py::test_run_folder_holds_the_portable_artifact
+	tests/test_artifact.py::test_run_folder_holds_the_portable_artifact \
+	tests/test_standardise.py::test_feature_moments_over_views_and_memory_maps \
+	tests/test_standardise.py::test_begin_then_fold_is_exact_and_the_twin_computes_what_the_head_does \
+	tests/test_standardise.py::test_sgd_learns_badly_scaled_features_only_when_standardised
 test-fast: $(STAMP)
 	$(call q,$(BIN)/python) -m pytest $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile) -m "not slow" -x -q $(FAST_TESTS) $(PYTEST_ARGS)
 
