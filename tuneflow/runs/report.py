@@ -135,18 +135,18 @@ def stage_health(rows: list[dict], stages: list[dict]) -> list[dict]:
     out = []
     for i, st in enumerate(stages):
         mine = [r for r in rows if str(r.get("stage")) == str(i)]
-        losses = [float(r["loss"]) for r in mine if r.get("loss") not in ("", None)]
-        accs = [float(r["val_accuracy"]) for r in mine if r.get("val_accuracy") not in ("", None)]
         if not mine:
             continue
+        losses = [float(r["loss"]) for r in mine if r.get("loss") not in ("", None)]
+        accs = [float(r["val_accuracy"]) for r in mine if r.get("val_accuracy") not in ("", None)]
         h = {"stage": st["name"], "index": i, "epochs": len(mine),
              "best_val_accuracy": max(accs) if accs else None,
              "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
              "max_loss": max(losses) if losses else None, "diverged": False}
         low = math.inf
-        for i, v in enumerate(losses):
-            if i and v > DIVERGED_RATIO * low and v > low + DIVERGED_MARGIN:
-                h["diverged"], h["diverged_at_epoch"], h["lowest_before"] = True, i + 1, low
+        for epoch, v in enumerate(losses, 1):
+            if v > DIVERGED_RATIO * low and v > low + DIVERGED_MARGIN:  # never at epoch 1: low is inf
+                h["diverged"], h["diverged_at_epoch"], h["lowest_before"] = True, epoch, low
                 break
             low = min(low, v)
         out.append(h)

@@ -191,6 +191,21 @@ def cache_trainer(recipe, head, channels: int):
     return trainer, pool
 
 
+def pooled_features(asm: Assembly, pool):
+    """The frozen backbone's features as the cache holds them: through the head's pooling layer
+    (``pool``, from :func:`cache_trainer`), or the maps themselves for a conv head (None)."""
+    if pool is None:
+        return asm.feature_model
+    return keras.Model(asm.feature_model.input, pool(asm.feature_model.output), name="pooled_features")
+
+
+def cache_extractor(recipe, feat_model) -> FeatureExtractor:
+    """The feature pass that fills a stage's cache: the recipe's engine, at float32 unless
+    ``feature_precision=run`` (see Recipe.feature_precision)."""
+    return FeatureExtractor(feat_model, recipe.feature_engine,
+                            precision="float32" if recipe.feature_precision == "float32" else None)
+
+
 def cached_features(plan: Plan, bundle: DataBundle, extractor: FeatureExtractor, tap):
     """Train (views, N, ...) and val (N, ...) features from the cache, computed once if missing.
 
@@ -392,11 +407,9 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
             apply_freeze(asm.backbone, plan.spec, train, freeze_bn=plan.freeze_bn)
         if use_cache:
             trainer, pool = cache_trainer(r, asm.head, int(asm.feature_model.output.shape[-1]))
-            feat_model = asm.feature_model if pool is None else keras.Model(
-                asm.feature_model.input, pool(asm.feature_model.output), name="pooled_features")
+            feat_model = pooled_features(asm, pool)
             if extractor is None or extractor.weights_key != _digest(feat_model):
-                extractor = FeatureExtractor(feat_model, r.feature_engine,
-                                             precision="float32" if r.feature_precision == "float32" else None)
+                extractor = cache_extractor(r, feat_model)
             ftr, val_feats = cached_features(plan, bundle, extractor, asm.tap)
             views = ftr.shape[0]
             train_x, steps = cached_dataset(plan, ftr.reshape((-1,) + ftr.shape[2:]),
@@ -440,7 +453,7 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
                 def validate():
                     return val_metrics(dist_predict(asm.model, bundle.val.x, max(plan.global_batch, 64)),
                                        bundle.val.y)
-        if use_cache and lbfgs:
+        if lbfgs:
             if si == start_stage and resume_from is not None and start_epoch > 0:
                 ckpts.restore(resume_from, with_optimizer=False)
             _fit_head_lbfgs(plan, bundle, run, trainer, ftr, si, validate)

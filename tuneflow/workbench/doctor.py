@@ -136,7 +136,7 @@ def label_suspects(features, y, n_classes, seed=0):
 def check_labels(plan, bundle, asm, out_dir):
     from scipy.stats import binomtest
 
-    from .lr_find import head_on_cache
+    from .lr_find import head_features
     x_all = np.concatenate([bundle.train.x, bundle.val.x])
     y_all = np.concatenate([bundle.train.y, bundle.val.y])
     files = bundle.train.files + bundle.val.files if bundle.train.files else []
@@ -144,7 +144,7 @@ def check_labels(plan, bundle, asm, out_dir):
     from ..backbones import apply_freeze
     apply_freeze(asm.backbone, plan.spec, "frozen", freeze_bn=plan.freeze_bn)
     # The features of the frozen backbone for every image (train and val), through the feature cache.
-    _, ftr, fva = head_on_cache(plan, bundle, asm)
+    ftr, fva = head_features(plan, bundle, asm)
     feats = np.concatenate([ftr, fva])[idx]
     y = y_all[idx]
     k = len(plan.classes)

@@ -287,25 +287,30 @@ def prepare(recipe, data, overrides=()):
     return recipe, bundle, Plan.make(recipe, bundle, tf.distribute.get_strategy(), precision)
 
 
+def _cached_head(plan, bundle, asm):
+    """(the plain head on cached vectors, train features (views, N, C), val features), from the
+    cache the run's head stage uses (same pooling, engine and precision)."""
+    from ..training.stages import cache_extractor, cache_trainer, cached_features, pooled_features
+    plain, pool = cache_trainer(plan.recipe, asm.head, int(asm.feature_model.output.shape[-1]))
+    ftr, fva = cached_features(plan, bundle, cache_extractor(plan.recipe, pooled_features(asm, pool)), asm.tap)
+    return plain, ftr, fva
+
+
+def head_features(plan, bundle, asm):
+    """(train features, val features) as float32 arrays, the first view of the training cache."""
+    _, ftr, fva = _cached_head(plan, bundle, asm)
+    return np.asarray(ftr[0], np.float32), np.asarray(fva, np.float32)
+
+
 def head_on_cache(plan, bundle, asm):
     """(trainer, train features, val features) for the head on cached pooled features: the same
     trainer the stage trains (a linear head on standardised features, see
-    :mod:`~tuneflow.training.standardise`), on the same cache (same engine and precision)."""
-    import keras
-
-    from ..features.extractor import FeatureExtractor
-    from ..training.stages import cache_trainer, cached_features
+    :mod:`~tuneflow.training.standardise`), on the same cache."""
     from ..training.standardise import StandardisedHead, standardises
-    r = plan.recipe
-    trainer, pool = cache_trainer(r, asm.head, int(asm.feature_model.output.shape[-1]))
-    feat = asm.feature_model if pool is None else keras.Model(
-        asm.feature_model.input, pool(asm.feature_model.output), name="pooled_features")
-    extractor = FeatureExtractor(feat, r.feature_engine,
-                                 precision="float32" if r.feature_precision == "float32" else None)
-    ftr, fva = cached_features(plan, bundle, extractor, asm.tap)
-    if standardises(r):
+    trainer, ftr, fva = _cached_head(plan, bundle, asm)
+    if standardises(plan.recipe):
         with plan.strategy.scope():
-            trainer = StandardisedHead(r, trainer, ftr).trainer
+            trainer = StandardisedHead(plan.recipe, trainer, ftr).trainer
     return trainer, np.asarray(ftr[0], np.float32), np.asarray(fva, np.float32)
 
 
@@ -407,7 +412,7 @@ def _probe_head(plan, bundle, asm) -> None:
     from ..backbones import apply_freeze
     from ..training.probe import fit_probe
     apply_freeze(asm.backbone, plan.spec, "frozen", freeze_bn=plan.freeze_bn)
-    _, ftr, _ = head_on_cache(plan, bundle, asm)
+    ftr, _ = head_features(plan, bundle, asm)
     w = None if plan.class_weights is None else plan.class_weights[bundle.train.y]
     probe = fit_probe(ftr, bundle.train.y, sample_weight=w, n_classes=len(plan.classes), seed=plan.recipe.seed)
     probe.write_into(asm.head.get_layer(asm.head.layers[-1].name))
