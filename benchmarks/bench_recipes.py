@@ -118,6 +118,7 @@ def goal_row(name: str, data: Path, out: Path, precision: str) -> dict:
     from tuneflow import build_backbone
     from tuneflow.data import load_data
     from tuneflow.features.extractor import FeatureExtractor
+    from bench_scale import Peak  # its /proc/self/status reader
     _, recipe, goal_acc, goal_s = GOALS[name]
     t0 = time.time()
     res = tuneflow.finetune(recipe, str(data), str(out), overrides={"precision": precision}, verbose=0)
@@ -142,13 +143,8 @@ def goal_row(name: str, data: Path, out: Path, precision: str) -> dict:
             "artifact_seconds": rep.get("artifact_seconds"), "goal_accuracy": goal_acc, "goal_seconds": goal_s,
             "sklearn_logreg_val_accuracy": sk, "sklearn_features": f"{rep['backbone']} pooled, {size} px, {rep.get('resize') or r.resize}",
             "sklearn_seconds": round(time.time() - t1, 1), "same_split": same_split,
-            "vmhwm_mb": _vmhwm_mb(), "cpus": os.cpu_count()}
-
-
-def _vmhwm_mb() -> float:
-    """This process's peak resident memory (the row runs in a process of its own)."""
-    with open("/proc/self/status") as f:
-        return round(next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024, 1)
+            # this process's peak resident memory (the row runs in a process of its own)
+            "vmhwm_mb": round(Peak.now()["VmHWM"] / 1024, 1), "cpus": os.cpu_count()}
 
 
 def goals_main(args):
