@@ -258,7 +258,7 @@ def test_a_diverging_stage_is_named_in_the_report_and_not_kept(tmp_path, tiny_fo
 
 
 @pytest.mark.parametrize("opt", ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw"])
-@pytest.mark.parametrize("schedule", ["constant", "step", "exponential", "inverse_time", "cosine", "warmup_cosine", "plateau"])
+@pytest.mark.parametrize("schedule", ["constant", "step", "exponential", "inverse_time", "cosine", "warmup_cosine", "one_cycle", "plateau"])
 def test_optimizer_and_schedule_registry(opt, schedule):
     from tuneflow.training.optim import current_lr, make_optimizer
     from tuneflow.recipe import Stage
@@ -269,6 +269,24 @@ def test_optimizer_and_schedule_registry(opt, schedule):
     assert 0 < lr0 <= 0.1 + 1e-6
     if schedule == "warmup_cosine":
         assert lr0 == pytest.approx(0.001)
+    if schedule == "one_cycle":
+        assert lr0 == pytest.approx(0.1 / 25, rel=1e-5)
+
+
+def test_one_cycle_rises_to_the_peak_then_anneals():
+    """fastai's shape: lr/25 at the start, the peak at 25% of the steps, lr/1e5 at the end, and
+    monotone on each side; it survives a save/load round trip (resumable checkpoints)."""
+    import keras
+    from tuneflow.training.optim import OneCycle, make_schedule
+    from tuneflow.recipe import Stage
+    sched = make_schedule(Stage("s", epochs=4, lr=0.01, schedule="one_cycle"), 0.01, steps_per_epoch=25)
+    assert isinstance(sched, OneCycle) and sched.total_steps == 100
+    lrs = np.array([float(sched(i)) for i in range(101)])
+    assert lrs[0] == pytest.approx(0.01 / 25, rel=1e-5) and lrs.max() == pytest.approx(0.01, rel=1e-5) and lrs.argmax() == 25
+    assert lrs[100] == pytest.approx(0.01 / 1e5, rel=1e-3)
+    assert (np.diff(lrs[:26]) > 0).all() and (np.diff(lrs[25:]) < 0).all()
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(sched))
+    assert [float(again(i)) for i in (0, 25, 60)] == pytest.approx([lrs[0], lrs[25], lrs[60]], rel=1e-5)
 
 
 def test_norm_and_precision_choices():

@@ -27,6 +27,39 @@ def _warmup_cosine(stage, lr, steps):
                                                   warmup_target=lr, warmup_steps=warm)
 
 
+@keras.saving.register_keras_serializable(package="tuneflow")
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """fastai's one-cycle LR (``fit_one_cycle``, Smith 2018): cosine up from ``peak / div`` to
+    ``peak`` over the first ``pct_start`` of the steps, then cosine down to ``peak / div_final``.
+
+    The range test's suggestion (``tuneflow lr-find``, fastai's "valley") is a peak LR for this
+    schedule: the LR is high only in the middle of the stage, when the weights are already past
+    the first steps and before the last ones settle. (fastai also cycles the momentum, 0.95 ->
+    0.85 -> 0.95; Keras optimizers take a fixed ``beta_1``, so the momentum stays at its value.)"""
+
+    def __init__(self, peak: float, total_steps: int, pct_start: float = 0.25, div: float = 25.0,
+                 div_final: float = 1e5):
+        self.peak, self.total_steps = float(peak), int(max(1, total_steps))
+        self.pct_start, self.div, self.div_final = float(pct_start), float(div), float(div_final)
+
+    def __call__(self, step):
+        ops = keras.ops
+        step = ops.cast(step, "float32")
+        up = max(1.0, self.pct_start * self.total_steps)
+        down = max(1.0, self.total_steps - up)
+        start, peak, end = self.peak / self.div, self.peak, self.peak / self.div_final
+
+        def cos(a, b, frac):  # from a to b along half a cosine, frac in [0, 1]
+            frac = ops.clip(frac, 0.0, 1.0)
+            return b + (a - b) * (1.0 + ops.cos(frac * 3.141592653589793)) / 2.0
+
+        return ops.where(step < up, cos(start, peak, step / up), cos(peak, end, (step - up) / down))
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps, "pct_start": self.pct_start,
+                "div": self.div, "div_final": self.div_final}
+
+
 # name -> (stage, peak lr, steps per epoch) -> a float or a LearningRateSchedule over optimizer steps
 SCHEDULES = {
     "constant": lambda s, lr, n: lr,
@@ -39,6 +72,8 @@ SCHEDULES = {
         lr, decay_steps=_total(s, n), decay_rate=9.0),
     "cosine": lambda s, lr, n: keras.optimizers.schedules.CosineDecay(lr, decay_steps=_total(s, n)),
     "warmup_cosine": _warmup_cosine,  # linear warm-up from lr/100 over warmup_epochs, then cosine
+    # fastai's fit_one_cycle: lr/25 -> lr (cosine, first 25% of the stage) -> lr/1e5 (cosine)
+    "one_cycle": lambda s, lr, n: OneCycle(lr, _total(s, n)),
 }
 
 
