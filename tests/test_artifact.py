@@ -16,7 +16,7 @@ from PIL import Image
 import tuneflow
 from conftest import REPO, SHARED, make_image_folder, random_lite0_weights
 
-FAST = {"input_size": 48, "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32",
+FAST = {"input_size": 48, "backbone": "efficientnet_lite0", "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32",
         "head__epochs": 3}
 
 

@@ -17,7 +17,7 @@ from conftest import REPO, make_image_folder, random_lite0_weights
 from tuneflow import finetune
 from tuneflow.runs.checkpoints import CheckpointMismatchError, Checkpoints, restore_model
 
-FT = {"input_size": 32, "weights": random_lite0_weights(), "batch_size": 4, "precision": "float32",
+FT = {"input_size": 32, "backbone": "efficientnet_lite0", "weights": random_lite0_weights(), "batch_size": 4, "precision": "float32",
       "head__epochs": 1, "finetune__epochs": 3, "head__patience": 0, "finetune__patience": 0}
 
 
@@ -108,7 +108,7 @@ STRATEGY_SCRIPT = textwrap.dedent("""
     from tuneflow import finetune
     from tuneflow.runs.checkpoints import restore_model
     data, out, train_strategy, restore_strategy, weights = sys.argv[1:6]
-    ov = dict(input_size=32, weights=weights, batch_size=4, precision="float32", strategy=train_strategy,
+    ov = dict(input_size=32, backbone="efficientnet_lite0", weights=weights, batch_size=4, precision="float32", strategy=train_strategy,
               head__epochs=1, finetune__epochs=1, scale_lr=True, head__schedule="constant", head_solver="sgd")
     res = finetune("large_similar", data, out, overrides=ov, verbose=0)
     x = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3)).astype(np.float32)
@@ -158,7 +158,7 @@ def test_sigkill_mid_epoch_then_resume_finishes_like_an_uninterrupted_run(tmp_pa
     # cached-prefix path would make an epoch too short to land a kill inside it), 40 steps an epoch.
     data = make_image_folder(tmp_path / "d", per_class=40, size=32)
     run = tmp_path / "run"
-    sets = ["input_size=32", f"weights={random_lite0_weights()}", "batch_size=2", "precision=float32",
+    sets = ["input_size=32", "backbone=efficientnet_lite0", f"weights={random_lite0_weights()}", "batch_size=2", "precision=float32",
             "head.epochs=1", "finetune.epochs=4", "head.patience=0", "finetune.patience=0", "prefix_cache=off"]
     cmd = [sys.executable, "-m", "tuneflow", "finetune", "large_similar", "--data", str(data),
            "--out", str(run)] + [a for s in sets for a in ("--set", s)]

@@ -49,7 +49,7 @@ WORKER = textwrap.dedent("""
     import json, os, sys, numpy as np
     from tuneflow import finetune
     data, out, dump, weights = sys.argv[1:5]
-    ov = dict(input_size=32, weights=weights, batch_size=4, precision="float32", strategy="multiworker",
+    ov = dict(input_size=32, backbone="efficientnet_lite0", weights=weights, batch_size=4, precision="float32", strategy="multiworker",
               head__epochs=2, finetune__epochs=2, head__patience=0, finetune__patience=0,
               head_solver="sgd")  # the head trained by the optimizer too: collectives in both stages
     res = finetune("large_similar", data, out, overrides=ov, verbose=0)
@@ -116,7 +116,7 @@ RESUMING_WORKER = textwrap.dedent("""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     from tuneflow import finetune
     data, out, dump, weights, mode = sys.argv[1:6]
-    ov = dict(input_size=32, weights=weights, batch_size=4, precision="float32", strategy="multiworker",
+    ov = dict(input_size=32, backbone="efficientnet_lite0", weights=weights, batch_size=4, precision="float32", strategy="multiworker",
               head__epochs=1, finetune__epochs=3, head__patience=0, finetune__patience=0)
     index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     if mode == "crash":  # both workers stop after fine-tuning epoch 1, as a preempted job would

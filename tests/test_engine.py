@@ -12,7 +12,7 @@ from tuneflow.training.distribute import choose_precision
 from tuneflow.training.heads import choose_norm
 from tuneflow.runs.folder import RunExistsError
 
-FAST = {"input_size": 32, "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32"}
+FAST = {"input_size": 32, "backbone": "efficientnet_lite0", "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32"}
 
 
 def _fast(recipe_name, **extra):

@@ -168,7 +168,7 @@ def test_engine_choice_and_its_errors(monkeypatch):
 
 def test_the_engine_is_part_of_the_cache_key_and_named_in_the_report(tmp_path, tiny_folder, monkeypatch):
     monkeypatch.setenv("TUNEFLOW_HOME", str(tmp_path / "home"))  # an empty cache: no other test's features
-    base = {"input_size": 32, "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32", "head__epochs": 2}
+    base = {"input_size": 32, "backbone": "efficientnet_lite0", "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32", "head__epochs": 2}
     before = set(fcache.cache_root().glob("*.npy")) if fcache.cache_root().exists() else set()
     reports = {}
     for engine in ("tensorflow", "openvino"):
@@ -190,7 +190,7 @@ def test_the_engine_is_part_of_the_cache_key_and_named_in_the_report(tmp_path, t
 
 @pytest.mark.parametrize("engine", ["tensorflow", "openvino"])
 def test_augmented_views_in_the_cache(tmp_path, tiny_folder, engine):
-    over = {"input_size": 32, "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32", "head__epochs": 2,
+    over = {"input_size": 32, "backbone": "efficientnet_lite0", "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32", "head__epochs": 2,
             "cache_views": 3, "augment": "medium", "feature_engine": engine}
     before = set(fcache.cache_root().glob("*.npy")) if fcache.cache_root().exists() else set()
     res = finetune("small_similar", tiny_folder, tmp_path / "r", verbose=0, overrides=over)

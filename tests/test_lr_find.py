@@ -280,7 +280,7 @@ def test_head_stage_uses_the_depth_finetune_keeps(tmp_path, monkeypatch):
     monkeypatch.setattr(taps_mod, "_probe_scores", lambda plan, xtr, ytr, xva, yva: {
         **real(plan, xtr, ytr, xva, yva), "inner": float(xtr.shape[1])})
     data = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=10)
-    over = {"input_size": 32, "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32",
+    over = {"input_size": 32, "backbone": "efficientnet_lite0", "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32",
             "head_solver": "sgd", "head__epochs": 1}
     found = lr_find("small_different", data, steps=10, out=tmp_path, overrides=over)
     res = finetune("small_different", data, tmp_path / "run", overrides=over, verbose=0)

@@ -91,7 +91,7 @@ def test_a_recipe_fine_tunes_through_the_prefix_cache_and_its_artifact_is_the_wh
     from conftest import random_lite0_weights
     from tuneflow.training.finetune import finetune
     data = make_image_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=12, size=48)
-    common = [f"weights={random_lite0_weights()}", "input_size=64", "head.epochs=2", "finetune.epochs=2",
+    common = ["backbone=efficientnet_lite0", f"weights={random_lite0_weights()}", "input_size=64", "head.epochs=2", "finetune.epochs=2",
               "augment=none"]
     with caplog.at_level("INFO", logger="tuneflow"):
         res = finetune("large_similar", str(data), tmp_path / "on", verbose=0, overrides=common)

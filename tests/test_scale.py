@@ -588,7 +588,7 @@ SHARD_WORKER = textwrap.dedent("""
         return real(Split(Recorder(split.x), split.y, split.files), *a, **k)
     stages.train_dataset = train_dataset
 
-    ov = dict(input_size=32, weights=weights, batch_size=4, precision="float32", strategy="multiworker",
+    ov = dict(input_size=32, backbone="efficientnet_lite0", weights=weights, batch_size=4, precision="float32", strategy="multiworker",
               head__epochs=1, finetune__epochs=2, head__patience=0, finetune__patience=0)
     if "prefix_cache" in Recipe.__dataclass_fields__:
         ov["prefix_cache"] = "off"  # the fine-tuning stage reads images, not cached activations
@@ -631,7 +631,7 @@ def test_a_recipe_runs_from_the_store_and_a_memory_mapped_cache(tmp_path, on_dis
     from tuneflow import finetune
     from tuneflow.features import cache as fcache
     data = make_image_folder(tmp_path / "d", per_class=10, size=24)
-    ov = {"input_size": 32, "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32",
+    ov = {"input_size": 32, "backbone": "efficientnet_lite0", "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32",
           "head__epochs": 2}
     before = set(fcache.cache_root().glob("*.npy")) if fcache.cache_root().exists() else set()
     with caplog.at_level(logging.INFO, logger="tuneflow"):

@@ -11,7 +11,7 @@ from tuneflow.recipe import Recipe
 from tuneflow.recipes import small_similar
 
 # A cached head stage trained by SGD (not L-BFGS: that one has no epochs), then the top block end to end.
-TINY = {"input_size": 32, "weights": random_lite0_weights(), "batch_size": 4, "precision": "float32",
+TINY = {"input_size": 32, "backbone": "efficientnet_lite0", "weights": random_lite0_weights(), "batch_size": 4, "precision": "float32",
         "head_solver": "sgd", "head__epochs": 2, "head__patience": 0, "finetune__epochs": 2,
         "finetune__patience": 0, "finetune__train": "top:1"}
 PREFIX = "prefix_cache" in Recipe.__dataclass_fields__  # fine-tuning on the frozen prefix's cached activations
@@ -140,7 +140,7 @@ logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 from tuneflow import finetune
 data, out, dump, weights = sys.argv[1:5]
 finetune("large_similar", data, out, verbose=0,
-         overrides=dict(input_size=32, weights=weights, batch_size=4, precision="float32", strategy="multiworker",
+         overrides=dict(input_size=32, backbone="efficientnet_lite0", weights=weights, batch_size=4, precision="float32", strategy="multiworker",
                         head__epochs=1, finetune__epochs=1, head__patience=0, finetune__patience=0, head_solver="sgd"))
 """
 
