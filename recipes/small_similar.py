@@ -18,12 +18,6 @@ recipe = Recipe(
     l2=1e-4,  # on the head's kernel
     stages=(
         # Adam at 1e-3 is the practitioners' default; 60 epochs over ~250 cached vectors take ~1 s.
-        # (Used by SGD heads: head_solver=sgd, mlp/conv heads, caches too large for L-BFGS.)
-        # One-cycle (fastai's fit_one_cycle): lr is the peak, and the LR range test's suggestion
-        # (`tuneflow lr-find`, the "valley" rule) is a peak LR for exactly this schedule. At a
-        # constant LR the full runs' best LR sat below the suggestion (0.6-0.7 decades on data/digits
-        # and cats_dogs); under one-cycle their validation loss is flat from 1e-3 to 1e-2
-        # (benchmarks/bench_lr_find.py; README, "Tuning workbench").
-        Stage("head", train="frozen", epochs=60, optimizer="adam", lr=1e-3, patience=15, schedule="one_cycle"),
+        Stage("head", train="frozen", epochs=60, optimizer="adam", lr=1e-3, patience=15),
     ),
 )
