@@ -369,3 +369,35 @@ def test_suggest_names_the_cheapest_backbone_within_the_margin(monkeypatch):
     monkeypatch.setattr(sg, "BACKBONE_MARGIN", 0.0)
     c = sg.choose_backbone(x, y, ("efficientnet_lite0", "efficientnet_lite1"), budget_seconds=0.0)
     assert list(c["probes"]) == ["efficientnet_lite0"] and "budget" in c["reason"]
+
+
+def test_suggest_keeps_the_recipes_own_backbone_unless_another_probes_clearly_better():
+    """`auto` must not swap a recipe's measured backbone (large_similar: Lite1 at 280 px) for a
+    cheaper one that merely ties on a small probe, and must swap it for one clearly better."""
+    from tuneflow import suggest as sg
+    probes = {"efficientnet_lite0": {"accuracy": 0.990}, "efficientnet_lite1": {"accuracy": 0.992},
+              "efficientnet_lite2": {"accuracy": 0.993}}
+    choice = {"backbone": "efficientnet_lite0", "probes": probes, "reason": "r"}
+    assert registry.get("large_similar").backbone == "efficientnet_lite1"
+    b, why = sg.prefer_recipe_backbone(choice, "large_similar")  # own within the margin: kept
+    assert b == "efficientnet_lite1" and "keeps it" in why and "0.992" in why
+    b, why = sg.prefer_recipe_backbone(choice, "small_similar")  # own is the choice already
+    assert b == "efficientnet_lite0" and why == ""
+    clear = {**probes, "efficientnet_lite2": {"accuracy": 0.999}}  # 0.007 above Lite1: replaced
+    b, why = sg.prefer_recipe_backbone({"backbone": "efficientnet_lite2", "probes": clear, "reason": "r"},
+                                       "large_similar")
+    assert b == "efficientnet_lite2" and "replaces it" in why
+    b, _ = sg.prefer_recipe_backbone({"backbone": "efficientnet_lite0", "reason": "r",  # own not probed
+                                      "probes": {"efficientnet_lite0": {"accuracy": 0.9}}}, "large_similar")
+    assert b == "efficientnet_lite0"
+
+
+def test_suggest_names_the_recipes_backbone_on_a_tie(tmp_path, monkeypatch):
+    from tuneflow import suggest as sg
+    big = make_image_folder(tmp_path / "b", per_class=30, size=48, seed=3)
+    monkeypatch.setattr(sg, "LARGE_PER_CLASS", 20)
+    monkeypatch.setattr(sg, "BACKBONE_MARGIN", 1.0)  # every probe ties: the cheapest, Lite0, is chosen
+    monkeypatch.setattr(sg, "MARGIN", 1.0)  # the final layer always "wins": large_similar (Lite1)
+    r = sg.suggest(big, input_size=64, candidates=("efficientnet_lite0", "efficientnet_lite1"))
+    assert r["recipe"] == "large_similar"
+    assert r["backbone"] == "efficientnet_lite1" and "keeps it" in r["backbone_reason"], r["backbone_reason"]

@@ -61,6 +61,26 @@ def choose_backbone(x, y, candidates=CANDIDATES, budget_seconds: float = BUDGET_
                                                                f"budget: {', '.join(skipped)})" if skipped else "")}
 
 
+def prefer_recipe_backbone(choice: dict, recipe: str) -> tuple[str, str]:
+    """The backbone a run of ``recipe`` should use, given :func:`choose_backbone`'s ``choice``:
+    the recipe's own backbone when its probe is within ``BACKBONE_MARGIN`` of the best one (its
+    input size and stages were measured with it, on full runs: ``large_similar``'s Lite1 at 280 px
+    beat Lite0 on cats_dogs by 3 images of 1,000, well inside what a 60-images-per-class probe can
+    see), else the choice (a backbone that probes clearly better). Returns ``(backbone, reason
+    suffix)``; the suffix is empty when the choice stands."""
+    from . import recipes as registry
+    own = registry.get(recipe).backbone
+    probes = choice["probes"]
+    if own == choice["backbone"] or own not in probes:
+        return choice["backbone"], ""
+    best = max(p["accuracy"] for p in probes.values())
+    if probes[own]["accuracy"] >= best - BACKBONE_MARGIN:
+        return own, (f"; {recipe}'s own backbone {own} probes within {BACKBONE_MARGIN:.3f} of the best "
+                     f"({probes[own]['accuracy']:.3f}), so the recipe keeps it")
+    return choice["backbone"], (f"; it probes more than {BACKBONE_MARGIN:.3f} above {recipe}'s own "
+                                f"backbone {own} ({probes[own]['accuracy']:.3f}), so it replaces it")
+
+
 def suggest(data, backbone: str | None = None, input_size: int = 0, seed: int = 0,
             candidates=CANDIDATES, budget_seconds: float = BUDGET_SECONDS) -> dict:
     """Name the recipe (and, unless ``backbone`` is given, the backbone) for ``data``."""
@@ -101,6 +121,9 @@ def suggest(data, backbone: str | None = None, input_size: int = 0, seed: int = 
         confidence = float(infer.run(top, x, 32, engine, weights_key=weights_digest(top)).max(1).mean())
     large = per_class >= LARGE_PER_CLASS
     recipe = f"{'large' if large else 'small'}_{'similar' if similar else 'different'}"
+    if choice is not None:
+        backbone, why = prefer_recipe_backbone(choice, recipe)
+        choice = {**choice, "backbone": backbone, "reason": choice["reason"] + why}
     return {"recipe": recipe, "images_per_class": per_class, "large_threshold": LARGE_PER_CLASS,
             "num_classes": len(bundle.classes), "probe_accuracy": scores, "final_tap": taps[-1],
             "similar": bool(similar), "imagenet_confidence": confidence, "backbone": backbone,
