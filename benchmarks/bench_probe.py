@@ -131,7 +131,8 @@ def _name(split, i) -> str:
     return f"{f.parent.name}/{f.name}"
 
 
-BACKBONES = ("efficientnet_lite0:288", "efficientnet_lite1:240", "efficientnet_lite2:260", "efficientnet_lite2:320")
+BACKBONES = ("efficientnet_lite0:288", "efficientnet_lite1:240", "efficientnet_lite1:280", "efficientnet_lite2:260",
+             "efficientnet_lite2:320")
 
 
 def main_backbones(args):
