@@ -1,4 +1,5 @@
 import json
+import re
 
 import keras
 import numpy as np
@@ -289,6 +290,28 @@ def test_one_cycle_rises_to_the_peak_then_anneals():
     assert [float(again(i)) for i in (0, 25, 60)] == pytest.approx([lrs[0], lrs[25], lrs[60]], rel=1e-5)
 
 
+def test_one_cycle_edges_warmup_and_a_resumed_optimizer():
+    import keras
+    from tuneflow.training.optim import OneCycle, current_lr, make_optimizer, make_schedule
+    from tuneflow.recipe import Stage
+    assert float(OneCycle(0.01, 1)(0)) == pytest.approx(0.01, rel=1e-5)  # a 1-step stage runs at the peak
+    flat = OneCycle(0.01, 100, pct_start=0.0)  # no rise: starts at the peak and anneals
+    assert float(flat(0)) == pytest.approx(0.01, rel=1e-5) and float(flat(100)) == pytest.approx(1e-7, rel=1e-3)
+    for bad, msg in (({"pct_start": 1.5}, "pct_start=1.5 must lie in [0, 1]"), ({"div": 0}, "must be positive")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            OneCycle(0.01, 100, **bad)
+    # warmup_epochs sets the rise: 2 of 4 epochs -> the peak at step 20 of 40 (the default 25% would be step 10)
+    sched = make_schedule(Stage("s", epochs=4, lr=0.01, schedule="one_cycle", warmup_epochs=2), 0.01, 10)
+    lrs = [float(sched(i)) for i in range(41)]
+    assert int(np.argmax(lrs)) == 20 and sched.pct_start == 0.5
+    # A resumed stage rebuilds its optimizer and restores `iterations`: the LR is the schedule's at that step.
+    st = Stage("s", epochs=4, optimizer="adam", lr=0.01, schedule="one_cycle")
+    opt = make_optimizer(st, 0.01, steps_per_epoch=10)
+    opt.build([keras.Variable(np.zeros(2, np.float32))])
+    opt.iterations.assign(17)
+    assert current_lr(opt) == pytest.approx(float(OneCycle(0.01, 40)(17)), rel=1e-5)
+
+
 def test_norm_and_precision_choices():
     assert choose_norm("auto", 32) == "batch" and choose_norm("auto", 4) == "instance"
     assert choose_norm("group", 32) == "group"
@@ -372,24 +395,38 @@ def test_suggest_names_the_cheapest_backbone_within_the_margin(monkeypatch):
 
 
 def test_suggest_keeps_the_recipes_own_backbone_unless_another_probes_clearly_better():
-    """`auto` must not swap a recipe's measured backbone (large_similar: Lite1 at 280 px) for a
-    cheaper one that merely ties on a small probe, and must swap it for one clearly better."""
+    """`auto` must not swap a recipe's measured backbone (large_similar: Lite1 at 280 px) for one
+    that merely ties on a small probe (one image's worth at this sample size counts as a tie), and
+    must swap it for one clearly better, the cheapest such."""
     from tuneflow import suggest as sg
-    probes = {"efficientnet_lite0": {"accuracy": 0.990}, "efficientnet_lite1": {"accuracy": 0.992},
-              "efficientnet_lite2": {"accuracy": 0.993}}
-    choice = {"backbone": "efficientnet_lite0", "probes": probes, "reason": "r"}
     assert registry.get("large_similar").backbone == "efficientnet_lite1"
-    b, why = sg.prefer_recipe_backbone(choice, "large_similar")  # own within the margin: kept
-    assert b == "efficientnet_lite1" and "keeps it" in why and "0.992" in why
-    b, why = sg.prefer_recipe_backbone(choice, "small_similar")  # own is the choice already
-    assert b == "efficientnet_lite0" and why == ""
-    clear = {**probes, "efficientnet_lite2": {"accuracy": 0.999}}  # 0.007 above Lite1: replaced
-    b, why = sg.prefer_recipe_backbone({"backbone": "efficientnet_lite2", "probes": clear, "reason": "r"},
-                                       "large_similar")
-    assert b == "efficientnet_lite2" and "replaces it" in why
-    b, _ = sg.prefer_recipe_backbone({"backbone": "efficientnet_lite0", "reason": "r",  # own not probed
-                                      "probes": {"efficientnet_lite0": {"accuracy": 0.9}}}, "large_similar")
+    assert registry.get("small_similar").backbone == "efficientnet_lite0"
+
+    def choice(acc, chosen, images=1000):
+        names = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+        return {"backbone": chosen, "images": images, "reason": "r",
+                "probes": {n: {"accuracy": a} for n, a in zip(names, acc)}}
+
+    b, why = sg.prefer_recipe_backbone(choice((0.990, 0.992, 0.993), "efficientnet_lite0"), "large_similar")
+    assert b == "efficientnet_lite1" and "keeps it" in why and "0.992" in why  # own within the margin
+    b, why = sg.prefer_recipe_backbone(choice((0.990, 0.992, 0.993), "efficientnet_lite0"), "small_similar")
+    assert b == "efficientnet_lite0" and why == ""  # own is the choice already
+    # The cheapest within the margin of the best (Lite0) is only 0.001 above own: not a reason to
+    # leave it; Lite2, 0.0055 above own, is, and it replaces it.
+    b, why = sg.prefer_recipe_backbone(choice((0.9945, 0.9935, 0.999), "efficientnet_lite0"), "large_similar")
+    assert b == "efficientnet_lite2" and "replaces it" in why and "0.999 vs 0.994" in why
+    # Two of them clearly above own: the cheaper wins.
+    b, _ = sg.prefer_recipe_backbone(choice((0.990, 0.970, 0.992), "efficientnet_lite0"), "large_similar")
     assert b == "efficientnet_lite0"
+    # On 120 probed images one image is 0.0083: a 0.008 lead is a tie, a 0.017 lead is not.
+    b, why = sg.prefer_recipe_backbone(choice((0.975, 0.967, 0.975), "efficientnet_lite0", 120), "large_similar")
+    assert b == "efficientnet_lite1" and "0.008" in why
+    b, _ = sg.prefer_recipe_backbone(choice((0.983, 0.967, 0.983), "efficientnet_lite0", 120), "large_similar")
+    assert b == "efficientnet_lite0"
+    # The budget stopped the probe before the recipe's own backbone: it stays, and the reason says so.
+    b, why = sg.prefer_recipe_backbone({"backbone": "efficientnet_lite0", "reason": "r", "images": 120,
+                                        "probes": {"efficientnet_lite0": {"accuracy": 0.9}}}, "large_similar")
+    assert b == "efficientnet_lite1" and "not probed within the time budget" in why
 
 
 def test_suggest_names_the_recipes_backbone_on_a_tie(tmp_path, monkeypatch):
@@ -401,3 +438,4 @@ def test_suggest_names_the_recipes_backbone_on_a_tie(tmp_path, monkeypatch):
     r = sg.suggest(big, input_size=64, candidates=("efficientnet_lite0", "efficientnet_lite1"))
     assert r["recipe"] == "large_similar"
     assert r["backbone"] == "efficientnet_lite1" and "keeps it" in r["backbone_reason"], r["backbone_reason"]
+    assert r["probe_backbone"] == "efficientnet_lite0" and r["probe_size"] == 64  # what the taps' evidence came from

@@ -40,7 +40,8 @@ def _parser():
     s = sub.add_parser("suggest", help="recommend a recipe from the data")
     s.add_argument("data")
     s.add_argument("--backbone", default=None,
-                   help="probe this backbone only (default: compare the EfficientNet-Lites, name the best per second)")
+                   help="probe this backbone only (default: compare the EfficientNet-Lites, name the best per second; "
+                        "the named recipe keeps its own backbone unless one probes clearly above it)")
     s.add_argument("--json", action="store_true")
     a = sub.add_parser("augment-preview", help="write a PNG grid of augmented samples")
     a.add_argument("--data", required=True)
@@ -200,7 +201,7 @@ def _run(args) -> int:
         if args.json:
             print(json.dumps(result, indent=2))
         else:
-            print("evidence:")
+            print(f"evidence ({result['probe_backbone']} at {result['probe_size']} px):")
             for t, a in result["probe_accuracy"].items():
                 print(f"  linear probe at {t:24s} {a:.3f}")
             if result["imagenet_confidence"] is not None:

@@ -87,7 +87,7 @@ class Stage:
     optimizer: str = "adam"
     lr: float = 1e-3  # peak learning rate, before linear batch scaling
     schedule: str = "constant"
-    warmup_epochs: float = 0.0  # linear warm-up from lr/100, for warmup_cosine
+    warmup_epochs: float = 0.0  # linear warm-up from lr/100, for warmup_cosine; one_cycle: its rise (default 25%)
     momentum: float = 0.9  # sgd-family only
     weight_decay: float = 0.0  # decoupled (adamw) or optimizer weight decay
     patience: int = 0  # early-stopping patience in epochs (0 = off); best weights restored

@@ -2,7 +2,10 @@
 
 Backbone: a cross-validated linear probe (L-BFGS, :mod:`tuneflow.training.probe`) on the final pooled
 features of each offline EfficientNet-Lite (cheapest first, within a time budget); the cheapest one
-within ``BACKBONE_MARGIN`` of the most accurate is named: accuracy per second.
+within ``BACKBONE_MARGIN`` of the most accurate is named: accuracy per second. The named recipe
+keeps its own backbone unless a candidate probes clearly above it (:func:`prefer_recipe_backbone`).
+The recipe itself (similar/different) is read from the first chosen backbone's taps
+(``probe_backbone`` in the result).
 
 Size: training images per class (>= ``LARGE_PER_CLASS`` is "large").
 Similarity to ImageNet: a cross-validated linear probe on the backbone's final pooled
@@ -55,30 +58,42 @@ def choose_backbone(x, y, candidates=CANDIDATES, budget_seconds: float = BUDGET_
     chosen = next(n for n in probes if probes[n]["accuracy"] >= best - BACKBONE_MARGIN)
     tried = ", ".join(f"{n} {p['accuracy']:.3f} in {p['seconds']:.1f} s" for n, p in probes.items())
     skipped = [n for n in candidates if n not in probes]
-    return {"backbone": chosen, "probes": probes,
+    return {"backbone": chosen, "probes": probes, "images": int(len(x)),
             "reason": f"cross-validated probe accuracy: {tried}; {chosen} is the cheapest within "
                       f"{BACKBONE_MARGIN:.3f} of the best" + (f" (not tried within the {budget_seconds:.0f} s "
                                                                f"budget: {', '.join(skipped)})" if skipped else "")}
 
 
 def prefer_recipe_backbone(choice: dict, recipe: str) -> tuple[str, str]:
-    """The backbone a run of ``recipe`` should use, given :func:`choose_backbone`'s ``choice``:
-    the recipe's own backbone when its probe is within ``BACKBONE_MARGIN`` of the best one (its
-    input size and stages were measured with it, on full runs: ``large_similar``'s Lite1 at 280 px
-    beat Lite0 on cats_dogs by 3 images of 1,000, well inside what a 60-images-per-class probe can
-    see), else the choice (a backbone that probes clearly better). Returns ``(backbone, reason
-    suffix)``; the suffix is empty when the choice stands."""
+    """The backbone a run of ``recipe`` should use, given :func:`choose_backbone`'s ``choice``.
+
+    The recipe's own backbone was chosen with its input size and stages on full runs
+    (``large_similar``'s Lite1 at 280 px beat Lite0 on cats_dogs by 3 images of 1,000), a
+    difference a probe on 60 images per class cannot see. So it stays unless another candidate
+    probes clearly better: more than the tie margin above it, the margin being ``BACKBONE_MARGIN``
+    or one probed image's worth (1 / ``choice["images"]``), whichever is larger. Then the cheapest
+    such candidate within that margin of the best is named. When the time budget stopped the
+    probe before the recipe's own backbone, it stays too (nothing measured argues against it).
+    Returns ``(backbone, reason suffix)``; the suffix is empty when the choice was already the
+    recipe's own."""
     from . import recipes as registry
     own = registry.get(recipe).backbone
     probes = choice["probes"]
-    if own == choice["backbone"] or own not in probes:
-        return choice["backbone"], ""
+    if own == choice["backbone"]:
+        return own, ""
+    if own not in probes:
+        return own, (f"; {recipe}'s own backbone {own} was not probed within the time budget, "
+                     "so the recipe keeps it")
+    images = int(choice.get("images") or 0)
+    margin = max(BACKBONE_MARGIN, 1.0 / images) if images else BACKBONE_MARGIN
+    mine = probes[own]["accuracy"]
     best = max(p["accuracy"] for p in probes.values())
-    if probes[own]["accuracy"] >= best - BACKBONE_MARGIN:
-        return own, (f"; {recipe}'s own backbone {own} probes within {BACKBONE_MARGIN:.3f} of the best "
-                     f"({probes[own]['accuracy']:.3f}), so the recipe keeps it")
-    return choice["backbone"], (f"; it probes more than {BACKBONE_MARGIN:.3f} above {recipe}'s own "
-                                f"backbone {own} ({probes[own]['accuracy']:.3f}), so it replaces it")
+    better = [n for n in probes if probes[n]["accuracy"] - mine > margin and probes[n]["accuracy"] >= best - margin]
+    if not better:
+        return own, (f"; {recipe}'s own backbone {own} ({mine:.3f}) is within {margin:.3f} (a tie at this "
+                     "sample size) of every candidate that probes above it, so the recipe keeps it")
+    return better[0], (f"; {better[0]} probes more than {margin:.3f} above {recipe}'s own backbone {own} "
+                       f"({probes[better[0]]['accuracy']:.3f} vs {mine:.3f}), so it replaces it")
 
 
 def suggest(data, backbone: str | None = None, input_size: int = 0, seed: int = 0,
@@ -121,12 +136,14 @@ def suggest(data, backbone: str | None = None, input_size: int = 0, seed: int = 
         confidence = float(infer.run(top, x, 32, engine, weights_key=weights_digest(top)).max(1).mean())
     large = per_class >= LARGE_PER_CLASS
     recipe = f"{'large' if large else 'small'}_{'similar' if similar else 'different'}"
+    probe_backbone = backbone
     if choice is not None:
         backbone, why = prefer_recipe_backbone(choice, recipe)
         choice = {**choice, "backbone": backbone, "reason": choice["reason"] + why}
     return {"recipe": recipe, "images_per_class": per_class, "large_threshold": LARGE_PER_CLASS,
             "num_classes": len(bundle.classes), "probe_accuracy": scores, "final_tap": taps[-1],
             "similar": bool(similar), "imagenet_confidence": confidence, "backbone": backbone,
+            "probe_backbone": probe_backbone, "probe_size": int(size),
             "backbone_probes": choice["probes"] if choice else None,
             "backbone_reason": choice["reason"] if choice else f"backbone {backbone} given",
             "reason": (f"{per_class:.0f} images/class ({'>=' if large else '<'} {LARGE_PER_CLASS}); "

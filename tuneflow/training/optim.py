@@ -27,6 +27,12 @@ def _warmup_cosine(stage, lr, steps):
                                                   warmup_target=lr, warmup_steps=warm)
 
 
+def _cos(a, b, frac):
+    """From ``a`` to ``b`` along half a cosine as ``frac`` goes 0 -> 1 (clipped)."""
+    frac = keras.ops.clip(frac, 0.0, 1.0)
+    return b + (a - b) * (1.0 + keras.ops.cos(frac * 3.141592653589793)) / 2.0
+
+
 @keras.saving.register_keras_serializable(package="tuneflow")
 class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
     """fastai's one-cycle LR (``fit_one_cycle``, Smith 2018): cosine up from ``peak / div`` to
@@ -39,21 +45,26 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
 
     def __init__(self, peak: float, total_steps: int, pct_start: float = 0.25, div: float = 25.0,
                  div_final: float = 1e5):
+        if not 0.0 <= float(pct_start) <= 1.0:
+            raise ValueError(f"OneCycle: pct_start={pct_start!r} must lie in [0, 1] (the fraction of the steps "
+                             "spent rising to the peak).")
+        if float(div) <= 0 or float(div_final) <= 0 or float(peak) <= 0:
+            raise ValueError(f"OneCycle: peak={peak!r}, div={div!r} and div_final={div_final!r} must be positive.")
         self.peak, self.total_steps = float(peak), int(max(1, total_steps))
         self.pct_start, self.div, self.div_final = float(pct_start), float(div), float(div_final)
 
     def __call__(self, step):
         ops = keras.ops
         step = ops.cast(step, "float32")
-        up = max(1.0, self.pct_start * self.total_steps)
+        # A rise shorter than one step is no rise: the schedule starts at the peak and anneals over
+        # every step (a 1-step stage runs at the peak; fastai's would run at peak / div).
+        up = self.pct_start * self.total_steps
+        up = up if up >= 1.0 else 0.0
         down = max(1.0, self.total_steps - up)
         start, peak, end = self.peak / self.div, self.peak, self.peak / self.div_final
-
-        def cos(a, b, frac):  # from a to b along half a cosine, frac in [0, 1]
-            frac = ops.clip(frac, 0.0, 1.0)
-            return b + (a - b) * (1.0 + ops.cos(frac * 3.141592653589793)) / 2.0
-
-        return ops.where(step < up, cos(start, peak, step / up), cos(peak, end, (step - up) / down))
+        if up == 0.0:
+            return _cos(peak, end, step / down)
+        return ops.where(step < up, _cos(start, peak, step / up), _cos(peak, end, (step - up) / down))
 
     def get_config(self):
         return {"peak": self.peak, "total_steps": self.total_steps, "pct_start": self.pct_start,
@@ -72,8 +83,10 @@ SCHEDULES = {
         lr, decay_steps=_total(s, n), decay_rate=9.0),
     "cosine": lambda s, lr, n: keras.optimizers.schedules.CosineDecay(lr, decay_steps=_total(s, n)),
     "warmup_cosine": _warmup_cosine,  # linear warm-up from lr/100 over warmup_epochs, then cosine
-    # fastai's fit_one_cycle: lr/25 -> lr (cosine, first 25% of the stage) -> lr/1e5 (cosine)
-    "one_cycle": lambda s, lr, n: OneCycle(lr, _total(s, n)),
+    # fastai's fit_one_cycle: lr/25 -> lr (cosine, over warmup_epochs, else the first 25% of the
+    # stage) -> lr/1e5 (cosine)
+    "one_cycle": lambda s, lr, n: OneCycle(lr, _total(s, n),
+                                           pct_start=min(1.0, s.warmup_epochs / s.epochs) if s.warmup_epochs else 0.25),
 }
 
 
