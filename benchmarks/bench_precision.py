@@ -1,5 +1,5 @@
 """TensorFlow training speed by precision on this CPU: Lite0 with its top 2 blocks trainable (the
-large_similar fine-tuning stage), 224 px, batch 32, random pixels, after one warm-up fit.
+large_similar fine-tuning stage's shape; the recipe now runs Lite1), 224 px, batch 32, random pixels, after one warm-up fit.
 Each measurement in a fresh process; rounds alternate the policies, the fastest of each is kept.
 
     .venv/bin/python benchmarks/bench_precision.py [ROUNDS]   (default 2)

@@ -10,8 +10,8 @@ default logistic regression at each of the registry's depths.
     (the ceiling of linear probing: tuneflow's probe on each backbone's pooled features, with
      horizontal flips as extra training vectors and as test-time averaging, and on pairs of
      backbones' features concatenated; which validation images each gets wrong. Default
-     configurations: efficientnet_lite0:288 efficientnet_lite1:240 efficientnet_lite2:260
-     efficientnet_lite2:320; JSON in results/probe_backbones_NAME.json)
+     configurations: efficientnet_lite0:288 efficientnet_lite1:240 efficientnet_lite1:280
+     efficientnet_lite2:260 efficientnet_lite2:320; JSON in results/probe_backbones_NAME.json)
 """
 import json
 import sys

@@ -200,8 +200,8 @@ def test_early_stopping_state_survives_a_crash_and_resume(tmp_path, monkeypatch)
     Crash after epoch 2 (wait = 1): the resumed stage must stop at epoch 3 too, not restart its count."""
     import tuneflow.training.stages as train
     data = make_image_folder(tmp_path / "d", per_class=8)
-    ov = {"input_size": 32, "batch_size": 4, "precision": "float32", "head__epochs": 1, "head__patience": 0,
-          "finetune__epochs": 8, "finetune__patience": 2, "finetune__lr": 1e-12,
+    ov = {"input_size": 32, "backbone": "efficientnet_lite0", "batch_size": 4, "precision": "float32",
+          "head__epochs": 1, "head__patience": 0, "finetune__epochs": 8, "finetune__patience": 2, "finetune__lr": 1e-12,
           "finetune__schedule": "constant"}
     original = train.EpochHook.on_epoch_end
 

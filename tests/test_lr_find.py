@@ -14,7 +14,7 @@ from tuneflow.errors import RecipeError
 from tuneflow.workbench.lr_find import (BETA, inconclusive, lr_find, minimum_tenth, range_test, resolve_auto_lr,
                                         smooth, steepest, suggest, valley)
 
-FAST = {"input_size": 32, "precision": "float32", "head_solver": "sgd"}
+FAST = {"input_size": 32, "backbone": "efficientnet_lite0", "precision": "float32", "head_solver": "sgd"}
 
 
 @pytest.fixture(scope="module")

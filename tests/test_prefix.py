@@ -14,14 +14,23 @@ from tuneflow.recipe import RecipeError
 from tuneflow.training import prefix
 
 
-def _model(train: str, size: int = 64):
+def _model(train: str, size: int = 64, name: str = "efficientnet_lite0"):
     keras.utils.set_random_seed(0)
-    bb = build_backbone("efficientnet_lite0", weights=None, input_size=size)
+    bb = build_backbone(name, weights=None, input_size=size)
     head = keras.Sequential([keras.Input(bb.output.shape[1:]), keras.layers.GlobalAveragePooling2D(),
                              keras.layers.Dense(3, activation="softmax")])
     model = keras.Model(bb.input, head(bb.output))
-    apply_freeze(bb, get_spec("efficientnet_lite0"), train, freeze_bn=True)
+    apply_freeze(bb, get_spec(name), train, freeze_bn=True)
     return bb, model
+
+
+@pytest.mark.parametrize("name, boundary", [("efficientnet_lite0", "block6d_add"), ("efficientnet_lite1", "block6e_add")])
+def test_large_similars_top_2_cuts_each_lite_at_its_last_stage_6_block(name, boundary):
+    """large_similar's `top:2` (stage 7 and the head) on Lite1, its default backbone, and on Lite0:
+    the cut is the last block of stage 6 (Lite1 has one block more per stage than Lite0)."""
+    bb, model = _model("top:2", 64, name)
+    split = prefix.find_split(model, bb)
+    assert split is not None and split.boundary == boundary
 
 
 def test_the_split_is_exact_and_a_step_on_cached_activations_is_the_whole_models_step():
