@@ -47,7 +47,7 @@ def main():
         rows[f"ImageDataGenerator/{preset}"] = timed(gen)
         print(f"ImageDataGenerator {preset:7s} {rows[f'ImageDataGenerator/{preset}']:8.1f} img/s", flush=True)
     # what the pipeline must feed: Lite0 training the top 2 blocks (the shape of large_similar's fine-tuning
-    # stage; the recipe itself now runs Lite1 at 280 px, about 1.3x the multiply-adds)
+    # stage; the recipe itself now runs Lite1 at 280 px)
     import keras
     import tuneflow
     from tuneflow.training.heads import build_head
