@@ -90,8 +90,9 @@ def prefer_recipe_backbone(choice: dict, recipe: str) -> tuple[str, str]:
     best = max(p["accuracy"] for p in probes.values())
     better = [n for n in probes if probes[n]["accuracy"] - mine > margin and probes[n]["accuracy"] >= best - margin]
     if not better:
-        return own, (f"; {recipe}'s own backbone {own} ({mine:.3f}) is within {margin:.3f} (a tie at this "
-                     "sample size) of every candidate that probes above it, so the recipe keeps it")
+        above = "no candidate probes above it" if mine >= best else (
+            f"it is within {margin:.3f} (a tie at this sample size) of every candidate that probes above it")
+        return own, f"; {recipe}'s own backbone {own} ({mine:.3f}): {above}, so the recipe keeps it"
     return better[0], (f"; {better[0]} probes more than {margin:.3f} above {recipe}'s own backbone {own} "
                        f"({probes[better[0]]['accuracy']:.3f} vs {mine:.3f}), so it replaces it")
 
