@@ -1,7 +1,7 @@
 """tuneflow lr-find: is the range test's suggestion near the best LR of a grid of full runs?
 
     .venv/bin/python benchmarks/bench_lr_find.py [--pairs DATA:RECIPE[:k=v,k=v] ...] [--grid 1e-4 3e-4 ...]
-        [--set k=v ...] [--grid-from OLD.json] [--out FILE]
+        [--set k=v ...] [--grid-from OLD.json] [--seeds 0 1 2] [--out FILE]
     (default pairs: data/digits and ../shared/datasets/ants_bees with small_similar, when present;
      JSON in benchmarks/results/lr_find.json, rewritten after each pair)
 
@@ -16,7 +16,14 @@ Overrides after the recipe (``:fraction=0.2``) apply to that pair's range test a
 
 The grid does not depend on how the range test picks its LR, so ``--grid-from`` takes the grid
 runs of an earlier result file for every pair with the same data, recipe, overrides and grid LRs
-(the row then says ``"grid_from"``); the range test itself always runs afresh. The raw curve
+(the row then says ``"grid_from"``); the range test itself always runs afresh.
+
+``--seeds 0 1 2`` runs each grid LR once per seed and scores it by the mean val loss over the
+seeds (each seed's figures kept under ``"seeds"``): one run per LR on 57-200 validation images
+picks an argmin that noise moves. The recipe's ``seed`` also draws the split of a folder without
+one (brain_mri_yn, data/digits) and the ``fraction`` subsample, so there the mean is over splits
+too: the reference becomes the dataset's best LR rather than one draw's. The range test runs at
+seed 0, the recipe's own (what a user gets); seed 0's runs are reused from ``--grid-from``. The raw curve
 (LR and loss per step) is kept in each row, so the rules can be re-scored without re-running.
 """
 import argparse
@@ -32,7 +39,7 @@ REPO = HERE.parent
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
-def bench(data, recipe, grid, fixed, old_grid=None) -> dict:
+def bench(data, recipe, grid, fixed, old_grid=None, seeds=(0,)) -> dict:
     from tuneflow.training.finetune import finetune
     from tuneflow.workbench.lr_find import lr_find
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,15 +47,28 @@ def bench(data, recipe, grid, fixed, old_grid=None) -> dict:
         found = lr_find(recipe, data, stage=0, overrides=fixed, out=tmp)
         lr_seconds = time.time() - t0
         stage = found["stage"]
-        runs = old_grid
+        runs = old_grid if list(seeds) == [0] else None
         if runs is None:
             runs = []
             for lr in grid:
-                t0 = time.time()
-                res = finetune(recipe, data, Path(tmp) / f"lr{lr:g}", overrides=fixed + [f"{stage}.lr={lr:g}"],
-                               verbose=0)
-                runs.append({"lr": lr, "val_loss": res.report["val_loss"], "val_accuracy": res.report["val_accuracy"],
-                             "seconds": round(time.time() - t0, 1)})
+                per_seed = {}
+                for seed in seeds:
+                    reused = [r for r in (old_grid or []) if seed == 0 and r["lr"] == lr]
+                    if reused:  # seed 0 is the recipe's own seed: an earlier single-seed grid's run
+                        per_seed[seed] = {k: reused[0][k] for k in ("val_loss", "val_accuracy", "seconds")}
+                        continue
+                    t0 = time.time()
+                    extra = [f"seed={seed}"] if seed else []
+                    res = finetune(recipe, data, Path(tmp) / f"lr{lr:g}-s{seed}",
+                                   overrides=fixed + [f"{stage}.lr={lr:g}"] + extra, verbose=0)
+                    per_seed[seed] = {"val_loss": res.report["val_loss"], "val_accuracy": res.report["val_accuracy"],
+                                      "seconds": round(time.time() - t0, 1)}
+                row = {"lr": lr, **{k: sum(r[k] for r in per_seed.values()) / len(per_seed)
+                                    for k in ("val_loss", "val_accuracy")},
+                       "seconds": round(sum(r["seconds"] for r in per_seed.values()), 1)}
+                if list(seeds) != [0]:
+                    row["seeds"] = {str(k): v for k, v in per_seed.items()}
+                runs.append(row)
     row = score({"suggested_lr": found["suggested_lr"], "steep": found["steep"], "min": found["min"],
                  "inconclusive": found.get("inconclusive"), "grid": runs}, data, recipe, fixed, stage,
                 found["stopped"], lr_seconds)
@@ -100,6 +120,9 @@ def main(argv=None):
     p.add_argument("--grid", nargs="+", type=float, default=list(GRID))
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     p.add_argument("--grid-from", help="an earlier result file whose matching grid runs are reused")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="run each grid LR once per seed and score it by the mean val loss (seed 0 is the "
+                        "recipe's own; with --grid-from, its runs are reused). The range test runs at seed 0")
     p.add_argument("--out", default=str(HERE / "results" / "lr_find.json"))
     args = p.parse_args(argv)
     default = (REPO / "data" / "digits", REPO.parent / "shared" / "datasets" / "ants_bees")
@@ -112,7 +135,9 @@ def main(argv=None):
         data, recipe, extra = parse_pair(pair)
         fixed = ["head_solver=sgd"] + args.overrides + extra
         old = reusable_grid(args.grid_from, data, recipe, fixed, args.grid)
-        row = bench(data, recipe, args.grid, fixed, old)
+        row = bench(data, recipe, args.grid, fixed, old, tuple(args.seeds))
+        if list(args.seeds) != [0]:
+            row["seeds"] = list(args.seeds)
         if old is not None:
             row["grid_from"] = args.grid_from
         rows.append(row)
@@ -122,7 +147,7 @@ def main(argv=None):
               f"{'ok' if row['within_half_decade'] else 'MISS'}"
               f"{' (inconclusive: ' + row['inconclusive'] + ')' if row['inconclusive'] else ''}; "
               f"val loss at the nearest grid lr {row['val_loss_vs_best']:.2f}x the best", flush=True)
-        out.write_text(json.dumps({"command": command, "pairs": rows,
+        out.write_text(json.dumps({"command": command, "seeds": list(args.seeds), "pairs": rows,
                                    "within_half_decade": sum(r["within_half_decade"] for r in rows),
                                    "inconclusive": sum(bool(r["inconclusive"]) for r in rows),
                                    "val_loss_vs_best": [r["val_loss_vs_best"] for r in rows],
