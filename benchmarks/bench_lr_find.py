@@ -47,28 +47,26 @@ def bench(data, recipe, grid, fixed, old_grid=None, seeds=(0,)) -> dict:
         found = lr_find(recipe, data, stage=0, overrides=fixed, out=tmp)
         lr_seconds = time.time() - t0
         stage = found["stage"]
-        runs = old_grid if list(seeds) == [0] else None
-        if runs is None:
-            runs = []
-            for lr in grid:
-                per_seed = {}
-                for seed in seeds:
-                    reused = [r for r in (old_grid or []) if seed == 0 and r["lr"] == lr]
-                    if reused:  # seed 0 is the recipe's own seed: an earlier single-seed grid's run
-                        per_seed[seed] = {k: reused[0][k] for k in ("val_loss", "val_accuracy", "seconds")}
-                        continue
-                    t0 = time.time()
-                    extra = [f"seed={seed}"] if seed else []
-                    res = finetune(recipe, data, Path(tmp) / f"lr{lr:g}-s{seed}",
-                                   overrides=fixed + [f"{stage}.lr={lr:g}"] + extra, verbose=0)
-                    per_seed[seed] = {"val_loss": res.report["val_loss"], "val_accuracy": res.report["val_accuracy"],
-                                      "seconds": round(time.time() - t0, 1)}
-                row = {"lr": lr, **{k: sum(r[k] for r in per_seed.values()) / len(per_seed)
-                                    for k in ("val_loss", "val_accuracy")},
-                       "seconds": round(sum(r["seconds"] for r in per_seed.values()), 1)}
-                if list(seeds) != [0]:
-                    row["seeds"] = {str(k): v for k, v in per_seed.items()}
-                runs.append(row)
+        runs = []
+        for lr in grid:
+            per_seed = {}
+            for seed in seeds:
+                reused = [r for r in (old_grid or []) if seed == 0 and r["lr"] == lr]
+                if reused:  # seed 0 is the recipe's own seed: an earlier single-seed grid's run
+                    per_seed[seed] = {k: reused[0][k] for k in ("val_loss", "val_accuracy", "seconds")}
+                    continue
+                t0 = time.time()
+                extra = [f"seed={seed}"] if seed else []
+                res = finetune(recipe, data, Path(tmp) / f"lr{lr:g}-s{seed}",
+                               overrides=fixed + [f"{stage}.lr={lr:g}"] + extra, verbose=0)
+                per_seed[seed] = {"val_loss": res.report["val_loss"], "val_accuracy": res.report["val_accuracy"],
+                                  "seconds": round(time.time() - t0, 1)}
+            row = {"lr": lr, **{k: sum(r[k] for r in per_seed.values()) / len(per_seed)
+                                for k in ("val_loss", "val_accuracy")},
+                   "seconds": round(sum(r["seconds"] for r in per_seed.values()), 1)}
+            if list(seeds) != [0]:
+                row["seeds"] = {str(k): v for k, v in per_seed.items()}
+            runs.append(row)
     row = score({"suggested_lr": found["suggested_lr"], "steep": found["steep"], "min": found["min"],
                  "inconclusive": found.get("inconclusive"), "grid": runs}, data, recipe, fixed, stage,
                 found["stopped"], lr_seconds)
