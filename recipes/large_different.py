@@ -12,7 +12,8 @@ recipe = Recipe(
     l2=1e-4,
     clipnorm=10.0,  # global norm: deep fine-tuning at a higher LR can spike
     stages=(
-        Stage("head", train="frozen", epochs=20, optimizer="adam", lr=1e-3, patience=6),
+        # one-cycle for SGD-trained heads: the schedule lr-find's suggestion is a peak LR for (small_similar.py)
+        Stage("head", train="frozen", epochs=20, optimizer="adam", lr=1e-3, patience=6, schedule="one_cycle"),
         # SGD + momentum with cosine decay generalises well for long fine-tuning.
         Stage("finetune", train="top:6", epochs=10, optimizer="momentum", lr=1e-3,
               schedule="warmup_cosine", warmup_epochs=1, patience=4),

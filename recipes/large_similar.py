@@ -21,7 +21,8 @@ recipe = Recipe(
     l2=1e-4,
     stages=(
         # A good head first: fine-tuning with a random head would wreck the pretrained features.
-        Stage("head", train="frozen", epochs=30, optimizer="adam", lr=1e-3, patience=8),
+        # one-cycle for SGD-trained heads: the schedule lr-find's suggestion is a peak LR for (small_similar.py)
+        Stage("head", train="frozen", epochs=30, optimizer="adam", lr=1e-3, patience=8, schedule="one_cycle"),
         # Low LR (1e-5..1e-4) with 1 epoch of warm-up; BN stays frozen (freeze_bn=True).
         Stage("finetune", train="top:2", epochs=3, optimizer="adam", lr=3e-5,
               schedule="warmup_cosine", warmup_epochs=0.5, patience=2),

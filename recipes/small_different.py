@@ -14,6 +14,7 @@ recipe = Recipe(
     dropout=0.2,
     l2=1e-4,
     stages=(
-        Stage("head", train="frozen", epochs=60, optimizer="adam", lr=1e-3, patience=15),
+        # one-cycle for SGD-trained heads: the schedule lr-find's suggestion is a peak LR for (small_similar.py)
+        Stage("head", train="frozen", epochs=60, optimizer="adam", lr=1e-3, patience=15, schedule="one_cycle"),
     ),
 )

@@ -1,6 +1,7 @@
 """tuneflow search: trials in child processes, outputs, a journal that survives a kill, pruning, flat parent memory."""
 import csv
 import fcntl
+import functools
 import json
 import math
 import os
@@ -87,15 +88,27 @@ def test_trials_drop_histograms_unless_the_search_asked_for_them():
     assert _trial_sets(base, {"tensorboard_histograms": 2}) == ["tensorboard_histograms=2"]
 
 
-def test_default_prune_warmup_is_one_epoch_or_the_lr_warmup():
+def test_default_prune_warmup_is_epoch_2_on_loss_and_after_the_lr_rise_on_accuracy():
     from dataclasses import replace
     base = registry.get("small_similar")
-    assert base.stages[0].warmup_epochs == 0 and default_prune_warmup(base) == 1
-    warm = replace(base, stages=(replace(base.stages[0], schedule="warmup_cosine", warmup_epochs=2.5),))
-    assert default_prune_warmup(warm) == 3  # not judged before its learning rate is reached
-    assert default_prune_warmup(replace(base, stages=(replace(warm.stages[0], warmup_epochs=2),))) == 3
-    late = replace(base, stages=(base.stages[0], replace(base.stages[0], name="late", warmup_epochs=9)))
-    assert default_prune_warmup(late) == 1  # the first stage's: pruning reads the run's first epochs
+    head = base.stages[0]
+    # the recipe's head trains under one-cycle, its LR rising over the first 25% of 60 epochs
+    assert head.schedule == "one_cycle" and head.epochs == 60 and head.warmup_epochs == 0
+    assert head.rise_epochs == 15
+    assert default_prune_warmup(base) == default_prune_warmup(base, "val_loss") == 2
+    acc = functools.partial(default_prune_warmup, prune_on="val_accuracy")
+    assert acc(base) == 16  # accuracy is not judged before the LR has reached its peak
+    const = replace(base, stages=(replace(head, schedule="constant"),))
+    assert acc(const) == 1 and default_prune_warmup(const) == 2  # Optuna's own: from the first epoch
+    # warmup_epochs only counts for the schedules that rise over it
+    assert acc(replace(base, stages=(replace(head, schedule="constant", warmup_epochs=4),))) == 1
+    assert acc(replace(base, stages=(replace(head, warmup_epochs=4.5),))) == 5  # one-cycle's rise, given
+    warm = replace(base, stages=(replace(head, schedule="warmup_cosine", warmup_epochs=2.5),))
+    assert acc(warm) == 3
+    assert acc(replace(base, stages=(replace(warm.stages[0], warmup_epochs=2),))) == 3
+    late = replace(base, stages=(const.stages[0], replace(head, name="late", schedule="warmup_cosine",
+                                                          warmup_epochs=9)))
+    assert acc(late) == 1  # the first stage's: pruning reads the run's first epochs
 
 
 def test_narrow_space_keeps_the_best_quarter_on_its_scale():
@@ -207,6 +220,38 @@ def test_search_killed_mid_trial_continues_and_recomputes_at_most_one_trial(tmp_
     assert [r["head.lr"] for r in rows if r["state"] == "COMPLETE"].count(interrupted["head.lr"]) == 1
     assert len(list((out / "trials").glob("*.log"))) == 4
     assert not (out / "optuna-journal.log.lock").exists()
+
+
+@pytest.mark.slow
+def test_trials_are_compared_on_val_loss_by_default_and_a_search_keeps_its_signal(tmp_path, data):
+    import optuna
+    from tuneflow.workbench.search import JOURNAL, _storage
+
+    def intermediate(out):
+        study = optuna.load_study(study_name="round0", storage=_storage(out / JOURNAL))
+        (trial,) = study.get_trials(deepcopy=False)
+        with open(out / trial.user_attrs["run"] / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        return [trial.intermediate_values[s] for s in sorted(trial.intermediate_values)], rows
+
+    space = {"head.lr": [0.01]}
+    out = tmp_path / "s"
+    search("small_similar", data, 1, out=out, space=space, overrides={**SGD, "input_size": 32,
+           "precision": "float32", "head.epochs": 3}, verbose=False)
+    values, rows = intermediate(out)
+    assert len(rows) == 3 and values == pytest.approx([-float(r["val_loss"]) for r in rows])
+    with pytest.raises(RunError, match=r"compared on val_loss \(--prune-on val_loss\).*--prune-on val_accuracy"):
+        search("small_similar", data, 2, out=out, space=space, prune_on="val_accuracy",
+               overrides={**SGD, "input_size": 32, "precision": "float32", "head.epochs": 3}, verbose=False)
+    assert len(_rows(out)) == 1  # nothing ran
+    with pytest.raises(RecipeError, match="--prune-on 'loss'.*val_loss, val_accuracy"):
+        search("small_similar", data, 1, out=tmp_path / "t", prune_on="loss", overrides=SGD, verbose=False)
+    assert not (tmp_path / "t").exists()
+    acc = tmp_path / "acc"
+    search("small_similar", data, 1, out=acc, space=space, prune_on="val_accuracy",
+           overrides={**SGD, "input_size": 32, "precision": "float32", "head.epochs": 3}, verbose=False)
+    values, rows = intermediate(acc)
+    assert values == pytest.approx([float(r["val_accuracy"]) for r in rows])
 
 
 def _rss_mb(pid):

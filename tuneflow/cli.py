@@ -64,8 +64,11 @@ def _parser():
     se.add_argument("--narrow", type=int, nargs="?", const=1, default=0, metavar="ROUNDS",
                     help="then search again around the best trials (coarse to fine), ROUNDS times (default 1)")
     se.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
-    se.add_argument("--prune-warmup", type=int, help="the first epoch at which a trial may be pruned (default 1, as Optuna's; after the first stage's warmup_epochs when it has some)")
+    se.add_argument("--prune-warmup", type=int, help="the first epoch at which a trial may be pruned (default: 2 with --prune-on val_loss; with val_accuracy 1, as Optuna's, or the first epoch after the first stage's LR rise: warmup_epochs, or one-cycle's first 25%%)")
     se.add_argument("--prune-startup", type=int, default=5, help="completed trials before pruning starts")
+    se.add_argument("--prune-on", default="val_loss", choices=["val_loss", "val_accuracy"],
+                    help="the per-epoch figure trials are compared on (default val_loss; the search's "
+                         "objective is val accuracy either way)")
     se.add_argument("--seed", type=int, default=0, help="sampler seed")
     co = sub.add_parser("compare", help="one table and one figure comparing run folders")
     co.add_argument("runs", nargs="+", help="run folders")
@@ -215,7 +218,7 @@ def _run(args) -> int:
         search(args.recipe, args.data, args.trials, jobs=args.jobs, out=args.out, sampler=args.sampler,
                space=args.space, overrides=args.overrides, fraction=args.fraction, classes=args.classes,
                narrow=args.narrow, seed=args.seed, pruner=args.pruner, prune_warmup=args.prune_warmup,
-               prune_startup=args.prune_startup)
+               prune_startup=args.prune_startup, prune_on=args.prune_on)
         return 0
     if args.cmd == "compare":
         from .workbench.compare import compare, format_table

@@ -78,6 +78,8 @@ RANGES = {
 
 
 
+ONE_CYCLE_PCT_START = 0.25  # fastai's fit_one_cycle default: the share of a stage spent rising
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -91,6 +93,18 @@ class Stage:
     momentum: float = 0.9  # sgd-family only
     weight_decay: float = 0.0  # decoupled (adamw) or optimizer weight decay
     patience: int = 0  # early-stopping patience in epochs (0 = off); best weights restored
+
+    @property
+    def rise_epochs(self) -> float:
+        """The epochs over which the learning rate climbs to ``lr``: ``warmup_epochs`` under
+        ``warmup_cosine``; one-cycle's rise (``warmup_epochs`` when given, else the first 25% of
+        the stage, fastai's ``pct_start``); 0 for the schedules that start at ``lr``. Before then a
+        stage's curve says mostly how low its LR starts (a search's pruner waits for it)."""
+        if self.schedule == "one_cycle":
+            return float(self.warmup_epochs) if self.warmup_epochs else ONE_CYCLE_PCT_START * self.epochs
+        if self.schedule == "warmup_cosine":
+            return float(self.warmup_epochs)
+        return 0.0
 
 
 @dataclass(frozen=True)

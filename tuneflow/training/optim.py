@@ -85,8 +85,7 @@ SCHEDULES = {
     "warmup_cosine": _warmup_cosine,  # linear warm-up from lr/100 over warmup_epochs, then cosine
     # fastai's fit_one_cycle: lr/25 -> lr (cosine, over warmup_epochs, else the first 25% of the
     # stage) -> lr/1e5 (cosine)
-    "one_cycle": lambda s, lr, n: OneCycle(lr, _total(s, n),
-                                           pct_start=min(1.0, s.warmup_epochs / s.epochs) if s.warmup_epochs else 0.25),
+    "one_cycle": lambda s, lr, n: OneCycle(lr, _total(s, n), pct_start=min(1.0, s.rise_epochs / s.epochs)),
 }
 
 

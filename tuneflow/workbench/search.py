@@ -57,6 +57,7 @@ POLL_SECONDS = 0.02  # metrics.csv poll period; an epoch on cached features take
 PRESETS = ("default", "lr", "regularization")
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
+PRUNE_ON = ("val_loss", "val_accuracy")  # the per-epoch figure the pruner compares trials on
 GRID_POINTS = 3  # values per numeric range for --sampler grid: low, middle (on its scale), high
 TOP_FRACTION = 0.25  # --narrow keeps the range of the best quarter of a round's trials ...
 WIDEN = 0.10  # ... widened by 10% of the old range's width on each side
@@ -207,25 +208,37 @@ def narrow_space(space: dict, trials: list[tuple[dict, float]], top: float = TOP
     return out
 
 
-def default_prune_warmup(recipe) -> int:
+def default_prune_warmup(recipe, prune_on: str = "val_loss") -> int:
     """The first epoch at which a trial may be pruned when ``--prune-warmup`` is not given (Optuna's
-    ``n_warmup_steps``; steps are epochs counted from 1): 1, as Optuna's own MedianPruner default
-    (a trial is compared with the completed ones from its first epoch on), or, when the first stage
-    warms its learning rate up over ``warmup_epochs``, the first epoch after the warm-up (a trial is
-    not judged before its learning rate has reached its value).
+    ``n_warmup_steps``; steps are epochs counted from 1).
 
-    Measured (benchmarks/bench_search.py, ants_bees, 20 random trials, median pruner, 5 startup
-    trials): 61% of the epochs saved live, with the same best trial; replayed on the unpruned arm's
-    curves, pruning from epoch 2 saved 39%, from 3 39%, from 6 (the old default, 10% of a 60-epoch
-    stage) 36%. Trials early-stop after 17-60 epochs, most of them patience, so what pruning can
-    save is decided early."""
-    return int(math.floor(recipe.stages[0].warmup_epochs)) + 1
+    - Trials compared on ``val_loss`` (the default): 2. The first epoch's loss ranks trials by how
+      fast they start (it lost brain_mri_yn's best below); from epoch 2 the median rule kept the
+      best trial on every set below.
+    - On ``val_accuracy``: 1 (Optuna's own MedianPruner default), or, when the first stage's
+      learning rate rises to its value (``Stage.rise_epochs``: a warm-up, one-cycle's first 25%),
+      the first epoch after the rise: during it accuracy sits near chance for every trial whose
+      LR is still low, whatever it would reach.
+
+    Measured by replaying the median rule (5 startup trials) on the recorded epoch curves of
+    20-trial unpruned searches of ``small_similar`` with ``head_solver=sgd`` (random sampler,
+    default space; benchmarks/bench_search.py and the README's "search" paragraph): ants_bees with
+    one-cycle heads, with constant-LR heads, data/digits and brain_mri_yn with one-cycle heads.
+    val_loss from epoch 2 saved 52%, 50%, 51%, 58% of the epochs and kept the best trial on all
+    four (from epoch 1 it lost brain_mri_yn's best, 0.816 -> 0.776; from 6, 0.816 -> 0.796: on 49
+    validation images the most accurate trial is not the lowest-loss one). val_accuracy from
+    epoch 1 saved 58%, 58%, 57%, 42% but lost ants_bees' one-cycle best (0.961 -> 0.954: two
+    trials whose LR was still a 25th of its peak; from epochs 2-6 too); waiting out the rise kept
+    every best and saved 14-30% (JSON: benchmarks/results/search_replays.json)."""
+    if prune_on == "val_loss":
+        return 2
+    return int(math.floor(recipe.stages[0].rise_epochs)) + 1
 
 
 def search(recipe, data, trials: int, *, jobs: int = 1, out=None, sampler: str = "tpe", space=None,
            overrides=(), fraction: float | None = None, classes=None, narrow: int = 0, seed: int = 0,
            pruner: str = "median", prune_warmup: int | None = None, prune_startup: int = 5,
-           verbose: bool = True) -> SearchResult:
+           prune_on: str = "val_loss", verbose: bool = True) -> SearchResult:
     """Search recipe fields with Optuna, one ``tuneflow finetune`` process per trial.
 
     Args:
@@ -243,8 +256,14 @@ def search(recipe, data, trials: int, *, jobs: int = 1, out=None, sampler: str =
       narrow: coarse-to-fine rounds after the first, each over narrowed ranges.
       pruner: ``median`` (a trial below the median of completed ones at the same epoch stops),
         ``hyperband`` or ``none``; a trial is not pruned before its epoch ``prune_warmup``
-        (default :func:`default_prune_warmup`: from its first epoch, or after the first stage's LR
-        warm-up), nor before ``prune_startup`` trials completed.
+        (default :func:`default_prune_warmup`: from epoch 2 on ``val_loss``; on ``val_accuracy``
+        from epoch 1, or after the first stage's LR rise), nor before ``prune_startup`` trials
+        completed.
+      prune_on: the per-epoch figure trials are compared on: ``val_loss`` (the default; the
+        validation cross-entropy, which keeps moving where accuracy on a small validation set
+        moves in whole images or sits at chance during a warm-up) or ``val_accuracy``. The
+        study's objective is the val accuracy either way; the trials' intermediate values are the
+        negated loss under ``val_loss`` (Optuna compares them in the study's direction, maximize).
 
     >>> r = search("small_similar", "data/digits", 20, out="searches/digits")  # doctest: +SKIP
     >>> r.best_value, r.best_recipe                                             # doctest: +SKIP
@@ -258,6 +277,8 @@ def search(recipe, data, trials: int, *, jobs: int = 1, out=None, sampler: str =
         raise RecipeError(f"--sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}.")
     if pruner not in PRUNERS:
         raise RecipeError(f"--pruner {pruner!r}: choose one of {', '.join(PRUNERS)}.")
+    if prune_on not in PRUNE_ON:
+        raise RecipeError(f"--prune-on {prune_on!r}: choose one of {', '.join(PRUNE_ON)}.")
     full = _resolve(recipe).override(*_pairs(overrides))
     base = full
     if fraction is not None:
@@ -276,7 +297,7 @@ def search(recipe, data, trials: int, *, jobs: int = 1, out=None, sampler: str =
     try:
         storage = _storage(out / JOURNAL)
         runner = _Runner(out, storage, base, config, data, jobs, sampler, seed, pruner, prune_warmup,
-                         prune_startup, verbose)
+                         prune_startup, prune_on, verbose)
         runner.check_config()
         for r in range(narrow + 1):
             runner.run_round(r, trials)
@@ -314,11 +335,11 @@ class _Runner:
     """The parent loop: asks Optuna for trials, runs them as child processes, reports and prunes."""
 
     def __init__(self, out, storage, base, config, data, jobs, sampler, seed, pruner, prune_warmup,
-                 prune_startup, verbose):
+                 prune_startup, prune_on, verbose):
         self.out, self.storage, self.base, self.config, self.data = out, storage, base, config, data
         self.jobs, self.sampler_name, self.seed, self.verbose = jobs, sampler, seed, verbose
-        self.pruner_name, self.prune_startup = pruner, prune_startup
-        self.prune_warmup = prune_warmup if prune_warmup is not None else default_prune_warmup(base)
+        self.pruner_name, self.prune_startup, self.prune_on = pruner, prune_startup, prune_on
+        self.prune_warmup = prune_warmup if prune_warmup is not None else default_prune_warmup(base, prune_on)
         self.studies: list = []  # one per round so far
         self.spaces: list[dict] = []
         self.base_json = out / "base_recipe.json"
@@ -341,6 +362,13 @@ class _Runner:
         import optuna
         study = optuna.create_study(study_name=f"round{r}", storage=self.storage, direction="maximize",
                                     load_if_exists=True)
+        stored = study.user_attrs.get("prune_on", "val_accuracy" if study.get_trials(deepcopy=False) else None)
+        if stored not in (None, self.prune_on):  # the trials' intermediate values are in its units
+            raise RunError(f"{self.out} holds a search whose trials were compared on {stored} "
+                           f"(--prune-on {stored}); continuing it with --prune-on {self.prune_on} would "
+                           f"compare new trials with old ones in other units. Repeat it with --prune-on "
+                           f"{stored}, or choose another --out.")
+        study.set_user_attr("prune_on", self.prune_on)
         if r == 0:
             space = self.config["space"]
             study.set_user_attr("config", self.config)
@@ -427,7 +455,7 @@ class _Runner:
         for row in self._new_rows(child):
             step = child.offsets[row["stage"]] + row["epoch"]
             acc, loss = row["val_accuracy"], row["val_loss"]
-            child.trial.report(acc, step)
+            child.trial.report(-loss if self.prune_on == "val_loss" else acc, step)
             child.reported += 1
             if (acc, -loss) > (child.best[0], -child.best[1]):
                 child.best = (acc, loss)
