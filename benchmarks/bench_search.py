@@ -2,7 +2,7 @@
 the parent process's memory over many trials.
 
     .venv/bin/python benchmarks/bench_search.py [DATA] [--trials 20] [--rss-trials 50] [--jobs 1]
-        [--sampler random] [--pruner median]
+        [--sampler random] [--pruner median] [--set KEY=VALUE ...]
     (DATA defaults to ../shared/datasets/ants_bees; JSON in benchmarks/results/search_<data>.json)
 
 Both arms run ``tuneflow search small_similar`` with the default space, its head trained by its
@@ -35,10 +35,12 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def run_search(work: Path, name: str, data: str, trials: int, jobs: int, extra: list[str]) -> dict:
+def run_search(work: Path, name: str, data: str, trials: int, jobs: int, extra: list[str],
+               overrides: list[str] = ()) -> dict:
     out = work / name
     from tuneflow.recipe import Recipe
     sgd = ["--set", "head_solver=sgd"] if "head_solver" in Recipe.__dataclass_fields__ else []
+    sgd += [a for o in overrides for a in ("--set", o)]
     cmd = [sys.executable, "-m", "tuneflow", "search", "small_similar", "--data", data, "--trials", str(trials),
            "--jobs", str(jobs), "--out", str(out), "--seed", "0", *sgd, *extra]
     print(" ".join(cmd), flush=True)
@@ -82,9 +84,10 @@ def summarize(out: Path, command: str, wall: float | None, first: float | None, 
             "per_trial": [{k: r[k] for k in ("number", "state", "val_accuracy", "epochs", "seconds")} for r in rows]}
 
 
-def replay_pruner(out: Path, startup: int, warmup: int) -> dict:
+def replay_pruner(out: Path, startup: int, warmup: int, on: str = "val_loss") -> dict:
     """The median pruner replayed on a no-pruning search's recorded curves (each trial's
-    metrics.csv, in trial order): the epochs and best accuracy it would have given, without the
+    metrics.csv, in trial order), comparing trials on ``on`` (val_loss, reported negated as the
+    search does, or val_accuracy): the epochs and best accuracy it would have given, without the
     poll latency of a live search (which lets a killed trial run an epoch or two more)."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -95,7 +98,8 @@ def replay_pruner(out: Path, startup: int, warmup: int) -> dict:
     epochs, best, pruned = 0, None, 0
     for r in rows:
         with open(out / r["run"] / "metrics.csv", newline="") as f:
-            curve = [float(m["val_accuracy"]) for m in csv.DictReader(f)]
+            curve = [float(m["val_accuracy"]) if on == "val_accuracy" else -float(m["val_loss"])
+                     for m in csv.DictReader(f)]
         trial = study.ask()
         for step, acc in enumerate(curve, start=1):
             trial.report(acc, step)
@@ -106,8 +110,40 @@ def replay_pruner(out: Path, startup: int, warmup: int) -> dict:
         else:
             study.tell(trial, float(r["val_accuracy"]))
             epochs, best = epochs + len(curve), max(best or 0.0, float(r["val_accuracy"]))
-    return {"prune_startup": startup, "prune_warmup": warmup, "epochs": epochs, "pruned": pruned,
+    return {"prune_on": on, "prune_startup": startup, "prune_warmup": warmup, "epochs": epochs, "pruned": pruned,
             "best_val_accuracy": best}
+
+
+def replay_searches(dirs: list[Path]):
+    """The median pruner (5 startup trials) replayed on each search folder's curves, on both
+    signals and at warm-ups 1, 2, 3 and 6 and after the first stage's LR rise: epochs saved against
+    the unpruned search, and whether the best trial survived."""
+    from tuneflow.recipe import Recipe
+    from tuneflow.workbench.search import default_prune_warmup
+    out = {"command": "benchmarks/bench_search.py " + " ".join(sys.argv[1:]), "searches": []}
+    for d in dirs:
+        recipe = Recipe.from_json((d / "base_recipe.json").read_text())
+        done = summarize(d, str(d), None, None, None)
+        total, best = done["epochs"], done["best_val_accuracy"]
+        after_rise = default_prune_warmup(recipe, "val_accuracy")
+        rows = []
+        for on in ("val_loss", "val_accuracy"):
+            for w in sorted({1, 2, 3, 6, after_rise}):
+                r = replay_pruner(d, 5, w, on)
+                r["saved"] = round(1 - r["epochs"] / total, 3)
+                r["same_best"] = r["best_val_accuracy"] >= best
+                r["default"] = w == default_prune_warmup(recipe, on) and on == "val_loss"
+                rows.append(r)
+                print(f"{d.name}: {on} from epoch {w}: {100 * r['saved']:.0f}% saved, best "
+                      f"{r['best_val_accuracy']:.4f} ({'same' if r['same_best'] else 'LOST'} as {best:.4f})")
+        stage = recipe.stages[0]
+        first = json.loads((d / "trials" / "0000" / "report.json").read_text())
+        out["searches"].append({"folder": str(d), "data": first["data"], "schedule": stage.schedule,
+                                "rise_epochs": stage.rise_epochs,
+                                "trials": done["trials"], "epochs": total, "best_val_accuracy": best, "replays": rows})
+    target = HERE / "results" / "search_replays.json"
+    target.write_text(json.dumps(out, indent=2))
+    print(target)
 
 
 def main():
@@ -118,7 +154,14 @@ def main():
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--sampler", default="random")
     ap.add_argument("--pruner", default="median")
+    ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                    help="recipe overrides for every arm (after head_solver=sgd)")
+    ap.add_argument("--replay", nargs="+", metavar="SEARCH_DIR",
+                    help="only replay the median pruner on these finished unpruned searches' curves "
+                         "(JSON in benchmarks/results/search_replays.json)")
     args = ap.parse_args()
+    if args.replay:
+        return replay_searches([Path(d) for d in args.replay])
     data = str(Path(args.data).resolve())
     work = Path(tempfile.mkdtemp(prefix="bench_search-"))
     result = {"data": data, "jobs": args.jobs, "sampler": args.sampler, "pruner": args.pruner,
@@ -128,8 +171,8 @@ def main():
     try:
         if args.trials:
             base = ["--sampler", args.sampler]
-            none = run_search(work, "no_pruning", data, args.trials, args.jobs, base + ["--pruner", "none"])
-            pruned = run_search(work, "pruning", data, args.trials, args.jobs, base + ["--pruner", args.pruner])
+            none = run_search(work, "no_pruning", data, args.trials, args.jobs, base + ["--pruner", "none"], args.overrides)
+            pruned = run_search(work, "pruning", data, args.trials, args.jobs, base + ["--pruner", args.pruner], args.overrides)
             result["no_pruning"], result["pruning"] = none, pruned
             result["epochs_saved"] = round(1 - pruned["epochs"] / none["epochs"], 3)
             result["wall_saved"] = round(1 - pruned["wall_seconds"] / none["wall_seconds"], 3)
@@ -138,11 +181,17 @@ def main():
                   f"({100 * result['epochs_saved']:.0f}% saved); wall {none['wall_seconds']} s vs "
                   f"{pruned['wall_seconds']} s; best val accuracy {none['best_val_accuracy']:.4f} vs "
                   f"{pruned['best_val_accuracy']:.4f}", flush=True)
-            result["replay_median_pruner"] = [replay_pruner(work / "no_pruning", s, w)
-                                              for s in (3, 5, 10) for w in (1, 2, 3, 6)]
+            import tuneflow.recipes as registry
+            from tuneflow.workbench.search import default_prune_warmup
+            recipe = registry.get("small_similar").override("head_solver=sgd", *args.overrides)
+            result["default_prune_warmup"] = {on: default_prune_warmup(recipe, on) for on in ("val_loss", "val_accuracy")}
+            after_rise = default_prune_warmup(recipe, "val_accuracy")
+            result["replay_median_pruner"] = [replay_pruner(work / "no_pruning", s, w, on)
+                                              for on in ("val_loss", "val_accuracy") for s in (3, 5, 10)
+                                              for w in sorted({1, 2, 3, 6, after_rise})]
             target.write_text(json.dumps(result, indent=2))  # the comparison survives a stopped memory run
         if args.rss_trials:
-            mem = run_search(work, "memory", data, args.rss_trials, args.jobs, ["--sampler", args.sampler])
+            mem = run_search(work, "memory", data, args.rss_trials, args.jobs, ["--sampler", args.sampler], args.overrides)
             result["memory"] = {k: mem[k] for k in ("command", "trials", "states", "wall_seconds",
                                                     "rss_after_first_trial_mb", "rss_peak_mb", "rss_growth_mb")}
             print(f"parent RSS over {mem['trials']} trials: {mem['rss_after_first_trial_mb']} MB after the first, "
