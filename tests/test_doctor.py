@@ -89,10 +89,11 @@ def test_a_learning_rate_100x_too_high_is_flagged(clean, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_clean_ants_bees_raises_no_fail(tmp_path):
-    if not (SHARED / "ants_bees").exists():
-        pytest.skip(f"{SHARED / 'ants_bees'} is absent")
-    result = doctor(SHARED / "ants_bees", out=tmp_path, overrides={"precision": "float32"})
+@pytest.mark.parametrize("name", ["ants_bees", "cats_dogs"])
+def test_clean_real_data_raises_no_fail(tmp_path, name):
+    if not (SHARED / name).exists():
+        pytest.skip(f"{SHARED / name} is absent")
+    result = doctor(SHARED / name, out=tmp_path, overrides={"precision": "float32"})
     assert "fail" not in _status(result).values(), result["checks"]
 
 
