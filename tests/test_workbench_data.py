@@ -37,13 +37,16 @@ def test_search_then_compare_its_trials_on_digits(tmp_path, capsys):
     out = tmp_path / "search"
     p = subprocess.run([sys.executable, "-m", "tuneflow", "search", "small_similar", "--data", str(DIGITS),
                         "--trials", "2", "--sampler", "random", "--out", str(out), "--set", "head_solver=sgd",
-                        "--set", "head.epochs=8"], capture_output=True, text=True, timeout=900)
+                        "--set", "head.epochs=8", "--classes", "0,1,2,3,4"], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     with open(out / "trials.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"], rows
-    assert all(float(r["val_accuracy"]) > 0.5 for r in rows), rows  # 10 classes: chance is 0.1
+    assert all(float(r["val_accuracy"]) > 0.5 for r in rows), rows  # 5 classes: chance is 0.2
+    for r in rows:  # each trial trained on the class subset only
+        assert json.loads((out / r["run"] / "report.json").read_text())["classes"] == ["0", "1", "2", "3", "4"]
     assert (out / "search.png").exists() and (out / "best_recipe.json").exists()
+    assert json.loads((out / "best_recipe.json").read_text())["classes"] in ([], None)  # trains on every class
     runs = [str(out / r["run"]) for r in rows]
     assert main(["compare", *runs, "--out", str(tmp_path / "compare.png")]) == 0
     table = capsys.readouterr().out

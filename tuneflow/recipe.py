@@ -77,7 +77,6 @@ RANGES = {
 }
 
 
-
 ONE_CYCLE_PCT_START = 0.25  # fastai's fit_one_cycle default: the share of a stage spent rising
 
 
