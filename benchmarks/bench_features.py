@@ -48,7 +48,7 @@ def main():
     args = sys.argv[1:]
     n = int(args[0]) if args else 256
     sizes = [int(a) for a in args[1:]] or [224, 288]
-    from tuneflow.training.distribute import cpu_supports_bf16
+    from tuneflow.hardware import cpu_supports_bf16
     policies = ["float32"] + (["mixed_bfloat16"] if cpu_supports_bf16() else [])
     rows = []
     with tempfile.TemporaryDirectory() as home:  # converted weights shared; each line converts anew

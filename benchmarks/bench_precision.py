@@ -37,7 +37,7 @@ def main():
     if "--only" in sys.argv:
         print(json.dumps(one(sys.argv[sys.argv.index("--only") + 1])))
         return
-    from tuneflow.training.distribute import cpu_supports_bf16
+    from tuneflow.hardware import cpu_supports_bf16
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     policies = ["float32"] + (["mixed_bfloat16"] if cpu_supports_bf16() else [])
     samples = {p: [] for p in policies}

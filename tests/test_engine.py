@@ -316,7 +316,21 @@ def test_norm_and_precision_choices():
     assert choose_norm("auto", 32) == "batch" and choose_norm("auto", 4) == "instance"
     assert choose_norm("group", 32) == "group"
     assert choose_precision("float32") == "float32"
-    assert choose_precision("auto") in ("float32", "mixed_bfloat16")
+
+
+def test_precision_auto_follows_the_cpu(monkeypatch):
+    """``auto`` is bfloat16 exactly where the CPU computes it (on a machine without a GPU), both ways
+    on any CPU (``TUNEFLOW_CPU_BF16`` stands in for the hardware)."""
+    import tensorflow as tf
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("auto follows the GPU here")
+    monkeypatch.setenv("TUNEFLOW_CPU_BF16", "1")
+    assert choose_precision("auto") == "mixed_bfloat16"
+    monkeypatch.setenv("TUNEFLOW_CPU_BF16", "0")
+    assert choose_precision("auto") == "float32"
+    monkeypatch.delenv("TUNEFLOW_CPU_BF16")
+    flags = open("/proc/cpuinfo").read()
+    assert (choose_precision("auto") == "mixed_bfloat16") == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 @pytest.mark.parametrize("head, norm", [("conv", "instance"), ("mlp", "batch"), ("conv", "group")])

@@ -203,16 +203,33 @@ def test_augmented_views_in_the_cache(tmp_path, tiny_folder, engine):
     assert res.report["feature_engine"] == f"{engine}/{'float32' if engine == 'tensorflow' else 'f32'}"
 
 
+def _hardware_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin computes bf16 on this CPU (asked of OpenVINO itself, not of tuneflow)."""
+    import openvino as ov
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@pytest.fixture(params=["this_cpu", "no_bf16"])
+def cpu_bf16(request, monkeypatch) -> bool:
+    """Runs a test on this CPU as it is, and as a CPU without bf16 arithmetic
+    (``TUNEFLOW_CPU_BF16=0``); the value is whether OpenVINO will really compute in bf16."""
+    if request.param == "no_bf16":
+        monkeypatch.setenv("TUNEFLOW_CPU_BF16", "0")
+        return False
+    monkeypatch.delenv("TUNEFLOW_CPU_BF16", raising=False)
+    return _hardware_bf16()
+
+
 @pytest.mark.parametrize("engine", ["tensorflow", "openvino"])
-def test_a_float32_extractor_under_a_bf16_run_computes_what_the_float32_artifact_computes(engine):
+def test_a_float32_extractor_under_a_bf16_run_computes_what_the_float32_artifact_computes(engine, cpu_bf16):
     """feature_precision=float32 (the default): under mixed_bfloat16 the cached features are the
     float32 ones the exported artifact will compute, the cache key says so, and the run's policy
-    (global and the layers') is back afterwards."""
+    (global and the layers') is back afterwards. The run's own bf16 extractor: where bf16 really
+    runs (TensorFlow always; OpenVINO on CPUs with bf16) it differs more from float32; where
+    OpenVINO cannot (no bf16 on the CPU, or forced off) it says f32 and computes float32's numbers."""
     import keras
     from tuneflow import build_backbone
     from tuneflow.features.extractor import FeatureExtractor
-    if engine == "openvino":
-        pytest.importorskip("openvino")
     x = np.random.default_rng(0).integers(0, 255, (6, 64, 64, 3)).astype(np.uint8)
     before = keras.mixed_precision.global_policy()
     try:
@@ -227,15 +244,35 @@ def test_a_float32_extractor_under_a_bf16_run_computes_what_the_float32_artifact
         pooled = keras.Model(b16.input, keras.layers.GlobalAveragePooling2D()(b16.output))
         f32 = FeatureExtractor(pooled, engine, precision="float32")
         run = FeatureExtractor(pooled, engine)
-        assert f32.describe.endswith(("/f32", "/float32")) and run.describe.endswith(("/bf16", "/mixed_bfloat16"))
+        assert f32.describe == {"openvino": "openvino/f32", "tensorflow": "tensorflow/float32"}[engine]
         got = f32.run(x)
         assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
         assert all(la.dtype_policy.name == "mixed_bfloat16" for la in pooled.layers if la.weights)
         np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4)
-        assert np.abs(run.run(x) - ref).max() > np.abs(got - ref).max()  # bf16 differs more
         out = np.zeros((1, 6) + got.shape[1:], np.float32)
         f32.compute_into(out, x)
         np.testing.assert_allclose(out[0], got, rtol=1e-5, atol=1e-6)
-        assert f32.key(split="train") != run.key(split="train")
+        bf16_runs = engine == "tensorflow" or cpu_bf16
+        mine = run.run(x)
+        if bf16_runs:
+            assert run.describe == {"openvino": "openvino/bf16", "tensorflow": "tensorflow/mixed_bfloat16"}[engine]
+            assert np.abs(mine - ref).max() > np.abs(got - ref).max()  # bf16 differs more
+            assert f32.key(split="train") != run.key(split="train")
+        else:  # OpenVINO computes f32 here: it says so, and its numbers (and cache entry) are float32's
+            assert run.describe == run.used == "openvino/f32"
+            np.testing.assert_allclose(mine, ref, rtol=1e-3, atol=1e-4)
+            assert f32.key(split="train") == run.key(split="train")
     finally:
         keras.mixed_precision.set_global_policy(before)
+
+
+def test_a_bf16_run_reports_the_precision_openvino_computed_at(tmp_path, tiny_folder, cpu_bf16, monkeypatch):
+    """The report names what ran: ``openvino/bf16`` only where the CPU computes bf16."""
+    monkeypatch.setenv("TUNEFLOW_HOME", str(tmp_path / "home"))  # a feature pass runs (no cache hit)
+    over = {"input_size": 32, "backbone": "efficientnet_lite0", "weights": random_lite0_weights(),
+            "batch_size": 8, "precision": "mixed_bfloat16", "feature_precision": "run",
+            "feature_engine": "openvino"}
+    res = finetune("small_similar", tiny_folder, tmp_path / "r", verbose=0, overrides=over)
+    want = "openvino/bf16" if cpu_bf16 else "openvino/f32"
+    assert res.report["feature_engine"] == want
+    assert f"({want})" in (res.run_dir / "report.md").read_text()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..hardware import openvino_precision
 from ..home import tuneflow_home
 from ..recipe import FEATURE_ENGINES as ENGINES
 
@@ -53,11 +54,20 @@ def resolve_engine(engine: str) -> str:
     return engine
 
 
-def describe(engine: str) -> str:
-    """The engine as the cache key and the report name it: ``openvino/bf16``, ``tensorflow/float32``."""
+def ov_hint() -> str:
+    """OpenVINO's inference precision for the run's dtype policy, as this CPU really computes it:
+    a ``mixed_bfloat16`` run on a CPU without bf16 arithmetic computes (and says) ``f32``."""
     import keras
-    policy = keras.mixed_precision.global_policy().name
-    return f"openvino/{OV_PRECISION.get(policy, 'f32')}" if engine == "openvino" else f"tensorflow/{policy}"
+    return openvino_precision(OV_PRECISION.get(keras.mixed_precision.global_policy().name, "f32"))
+
+
+def describe(engine: str) -> str:
+    """The engine and the precision it computes at, as the cache key and the report name it:
+    ``openvino/bf16``, ``openvino/f32`` (also for a bf16 run on a CPU without bf16),
+    ``tensorflow/float32``, ``tensorflow/mixed_bfloat16``."""
+    import keras
+    return f"openvino/{ov_hint()}" if engine == "openvino" else \
+        f"tensorflow/{keras.mixed_precision.global_policy().name}"
 
 
 def run(model, x, batch_size: int, engine: str = "tensorflow", map_fn=None, weights_key: str | None = None,
@@ -133,11 +143,10 @@ def _openvino_model(model, weights_key, memo: dict):
 
     A converted model read back from disk is checked against TensorFlow again, at the run's own
     precision, before it is used: a damaged or stale file is converted anew."""
-    import keras
     import openvino as ov
     import tensorflow as tf
 
-    hint = OV_PRECISION.get(keras.mixed_precision.global_policy().name, "f32")
+    hint = ov_hint()
     kept = memo.get("openvino")
     if kept is not None and kept[0] == (weights_key, hint) and weights_key is not None:
         return kept[1]

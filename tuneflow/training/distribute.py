@@ -10,6 +10,8 @@ import types
 import numpy as np
 import tensorflow as tf
 
+from ..hardware import cpu_supports_bf16
+
 log = logging.getLogger("tuneflow")
 
 
@@ -62,14 +64,6 @@ def worker_shard(strategy) -> tuple[int, int] | None:
         return None
     kind, index = resolver.task_type, int(resolver.task_id or 0)
     return chiefs + workers, (0 if kind == "chief" else chiefs + index)
-
-
-def cpu_supports_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def choose_precision(precision: str) -> str:
