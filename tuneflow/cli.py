@@ -1,5 +1,5 @@
-"""Command line: ``tuneflow finetune | predict | embed | export | serve | index | similar | search |
-compare | lr-find | doctor | pack | recipes | suggest | augment-preview``."""
+"""Command line: ``tuneflow finetune | predict | explain | report | embed | export | serve | index | similar |
+search | compare | lr-find | doctor | pack | recipes | suggest | augment-preview``."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +34,14 @@ def _parser():
     pr.add_argument("--checkpoint", default="best", help="best (the exported model), last, or a checkpoint path")
     pr.add_argument("--batch-size", type=int, default=None,
                     help="images a batch (default: 64 at 224 px, fewer for larger inputs or less free memory)")
+    ex = sub.add_parser("explain", help="Grad-CAM: one PNG per image (image, class-evidence heatmap, top classes)")
+    ex.add_argument("run", help="a finished run folder")
+    ex.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    ex.add_argument("--out", required=True, help="folder for the PNGs (<image name>.explain.png)")
+    ex.add_argument("--top", type=int, default=3, help="classes listed per image")
+    rp = sub.add_parser("report", help="(re)write report.html of a run, k-fold or search folder")
+    rp.add_argument("run", help="a run, k-fold run or search folder")
+    rp.add_argument("--open", action="store_true", help="open it in a browser when one is there")
     r = sub.add_parser("recipes", help="list recipes, or show one")
     r.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     r.add_argument("name", nargs="?")
@@ -169,6 +177,12 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    if args.cmd == "explain":
+        from .export.explain import cli_explain
+        return cli_explain(args)
+    if args.cmd == "report":
+        from .runs.html import cli_report
+        return cli_report(args)
     if args.cmd == "embed":
         from .export.embed import cli_embed
         return cli_embed(args)

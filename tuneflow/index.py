@@ -1,7 +1,8 @@
 """Nearest-neighbour index of a gallery's embeddings (faiss): exact inner product, or HNSW above a size, with its measured recall.
 
 An index folder holds ``index.faiss`` (the faiss index), ``paths.txt`` (one gallery path a line,
-row ``i`` is vector ``i``) and ``meta.json`` (the run, checkpoint, layer and normalisation the
+row ``i`` is vector ``i``), ``thumbs/`` (a small JPEG per item, ``thumbs/00000042.jpg`` for item 42:
+what the service's page shows, served by item id) and ``meta.json`` (the run, checkpoint, layer and normalisation the
 vectors came from, the kind of index and, for an approximate one, its recall@10 against exact
 search measured when it was built or extended). Embeddings are L2-normalised by default, so the
 inner product is the cosine similarity.
@@ -12,9 +13,11 @@ inner product is the cosine similarity.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +27,9 @@ from .atomic import replace_dir
 from .errors import DataError, RunError
 
 INDEX_FILE, PATHS_FILE, META_FILE = "index.faiss", "paths.txt", "meta.json"
+THUMBS_DIR = "thumbs"
+THUMB_SIZE = 128     # px, the longer side: a row of neighbours on a page, ~3-6 KB each as JPEG
+THUMB_QUALITY = 85
 # Exact search over 200k vectors of 1280 float32 is ~1 GB and ~0.1 s a query on 2 cores; above
 # this many vectors an HNSW graph answers in ~1 ms at the recall stated in meta.json.
 APPROXIMATE_ABOVE = 200_000
@@ -39,6 +45,7 @@ class Index:
     faiss_index: object
     paths: list[str]
     meta: dict = field(default_factory=dict)
+    folder: Path | None = None  # where it was loaded from or saved to (its thumbnails live there)
 
     @property
     def dim(self) -> int:
@@ -48,7 +55,8 @@ class Index:
         return int(self.faiss_index.ntotal)
 
     def search(self, vectors: np.ndarray, k: int = 5) -> list[list[dict]]:
-        """Query vectors [N, D] -> per query, up to ``k`` {"path", "score"} best first."""
+        """Query vectors [N, D] -> per query, up to ``k`` {"path", "score", "id"} best first
+        (``id``: the item's row, the name of its thumbnail, see :meth:`thumbnail`)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise DataError(f"query vectors have shape {vectors.shape}; this index holds {self.dim}-d "
@@ -56,11 +64,20 @@ class Index:
         if k < 1:
             raise DataError(f"k={k}: ask for at least one neighbour.")
         scores, ids = self.faiss_index.search(vectors, min(int(k), len(self)))
-        return [[{"path": self.paths[i], "score": float(s)} for s, i in zip(srow, irow) if i >= 0]
+        return [[{"path": self.paths[i], "score": float(s), "id": int(i)} for s, i in zip(srow, irow) if i >= 0]
                 for srow, irow in zip(scores, ids)]
 
-    def save(self, out) -> Path:
-        """Write the folder atomically: a temporary sibling folder renamed over ``out``."""
+    def thumbnail(self, item: int) -> Path | None:
+        """The JPEG thumbnail of item ``item`` (a row number), or None when there is none."""
+        if self.folder is None or not 0 <= int(item) < len(self):
+            return None
+        p = self.folder / THUMBS_DIR / thumb_name(int(item))
+        return p if p.is_file() else None
+
+    def save(self, out, keep_thumbnails: bool = False) -> Path:
+        """Write the folder atomically: a temporary sibling folder renamed over ``out``, with a
+        thumbnail per item made from the gallery images (``keep_thumbnails``: those already in
+        ``out`` are kept, for an index that only grew)."""
         import faiss
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -72,8 +89,11 @@ class Index:
             faiss.write_index(self.faiss_index, str(tmp / INDEX_FILE))
             (tmp / PATHS_FILE).write_text("".join(p + "\n" for p in self.paths), encoding="utf-8")
             self.meta.update(count=len(self), dim=self.dim)
+            self.meta["thumbnails"] = write_thumbnails(self.paths, tmp / THUMBS_DIR,
+                                                       out / THUMBS_DIR if keep_thumbnails else None)
             (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
             replace_dir(tmp, out)
+            self.folder = out
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -99,7 +119,40 @@ def load_index(index_dir) -> Index:
                        "the folder is damaged, rebuild it with `tuneflow index`.")
     if "ef_search" in meta and hasattr(index, "hnsw"):
         index.hnsw.efSearch = int(meta["ef_search"])
-    return Index(index, paths, meta)
+    return Index(index, paths, meta, d)
+
+
+def thumb_name(item: int) -> str:
+    return f"{item:08d}.jpg"
+
+
+def _thumbnail(path: str, target: Path) -> bool:
+    from PIL import Image
+
+    from .imageops import decode_pixels
+    try:
+        im = Image.fromarray(decode_pixels(path))
+    except Exception:  # noqa: BLE001 - a gallery file gone or unreadable since it was embedded: no thumbnail
+        return False
+    im.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.BILINEAR)
+    im.save(target, format="JPEG", quality=THUMB_QUALITY)
+    return True
+
+
+def write_thumbnails(paths: list[str], folder: Path, previous: Path | None = None) -> int:
+    """A small JPEG per gallery image into ``folder`` (``thumb_name(row)``), reusing those already in
+    ``previous`` (the index folder being replaced) -> how many exist. Decoded in threads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for i, p in enumerate(paths):
+        old = previous / thumb_name(i) if previous is not None else None
+        if old is not None and old.is_file():
+            shutil.copyfile(old, folder / thumb_name(i))
+        else:
+            todo.append((p, folder / thumb_name(i)))
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="tuneflow-thumbs") as pool:
+        made = sum(pool.map(lambda a: _thumbnail(*a), todo))
+    return len(paths) - len(todo) + made
 
 
 def exact_index(vectors: np.ndarray):
@@ -192,7 +245,7 @@ def add_to_index(index_dir, images, *, batch_size: int | None = None, progress: 
         if meta.get("kind") == "approximate":
             meta.update(_tune_hnsw(index.faiss_index, _stored_vectors(index.faiss_index),
                                    meta.get("recall_target", RECALL_TARGET)))
-        index.save(index_dir)
+        index.save(index_dir, keep_thumbnails=True)
     return index, len(result.paths), result.skipped
 
 

@@ -6,7 +6,7 @@ Layout (what the later embedding export / serving / workbench read):
   run.json           status, recipe name, data fingerprint, timestamps, the command line
   recipe.json        the resolved recipe (overrides included); ``--resume`` compares against it
   metrics.csv        one row per epoch, appended: stage, epoch, loss, accuracy, val_loss, val_accuracy, lr
-  curves.png, confusion.png, report.json, report.md
+  curves.png, confusion.png, report.json, report.md, report.html
   model.keras        the whole classifier (pixels 0..255 in, probabilities out)
   backbone.weights.h5, backbone.json
   checkpoints/       numbered checkpoints and best.json (see :mod:`tuneflow.runs.checkpoints`)
@@ -43,7 +43,7 @@ TMP_TAG = ".tuneflow-tmp"  # in every temporary name tuneflow creates, so leftov
 # What tuneflow writes at the top of a run folder, for runs whose marker does not list it (runs made
 # before the marker existed, or files written by code that bypasses RunDir's own writers).
 KNOWN = ("run.json", "recipe.json", "labels.json", "metrics.csv", "curves.png", "confusion.png",
-         "confusion.csv", "report.json", "report.md", "model.keras", "model", "backbone.weights.h5",
+         "confusion.csv", "report.json", "report.md", "report.html", "model.keras", "model", "backbone.weights.h5",
          "backbone.json", "val_predictions.csv", "checkpoints", "tensorboard", "fold-*", "top_losses.png",
          "lr_find_*.png")
 

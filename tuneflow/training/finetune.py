@@ -21,6 +21,7 @@ from ..recipe import Recipe
 from ..runs import report as rep
 from ..runs.checkpoints import Checkpoints
 from ..runs.folder import RunDir
+from ..runs.html import write_html
 from . import assemble as asm_mod
 from .distribute import choose_precision, make_strategy, worker_role
 from .evaluate import evaluate
@@ -216,6 +217,7 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, e
         report["wall_seconds"] = round(time.time() - t_start, 2)
         run.write_json("report.json", report)
         run.write_text("report.md", rep.markdown(report))
+        write_html(run)
         run.status("finished", val_accuracy=report["val_accuracy"])
     except BaseException as exc:
         if run.discard_if_fresh():
@@ -285,5 +287,5 @@ def _summary(report, path):
         print(f"  (training's fast path, {fast['how']}: {fast['val_accuracy']:.4f}; "
               f"the figure above is the exported float32 model's)")
     print(f"  verdict: {report['verdict']} (majority-class rate {report['majority_rate']:.4f})")
-    print(f"  wall time {report['wall_seconds']:.1f} s; report: {path}/report.md")
+    print(f"  wall time {report['wall_seconds']:.1f} s; report: {path}/report.html")
     print(line)

@@ -13,6 +13,7 @@ from ..data import DataBundle, kfold
 from ..export.artifact import KERAS_FILE, LABELS_FILE, SAVEDMODEL_DIR
 from ..runs import report as rep
 from ..runs.folder import RunDir
+from ..runs.html import write_html
 from .evaluate import PREDICTIONS_FILE
 from .plan import Plan
 
@@ -58,6 +59,7 @@ def cross_validate(plan: Plan, bundle: DataBundle, run: RunDir, verbose, resume:
             report["wall_seconds"] = round(time.time() - t0, 2)
             sub.write_json("report.json", report)
             sub.write_text("report.md", rep.markdown(report))
+            write_html(sub)
             sub.status("finished", val_accuracy=report["val_accuracy"])
         folds.append(report)
     accs = np.array([f["val_accuracy"] for f in folds])

@@ -48,6 +48,7 @@ from pathlib import Path
 
 from ..errors import DataError, RecipeError, RunError
 from ..recipe import Recipe
+from ..runs.html import write_report_html
 
 log = logging.getLogger("tuneflow")
 
@@ -568,6 +569,10 @@ class _Runner:
         plot = None
         if final and rows:
             plot = _plot(rows, self.spaces, self.out / "search.png")
+            try:
+                write_report_html(self.out)
+            except Exception as exc:  # noqa: BLE001 - the trials and the best recipe are written
+                log.warning("report.html not written: %s", exc)
         counts = {s: sum(t.state.name == s for _, t in rows) for s in FINISHED}
         return SearchResult(self.out, best[1].value if best else None, dict(best[1].params) if best else {},
                             best_run, best_recipe if best else None, csv_path, plot, counts,
