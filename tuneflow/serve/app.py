@@ -1,4 +1,4 @@
-"""The FastAPI application: routes for embed, classify, search, health, info and metrics over one micro-batching worker.
+"""The FastAPI application: routes for embed, classify, search, health, info and metrics over one micro-batching worker; the page at ``/`` (:mod:`.page`), explanations and thumbnails (:mod:`.explain`).
 
 Each POST is read and checked, decoded and resized in a thread of its own (:mod:`.inputs`), then
 its float32 batch joins the single inference worker's queue (:mod:`.batcher`); the route awaits
@@ -19,13 +19,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from .batcher import MicroBatcher
+from .card import model_card
 from .config import ApiError, ServeConfig
+from .explain import LazyExplainer, explain_router
 from .inputs import prepare_request, read_images
 from .memory import Trimmer
 from .metrics import Metrics, MetricsMiddleware
+from .page import page_router
 
 log = logging.getLogger("tuneflow.serve")
-ENDPOINTS = ("/v1/embed", "/v1/classify", "/v1/search", "/healthz", "/readyz", "/v1/info", "/metrics")
+ENDPOINTS = ("/v1/embed", "/v1/classify", "/v1/search", "/v1/explain", "/healthz", "/readyz", "/v1/info", "/metrics")
 LAYERS = ("pooled", "penultimate")
 
 
@@ -75,11 +78,20 @@ def _top(probs: np.ndarray, classes: list[str], top: int) -> list[dict]:
     return out
 
 
-def create_app(predictor, cfg: ServeConfig | None = None, index=None, on_stop=None):
+def _no_explainer():
+    raise RuntimeError("the server was started without the run's Keras model")
+
+
+def create_app(predictor, cfg: ServeConfig | None = None, index=None, on_stop=None, run_dir=None,
+               explainer=None):
     """The service for a loaded predictor (and optionally a loaded :class:`tuneflow.index.Index`).
     The inference worker starts and stops with the app's lifespan; ``app.state.ready`` says when;
-    ``on_stop(app)`` is called once the server has drained and the worker has finished."""
+    ``on_stop(app)`` is called once the server has drained and the worker has finished.
+    ``run_dir``: the run folder, for the model card in ``/v1/info``; ``explainer``: a callable
+    returning the :class:`~tuneflow.export.explain.Explainer` of the served model (``/v1/explain``)."""
     cfg = cfg or ServeConfig()
+    card = model_card(run_dir) if run_dir is not None else None
+    explainer = LazyExplainer(explainer if explainer is not None else _no_explainer)
     metrics = Metrics(ENDPOINTS)
     classes = list(predictor.classes)
 
@@ -179,12 +191,15 @@ def create_app(predictor, cfg: ServeConfig | None = None, index=None, on_stop=No
         out = dict(predictor.info)
         out["serving"] = cfg.as_dict()
         out["index"] = None if index is None else {**index.meta, "count": len(index)}
+        out["card"] = card
         return out
 
     @app.get("/metrics")
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(explain_router(predictor, cfg, explainer, index))
+    app.include_router(page_router())
     app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

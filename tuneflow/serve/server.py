@@ -49,6 +49,20 @@ def load_for_serving(run, checkpoint: str = "best", index_dir=None):
     return predictor, index
 
 
+def load_explainer(run, checkpoint: str = "best"):
+    """The Grad-CAM explainer of the model the service serves: the run's ``model.keras`` (for
+    ``best``), or the checkpoint's graphs built in memory."""
+    from pathlib import Path
+
+    from ..export.explain import Explainer
+    run = Path(run)
+    if checkpoint == "best":
+        return Explainer.from_run(run if (run / "model.keras").is_file() else run.parent)
+    from ..training.restore import artifact_from_checkpoint
+    models = artifact_from_checkpoint(run, checkpoint)
+    return Explainer(models.classifier, models.info)
+
+
 def serve(run, *, host: str = "127.0.0.1", port: int = 8080, checkpoint: str = "best",
           index_dir=None, cfg: ServeConfig | None = None) -> int:
     """Serve until SIGTERM or Ctrl-C; accepted requests are answered before it returns."""
@@ -59,7 +73,8 @@ def serve(run, *, host: str = "127.0.0.1", port: int = 8080, checkpoint: str = "
     limit_arenas()  # before the model's and the request pool's threads exist: see .memory
     cfg = cfg or ServeConfig()
     predictor, index = load_for_serving(run, checkpoint, index_dir)
-    app = create_app(predictor, cfg, index, on_stop=_report_drained)
+    app = create_app(predictor, cfg, index, on_stop=_report_drained, run_dir=run,
+                     explainer=lambda: load_explainer(run, checkpoint))
     # The socket is bound here, after the model is ready, so a port that answers has a model;
     # port 0 picks a free one, printed below for scripts and tests.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
