@@ -262,7 +262,7 @@ def _run(args) -> int:
     if args.cmd == "predict":
         from .export.cli import predict_command
         return predict_command(args)
-    from .training.finetune import finetune
+    from .fit.finetune import finetune
     finetune(args.recipe, args.data, args.out, overwrite=args.overwrite, resume=args.resume,
              force=args.force, overrides=args.overrides, export=not args.no_export)
     return 0

@@ -168,6 +168,14 @@ def png_base64(pixels: np.ndarray) -> str:
     return base64.b64encode(png_bytes(pixels)).decode("ascii")
 
 
+def overlays(explainer: Explainer, images, classes) -> list[np.ndarray]:
+    """Decoded images and the class (name) to explain for each -> the model's view of each with
+    its heatmap (S x S uint8 RGB): the tiles of the run's ``top_losses.png``."""
+    batch = explainer.prepare(images)
+    e = explainer.explain(batch, classes)
+    return [overlay(b, g) for b, g in zip(batch, e.grids)]
+
+
 def explanation_figure(image: np.ndarray, grid: np.ndarray, top: list, title: str = ""):
     """A figure of one explained image: the model's view, the view with its heatmap, and the top
     classes as bars (``top`` = [[name, probability], ...], best first)."""

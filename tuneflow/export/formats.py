@@ -289,7 +289,7 @@ def cli_export(args) -> int:
         # signatures and checks), into a scratch run folder that shares the run's validation list.
         import tempfile
 
-        from ..training.restore import artifact_from_checkpoint
+        from .restore import artifact_from_checkpoint
         from .artifact import write_artifact
         scratch = Path(tempfile.mkdtemp(prefix=".export-ckpt-", dir=Path(args.out).expanduser().parent))
         write_artifact(artifact_from_checkpoint(run, args.checkpoint), scratch)

@@ -58,7 +58,7 @@ def load_explainer(run, checkpoint: str = "best"):
     run = Path(run)
     if checkpoint == "best":
         return Explainer.from_run(run if (run / "model.keras").is_file() else run.parent)
-    from ..training.restore import artifact_from_checkpoint
+    from ..export.restore import artifact_from_checkpoint
     models = artifact_from_checkpoint(run, checkpoint)
     return Explainer(models.classifier, models.info)
 
