@@ -14,7 +14,7 @@ ARGS   ?=
 # (VENV and STAMP are make targets, which cannot hold spaces; the repository's own path may.)
 q = '$(subst ','\'',$(1))'
 
-.PHONY: install finetune test test-fast bench data clean
+.PHONY: install browser finetune test test-fast bench data clean
 
 install: $(STAMP)
 
@@ -24,6 +24,20 @@ $(STAMP): setup.cfg pyproject.toml
 	$(call q,$(BIN)/python) -m pip install -q -e ".[test]"
 	touch $(call q,$(STAMP))
 
+# The browser tests (tests/test_browser.py) drive the system's Chromium through Playwright (its own
+# browser download is not used). Installed with apt when missing and we are root (CI on Debian);
+# otherwise a note: those tests then skip, or fail when CI is set.
+CHROMIUM_NAMES = chromium chromium-browser google-chrome google-chrome-stable
+browser:
+	@for b in $(CHROMIUM_NAMES); do command -v $$b >/dev/null 2>&1 && exit 0; done; \
+	if [ -n "$$TUNEFLOW_CHROMIUM" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "make: installing chromium for the browser tests (apt-get)"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else \
+		echo "make: no Chromium found: install it (Debian: sudo apt-get install chromium) for the browser tests" >&2; \
+	fi
+
 finetune: $(STAMP)
 	$(call q,$(BIN)/tuneflow) finetune $(call q,$(RECIPE)) --data $(call q,$(DATA)) $(if $(OUT),--out $(call q,$(OUT))) $(ARGS)
 
@@ -31,7 +45,7 @@ finetune: $(STAMP)
 # once): most of a small test's time is single-threaded Python (tracing, export, process start-up),
 # so two processes use both cores. TEST_JOBS=1 runs them in one process.
 TEST_JOBS ?= 2
-test: $(STAMP)
+test: $(STAMP) browser
 	$(call q,$(BIN)/python) -m pytest $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile) $(PYTEST_ARGS)
 
 # The inner loop (a few minutes): the unit-level modules and one end-to-end run with its artifact,

@@ -234,3 +234,19 @@ def test_report_cli_rewrites_it_and_open_is_quiet_without_a_browser(serving_run,
     assert r.returncode == 2 and "is not a folder" in r.stderr
     data = base64.b64encode((copy / "curves.png").read_bytes()).decode()
     assert data in (copy / "report.html").read_text()
+
+
+def test_no_browser_fails_under_ci_and_skips_elsewhere(tmp_path):
+    """The rule the fixture enforces, run on a test that needs a browser, with none to be found."""
+    (tmp_path / "test_needs_browser.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from test_browser import browser  # noqa: F401 - the fixture\n\n"
+        "def test_needs_it(browser):\n    pass\n")
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env["TUNEFLOW_CHROMIUM"] = str(tmp_path / "no-such-chromium")
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "-rs",
+            str(tmp_path / "test_needs_browser.py"), "--rootdir", str(tmp_path)]
+    r = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0 and "1 skipped" in r.stdout, r.stdout[-2000:]
+    r = subprocess.run(args, capture_output=True, text=True, env={**env, "CI": "1"}, cwd=tmp_path, timeout=300)
+    assert r.returncode == 1 and "CI is set and no browser can start" in r.stdout, r.stdout[-2000:]

@@ -91,3 +91,40 @@ def test_gallery_image_finds_itself_and_add_extends_without_rebuild(serving_run,
     hits = json.loads(out.stdout)["results"][0]
     assert hits[0]["path"] == str(new[2]) and len(hits) == 3
     assert len(Path(tmp_path / "idx" / "paths.txt").read_text().splitlines()) == 25
+
+
+def test_thumbnails_are_made_once_per_item_and_named_by_its_id(tmp_path):
+    """Index.save writes a small JPEG per gallery image (thumbs/<id>.jpg, id = the search result's
+    row); a grown index keeps the old ones, a rebuilt one makes them again; an unreadable image has none."""
+    from PIL import Image
+    from tuneflow.index import THUMB_SIZE, THUMBS_DIR
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(5):
+        p = tmp_path / f"g{i}.png"
+        Image.fromarray(rng.integers(0, 256, (300, 200 + 40 * i, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    paths.append(str(tmp_path / "broken.png"))
+    vectors = _clustered(6, dim=8)
+    fi, kind = make_index(vectors)
+    Index(fi, paths, {"layer": "pooled", "normalize": True, **kind}).save(tmp_path / "idx")
+    idx = load_index(tmp_path / "idx")
+    assert idx.meta["thumbnails"] == 5
+    for i in range(5):
+        with Image.open(idx.thumbnail(i)) as im:
+            assert im.format == "JPEG" and max(im.size) == THUMB_SIZE
+    assert idx.thumbnail(5) is None and idx.thumbnail(6) is None and idx.thumbnail(-1) is None
+    hits = idx.search(vectors[[3]], k=2)[0]
+    assert hits[0]["id"] == 3 and hits[0]["path"] == paths[3]
+    idx.faiss_index.add(_clustered(1, dim=8, seed=3))
+    idx.paths.append(paths[0])
+    idx.save(tmp_path / "idx", keep_thumbnails=True)  # what --add does: the old thumbnails stay
+    assert load_index(tmp_path / "idx").meta["thumbnails"] == 6
+    assert (tmp_path / "idx" / THUMBS_DIR / "00000006.jpg").is_file()
+    Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(paths[0])
+    one, _ = make_index(vectors[:1])
+    Index(one, paths[:1], {"layer": "pooled", "normalize": True, **kind}).save(tmp_path / "idx")  # a rebuild
+    with Image.open(tmp_path / "idx" / THUMBS_DIR / "00000000.jpg") as im:
+        assert im.size == (50, 50)  # made again from the gallery, not copied
+    assert not (tmp_path / "idx" / THUMBS_DIR / "00000001.jpg").exists()

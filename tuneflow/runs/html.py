@@ -164,12 +164,12 @@ def _repeat(folder: Path, report: dict) -> str:
     data = report.get("data") or "DATA"
     cmd = f"tuneflow finetune {shlex.quote(str(folder / 'recipe.json'))} --data {shlex.quote(str(data))}"
     original = run.get("command", "")
-    out = [f"<p>To repeat this run (the recipe as it ran, every override included):</p><pre>{escape(cmd)}</pre>"]
+    out = [f"<p>To repeat this run (the recipe as it ran, every override included):</p><pre>{escape(cmd, quote=False)}</pre>"]
     if original:
-        out.append(f"<p>The command that made it:</p><pre>{escape(original)}</pre>")
+        out.append(f"<p>The command that made it:</p><pre>{escape(original, quote=False)}</pre>")
     recipe = folder / "recipe.json"
     if recipe.is_file():
-        out.append(f"<details><summary>recipe.json</summary><pre>{escape(recipe.read_text())}</pre></details>")
+        out.append(f"<details><summary>recipe.json</summary><pre>{escape(recipe.read_text(), quote=False)}</pre></details>")
     return "\n".join(out)
 
 
@@ -229,7 +229,7 @@ def search_html(folder: Path) -> str:
     body += ["<h2>Search plot</h2>", _img(folder / "search.png", "search history"),
              "<h2>Trials (best first)</h2>", _table(header, [[escape(r.get(k, "")) for k in header] for r in rows])]
     if best.is_file():
-        body += ["<h2>Best recipe</h2>", f"<pre>{escape(best.read_text())}</pre>"]
+        body += ["<h2>Best recipe</h2>", f"<pre>{escape(best.read_text(), quote=False)}</pre>"]
     return _page("tuneflow search", "\n".join(body))
 
 
