@@ -70,6 +70,16 @@ def test_heatmap_mass_lies_in_the_quadrant_holding_the_object(quadrant_run):
     np.testing.assert_allclose(ex.explain(batch).grids, e.grids, atol=1e-6)
 
 
+def test_top_losses_png_shows_each_image_beside_its_heatmap(quadrant_run):
+    from tuneflow.runs.pictures import top_losses
+    rows = top_losses(quadrant_run / "val_predictions.csv")
+    with Image.open(quadrant_run / "top_losses.png") as im:
+        assert im.size[0] == round(2.6 * 3 * 2.0 * 90)  # three double-width tiles a row: image | heatmap
+        px = np.asarray(im.convert("RGB"))
+    # the first tile's right half is the heatmap over the pasted canvas: coloured, where the image is grey
+    assert len(rows) >= 1 and (px.max(axis=2).astype(int) - px.min(axis=2) > 100).mean() > 0.05
+
+
 def test_explainer_agrees_with_the_exported_model_and_names_bad_classes(quadrant_run):
     import tuneflow
     from tuneflow.export.explain import Explainer

@@ -11,9 +11,10 @@ from ..data import decode_image
 from ..errors import RunError
 
 
-def image_grid(images, captions, path: Path, title: str = "", cols: int = 4) -> Path:
-    """A PNG grid of RGB uint8 images (None: a blank tile) with a caption above each."""
-    fig = grid_figure(images, captions, title, cols)
+def image_grid(images, captions, path: Path, title: str = "", cols: int = 4, aspect: float = 1.0) -> Path:
+    """A PNG grid of RGB uint8 images (None: a blank tile) with a caption above each; ``aspect``:
+    the tiles' width / height."""
+    fig = grid_figure(images, captions, title, cols, aspect)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
@@ -21,13 +22,13 @@ def image_grid(images, captions, path: Path, title: str = "", cols: int = 4) -> 
     return path
 
 
-def grid_figure(images, captions, title: str = "", cols: int = 4):
+def grid_figure(images, captions, title: str = "", cols: int = 4, aspect: float = 1.0):
     """The figure of :func:`image_grid`. Constrained layout places the title above the first
     row's captions (``tight_layout`` ignores a suptitle, which then touched them)."""
     from matplotlib.figure import Figure
     n = len(images)
     rows = max(1, math.ceil(n / cols))
-    fig = Figure(figsize=(2.6 * cols, 2.9 * rows + 0.4), dpi=90, layout="constrained")
+    fig = Figure(figsize=(2.6 * cols * aspect, 2.9 * rows + 0.4), dpi=90, layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax in axes:
         ax.axis("off")
@@ -85,10 +86,11 @@ def top_losses_grid(run_dir, n: int = 16, size: int = 160, explain=None) -> Path
         captions.append(f"{name}\ntrue {row['true_class']} ({row['p_true']:.2f}) "
                         f"pred {row['predicted_class']} ({float(row['probability']):.2f})\nloss {loss:.2f}")
     title = f"Top losses: the {len(images)} validation images the model is most wrong about"
-    if explain is not None:
-        images = _with_heatmaps(images, [row["predicted_class"] for row in rows], explain, size)
-        title += "\n(right of each: the evidence for the predicted class, Grad-CAM)"
-    return image_grid(images, captions, run_dir / "top_losses.png", title)
+    if explain is None:
+        return image_grid(images, captions, run_dir / "top_losses.png", title)
+    images = _with_heatmaps(images, [row["predicted_class"] for row in rows], explain, size)
+    title += "\n(right of each: the evidence for the predicted class, Grad-CAM)"
+    return image_grid(images, captions, run_dir / "top_losses.png", title, cols=3, aspect=2.0)
 
 
 def _with_heatmaps(images, classes, explain, size):
