@@ -160,6 +160,48 @@ def test_page_shows_an_oversized_upload_as_the_413_message(server, page, tmp_pat
     _shot(page, "browser_413.png")
 
 
+def test_page_shows_415_and_503_as_readable_messages(server, page, tmp_path):
+    url, _, _ = server
+    tiff = tmp_path / "scan.tiff"
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(tiff)
+    page.goto(url + "/")
+    page.wait_for_selector("#card-accuracy")
+    page.set_input_files("#files", str(tiff))  # the server's own 415
+    page.wait_for_selector(".result.failed", timeout=60_000)
+    assert "Unsupported image type (HTTP 415, unsupported_image_type): image 0 is TIFF" in page.inner_text("#error")
+    # a 503 as the service gives it when shutting down (not provoked here: answered by the browser)
+    page.route("**/v1/classify*", lambda route: route.fulfill(
+        status=503, content_type="application/json",
+        body=json.dumps({"error": "the server is shutting down; retry on another replica.", "code": "shutting_down"})))
+    page.set_input_files("#files", _small_png(tmp_path))
+    page.wait_for_function("document.querySelectorAll('.result.failed').length == 2", timeout=60_000)
+    assert page.inner_text("#error") == (
+        "The service is unavailable right now (starting, shutting down or out of memory): try again shortly "
+        "(HTTP 503, shutting_down): the server is shutting down; retry on another replica.")
+
+
+def _small_png(folder):
+    p = folder / "small.png"
+    Image.fromarray(np.full((24, 24, 3), 200, np.uint8)).save(p)
+    return str(p)
+
+
+def test_page_takes_dropped_and_pasted_images(server, page, tmp_path):
+    url, _, images = server
+    data = base64.b64encode(sorted((images / "b").glob("*.png"))[0].read_bytes()).decode()
+    page.goto(url + "/")
+    page.wait_for_selector("#card-accuracy")
+    page.evaluate("""data => {
+        const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+        const transfer = () => { const dt = new DataTransfer();
+            dt.items.add(new File([bytes], "dropped.png", {type: "image/png"})); return dt; };
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: transfer(), bubbles: true}));
+        document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: transfer(), bubbles: true}));
+    }""", data)
+    page.wait_for_function("document.querySelectorAll('.result.done').length == 2", timeout=120_000)
+    assert page.locator(".result.done .top li:first-child .name").all_inner_texts() == ["b", "b"]
+
+
 def test_page_sends_the_api_key_the_user_typed(server, page):
     url, _, _ = server
     auth = {}

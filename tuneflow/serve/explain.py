@@ -45,8 +45,11 @@ class LazyExplainer:
             return self._explainer
 
 
-def explain_router(predictor, cfg: ServeConfig, explainer: LazyExplainer, index=None) -> APIRouter:
-    router = APIRouter()
+def explain_router(predictor, cfg: ServeConfig, explainer: LazyExplainer, index=None,
+                   dependencies=()) -> APIRouter:
+    """The routes; ``dependencies`` (FastAPI ``Depends``) apply to each, as to the other ``/v1/*``
+    routes (the API key check); the page's own routes (:mod:`.page`) take none."""
+    router = APIRouter(dependencies=list(dependencies))
     classes = list(predictor.classes)
     lock = threading.Lock()  # one gradient pass at a time: bounded memory, the batcher keeps the cores
 
