@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError, RecipeError, RunError
+from ..extras import optional
 from ..recipe import Recipe
 from . import trial as trial_process
 
@@ -267,7 +268,7 @@ def search(recipe, data, trials: int, *, jobs: int = 1, out=None, sampler: str =
     >>> r = search("small_similar", "data/digits", 20, out="searches/digits")  # doctest: +SKIP
     >>> r.best_value, r.best_recipe                                             # doctest: +SKIP
     """
-    import optuna
+    optuna = optional("optuna", "tuneflow search")
 
     if trials < 1 or jobs < 1 or narrow < 0:
         raise RecipeError(f"--trials {trials}, --jobs {jobs}, --narrow {narrow}: trials and jobs must be >= 1, "
@@ -722,7 +723,7 @@ def _probe_values(s: dict) -> list:
 
 
 def _distribution(s: dict):
-    import optuna.distributions as d
+    d = optional("optuna.distributions", "tuneflow search")
     if s["type"] == "categorical":
         return d.CategoricalDistribution(s["choices"])
     if s["type"] == "int":
