@@ -7,6 +7,10 @@ import json
 import logging
 import sys
 
+from .data.augment import BACKENDS
+from .errors import is_user_error
+from .extras import require
+
 
 def _parser():
     from . import __version__
@@ -54,7 +58,7 @@ def _parser():
     a = sub.add_parser("augment-preview", help="write a PNG grid of augmented samples")
     a.add_argument("--data", required=True)
     a.add_argument("--preset", default="medium")
-    a.add_argument("--backend", default="keras", choices=["keras", "albumentations"])
+    a.add_argument("--backend", default="keras", choices=BACKENDS)
     a.add_argument("--size", type=int, default=160)
     a.add_argument("--out", default="augment-preview.png")
     se = sub.add_parser("search", help="hyperparameter search over recipe fields (Optuna), one process per trial")
@@ -169,7 +173,6 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - every error reaches the user as one readable message
-        from .errors import is_user_error
         if not is_user_error(exc):
             raise
         print(f"tuneflow: error: {exc}", file=sys.stderr)
@@ -177,6 +180,10 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    # Each command imports its own modules when it runs (the lazy imports below): a command needs
+    # only its own extra installed (tuneflow.extras), and `tuneflow --help` loads none of them.
+    if args.cmd in ("serve", "index", "similar", "search"):
+        require("search" if args.cmd == "search" else "serve", f"tuneflow {args.cmd}")
     if args.cmd == "explain":
         from .export.explain import cli_explain
         return cli_explain(args)

@@ -18,6 +18,10 @@ class RecipeError(TuneflowError, ValueError):
     """A bad recipe value or override; the message lists what is valid."""
 
 
+class SetupError(TuneflowError, ValueError):
+    """The environment a command runs in is not as it needs (TF_CONFIG, an engine not installed)."""
+
+
 class RunError(TuneflowError):
     """A run folder, checkpoint or artifact cannot be created, resumed or loaded as asked."""
 
@@ -25,3 +29,7 @@ class RunError(TuneflowError):
 def is_user_error(exc: BaseException) -> bool:
     """True for the errors the CLI prints as one line."""
     return isinstance(exc, TuneflowError)
+
+
+class MissingExtraError(TuneflowError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""

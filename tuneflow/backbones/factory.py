@@ -9,8 +9,7 @@ from pathlib import Path
 
 import keras
 
-from ..errors import TuneflowError
-
+from ..errors import RecipeError, TuneflowError
 from . import efficientnet_lite
 from .freeze import apply_freeze
 from .preprocess import Preprocess
@@ -95,7 +94,7 @@ def build_backbone(name: str, weights: str | None = "imagenet", input_size: int 
     (None, 2, 2, 1280)
     """
     spec = get_spec(name)
-    size = int(input_size or spec.default_size)
+    size = spec.input_size(input_size)
     if size < spec.min_size:
         raise ValueError(f"input_size={size} is too small for {name}; use at least {spec.min_size}.")
     local = None if weights in (None, "imagenet") else _resolve_local(str(weights))
@@ -130,7 +129,6 @@ def build_backbone(name: str, weights: str | None = "imagenet", input_size: int 
 
 
 def _misfit(local, name, include_top, exc) -> TuneflowError:
-    from ..errors import RecipeError
     return RecipeError(f"weights={str(local)!r} does not fit {name} (include_top={include_top}): "
                        f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}. Pass the weights "
                        "file or run folder of the same backbone, 'imagenet' or None.")

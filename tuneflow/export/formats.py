@@ -27,6 +27,11 @@ import numpy as np
 
 from ..atomic import replace_dir
 from ..errors import DataError, RunError
+from ..extras import optional
+from .artifact import INFO_FILE, SAVEDMODEL_DIR, write_artifact
+from .embed import list_images
+from .predictor import load
+from .restore import artifact_from_checkpoint
 
 FORMATS = ("savedmodel", "onnx", "openvino", "tflite")
 OUTPUTS = ("probabilities", "embedding", "pooled", "penultimate")
@@ -42,7 +47,6 @@ OPENVINO_OUTPUTS = tuple(sorted(OUTPUTS))  # the converted model's outputs, by p
 
 
 def _model_dir(run) -> Path:
-    from .artifact import INFO_FILE, SAVEDMODEL_DIR
     run = Path(run)
     d = run if (run / INFO_FILE).exists() else run / SAVEDMODEL_DIR
     if not (d / "saved_model.pb").is_file():
@@ -120,6 +124,7 @@ def _run_batches(fn, x: np.ndarray, batch: int = 32) -> dict:
 
 def _savedmodel(model_dir, loaded, size, tmp: Path):
     import tensorflow as tf
+
     # OUT/1/: TensorFlow Serving reads numbered versions under --model_base_path=OUT
     shutil.copytree(model_dir, tmp / SAVEDMODEL_VERSION)
     copy = tf.saved_model.load(str(tmp / SAVEDMODEL_VERSION))  # what a user loads, read back from the copy
@@ -127,9 +132,9 @@ def _savedmodel(model_dir, loaded, size, tmp: Path):
 
 
 def _onnx(model_dir, loaded, size, tmp: Path):
-    import onnx
-    import onnxruntime as ort
-    import tf2onnx
+    onnx = optional("onnx", "tuneflow export --format onnx")
+    ort = optional("onnxruntime", "tuneflow export --format onnx")
+    tf2onnx = optional("tf2onnx", "tuneflow export --format onnx")
     fn = _resized_function(loaded, size)
     proto, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=ONNX_OPSET)
     # the artifact's class-name table is captured by the classify signature but feeds no output
@@ -214,8 +219,6 @@ def export(run, out, fmt: str = "savedmodel", *, parity_images=None, max_images:
     Raises RunError (nothing written) when a converter fails or the parity check does."""
     import tensorflow as tf
 
-    from .embed import list_images
-    from .predictor import load
     if fmt not in FORMATS:
         raise DataError(f"--format {fmt!r}; choose one of {', '.join(FORMATS)}.")
     out = Path(out)
@@ -289,8 +292,6 @@ def cli_export(args) -> int:
         # signatures and checks), into a scratch run folder that shares the run's validation list.
         import tempfile
 
-        from .restore import artifact_from_checkpoint
-        from .artifact import write_artifact
         scratch = Path(tempfile.mkdtemp(prefix=".export-ckpt-", dir=Path(args.out).expanduser().parent))
         write_artifact(artifact_from_checkpoint(run, args.checkpoint), scratch)
         for name in ("val_predictions.csv", "recipe.json", "report.json"):

@@ -104,7 +104,7 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, e
     strategy = make_strategy(recipe.strategy)
     precision = choose_precision(recipe.precision)
     keras.mixed_precision.set_global_policy(precision)
-    size = recipe.input_size or get_spec(recipe.backbone).default_size
+    size = get_spec(recipe.backbone).input_size(recipe.input_size)
     # Data first: a bad folder is reported before any run folder exists.
     bundle = resolve_data(data, recipe, size)
     chief, task = worker_role(strategy)

@@ -290,7 +290,7 @@ def prepare(recipe, data, overrides=()):
     recipe = resolve_recipe(recipe, overrides)
     precision = choose_precision(recipe.precision)
     keras.mixed_precision.set_global_policy(precision)
-    bundle = resolve_data(data, recipe, recipe.input_size or get_spec(recipe.backbone).default_size)
+    bundle = resolve_data(data, recipe, get_spec(recipe.backbone).input_size(recipe.input_size))
     return recipe, bundle, Plan.make(recipe, bundle, tf.distribute.get_strategy(), precision)
 
 
