@@ -26,7 +26,7 @@ def _run(code: str, blocked) -> subprocess.CompletedProcess:
 ALL_EXTRAS = {m for mods in EXTRAS.values() for m in mods}
 CORE = ["tuneflow.fit.finetune", "tuneflow.export.predictor", "tuneflow.export.embed", "tuneflow.export.formats",
         "tuneflow.workbench.doctor", "tuneflow.workbench.lr_find", "tuneflow.workbench.compare", "tuneflow.suggest",
-        "tuneflow.cli", "tuneflow.data", "tuneflow.index"]
+        "tuneflow.cli", "tuneflow.data", "tuneflow.index", "tuneflow.export.explain", "tuneflow.runs.html"]
 
 
 def test_the_core_modules_import_without_any_extra():
