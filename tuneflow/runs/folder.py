@@ -5,7 +5,9 @@ Layout (what the later embedding export / serving / workbench read):
   .tuneflow.lock     held (``fcntl.flock``) by the process that runs in this folder; holds its pid
   run.json           status, recipe name, data fingerprint, timestamps, the command line
   recipe.json        the resolved recipe (overrides included); ``--resume`` compares against it
-  metrics.csv        one row per epoch, appended: stage, epoch, loss, accuracy, val_loss, val_accuracy, lr
+  metrics.csv        one row per epoch, appended: stage, epoch, loss, accuracy, val_loss, val_accuracy, lr;
+                     every checkpoint records the rows written before it, so a resume rebuilds what a
+                     cut, torn, emptied or deleted metrics.csv lost (:meth:`RunDir.rebuild_metrics`)
   curves.png, confusion.png, report.json, report.md
   model.keras        the whole classifier (pixels 0..255 in, probabilities out)
   backbone.weights.h5, backbone.json
@@ -212,6 +214,7 @@ class RunDir:
         self._lock: _Lock | None = None
         self._remove_folder = False  # on discard: the folder too, when tuneflow made it
         self._names: set[str] | None = None
+        self._rows: list[dict] | None = None  # metrics.csv's rows as written (see metrics_history)
 
     # -- opening, locking, overwriting ----------------------------------------------------------
     @classmethod
@@ -564,10 +567,21 @@ class RunDir:
             rows.append(dict(zip(header, values)))
         return rows
 
+    def metrics_history(self) -> list[dict]:
+        """The rows this run has in metrics.csv, oldest first, each as the file holds it (strings):
+        what a checkpoint records so that a resume can rebuild them (:meth:`rebuild_metrics`)."""
+        return [dict(r) for r in self._history()]
+
+    def _history(self) -> list[dict]:
+        if self._rows is None:
+            self._rows = self.metrics_rows()
+        return self._rows
+
     def append_metrics(self, row: dict) -> None:
         """Append one row and fsync it (the file is never rewritten during training)."""
         p = self.path / "metrics.csv"
         self.register("metrics.csv")
+        history = self._history()  # before the append: the row joins it once it is on disk
         try:
             header = self._repair_metrics(p)
             buf = io.StringIO()
@@ -575,7 +589,8 @@ class RunDir:
             if header is None:
                 header = FIELDS
                 w.writerow(header)
-            w.writerow([row.get(k, "") for k in header])
+            cells = ["" if row.get(k) is None else str(row[k]) for k in header]  # as csv writes them
+            w.writerow(cells)
             line = buf.getvalue().encode("utf-8")
             with open(p, "ab") as f:
                 if os.environ.get("TUNEFLOW_FAULT", "").startswith("mid_metrics_row"):
@@ -590,6 +605,7 @@ class RunDir:
                 os.fsync(f.fileno())
         except OSError as exc:
             raise disk_error(p, exc) from None
+        history.append(dict(zip(header, cells)))
 
     def _repair_metrics(self, p: Path) -> list[str] | None:
         """Cut a torn last line (and trailing NULs a crash can leave) so the next row starts on a line
@@ -618,15 +634,42 @@ class RunDir:
         return header or None
 
     def truncate_metrics(self, keep) -> None:
-        """Keep rows for which ``keep(stage_index, epoch)`` is true (used when resuming): one atomic
-        rewrite of the whole file."""
-        rows = [r for r in self.metrics_rows() if keep(int(r["stage"]), int(r["epoch"]))]
+        """Keep rows for which ``keep(stage_index, epoch)`` is true: one atomic rewrite of the file."""
+        self.rebuild_metrics(keep)
+
+    def rebuild_metrics(self, keep, known: list[dict] | None = None) -> int:
+        """metrics.csv as of a resume point: the file's rows for which ``keep(stage_index, epoch)``
+        is true, and every row of ``known`` (the rows the resumed checkpoint recorded: the source of
+        truth) that the file lost to a cut or torn write, an emptied or deleted file; in (stage,
+        epoch) order, rewritten atomically when that changes the file. Returns how many rows came
+        from ``known``."""
+        p = self.path / "metrics.csv"
+        rows = {k: r for r in self.metrics_rows() if (k := _row_key(r)) is not None and keep(*k)}
+        restored = 0
+        for r in known or ():
+            k = _row_key(r) if isinstance(r, dict) else None
+            if k is None:
+                log.warning("a checkpoint records a malformed metrics row, ignored: %r", r)
+                continue
+            if keep(*k):
+                restored += k not in rows
+                rows[k] = {f: "" if v is None else str(v) for f, v in r.items()}
+        ordered = [rows[k] for k in sorted(rows)]
+        header = FIELDS + sorted({f for r in ordered for f in r} - set(FIELDS))
         buf = io.StringIO()
-        w = csv.DictWriter(buf, FIELDS, extrasaction="ignore", lineterminator="\n")
+        w = csv.DictWriter(buf, header, lineterminator="\n")
         w.writeheader()
-        w.writerows(rows)
-        self.register("metrics.csv")
-        atomic_write(self.path / "metrics.csv", buf.getvalue())
+        w.writerows(ordered)
+        data = buf.getvalue().encode("utf-8")
+        try:
+            same = p.read_bytes() == data
+        except OSError:
+            same = False
+        if not same:
+            self.register("metrics.csv")
+            atomic_write(p, data)
+        self._rows = [dict(r) for r in ordered]
+        return restored
 
 
 _ABSENT = object()
@@ -655,6 +698,14 @@ def _key_order(recipe: dict):
 
 def _show(v) -> str:
     return "(absent)" if v is _ABSENT else json.dumps(v) if isinstance(v, (str, list, type(None))) else repr(v)
+
+
+def _row_key(row: dict) -> tuple[int, int] | None:
+    """A metrics row's (stage index, epoch), or None when either is missing or not an integer."""
+    try:
+        return int(row["stage"]), int(row["epoch"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _is_row(values: list[str], header: list[str]) -> bool:
