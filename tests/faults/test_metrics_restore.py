@@ -27,8 +27,6 @@ from tuneflow.runs.checkpoints import Checkpoints
 from tuneflow.runs.folder import RunDir
 from tuneflow.training.stages import resume_point
 
-pytestmark = pytest.mark.slow
-
 # The three kinds of last stage: an L-BFGS head (one row, checkpointed at the stage's end), an SGD
 # head on cached features (rows every epoch, one checkpoint at the stage's end), fine-tuning
 # (a checkpoint every epoch) after an L-BFGS head.
@@ -82,6 +80,7 @@ def _cuts(written: bytes) -> list[int]:
     return list(range(0, header_end)) + list(range(last_start, len(written)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_stopped_run_is_the_kind_it_should_be(stopped, kind):
     run, written, _ = stopped[kind]
@@ -91,6 +90,7 @@ def test_the_stopped_run_is_the_kind_it_should_be(stopped, kind):
     assert [tuple(r[k] for k in ("stage", "epoch")) for r in last["metrics_rows"]] == ROWS[kind]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_cut_of_the_last_row_and_the_header_and_a_deleted_file_are_rebuilt(stopped, kind, tmp_path,
                                                                                   caplog):
@@ -134,6 +134,7 @@ def _cut(p: Path, written: bytes, how: str):
         p.unlink()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, how", WHOLE)
 def test_a_resumed_run_has_the_rows_of_an_uninterrupted_one_and_draws_them(stopped, kind, how, tmp_path,
                                                                            monkeypatch, caplog):
@@ -156,6 +157,7 @@ def test_a_resumed_run_has_the_rows_of_an_uninterrupted_one_and_draws_them(stopp
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_the_cli_resume_of_the_issue_keeps_the_history(stopped, tmp_path):
     """As the issue's user: small_similar stopped before its report, metrics.csv cut in half,
     ``tuneflow finetune ... --resume``: exit 0, a report, and the run's rows. (``--no-export``, as
@@ -180,6 +182,7 @@ def _as_older_tuneflow(run: Path):
         m.write_text(json.dumps(info))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, how, lost", [("lbfgs", "half", "at least 1 row"), ("sgd", "half", None),
                                              ("finetune", "header", "at least 2 rows")])
 def test_checkpoints_without_rows_still_resume_and_say_what_cannot_be_restored(stopped, kind, how, lost,
@@ -201,6 +204,7 @@ def test_checkpoints_without_rows_still_resume_and_say_what_cannot_be_restored(s
         assert "records no metrics rows" in caplog.text
 
 
+@pytest.mark.slow
 def test_checkpoints_without_rows_resume_through_finetune(stopped, tmp_path):
     src, written, data = stopped["lbfgs"]
     run = tmp_path / "run"
@@ -209,3 +213,18 @@ def test_checkpoints_without_rows_resume_through_finetune(stopped, tmp_path):
     _cut(run / "metrics.csv", written, "half")
     res = finetune("small_similar", str(data), run, resume=True, overrides=_sets(), verbose=0, export=False)
     assert res.report["epochs"] == 0 and _rows((run / "metrics.csv").read_bytes()) == []
+
+
+def test_a_resume_without_a_usable_checkpoint_starts_its_metrics_over(tmp_path):
+    """Killed before its first checkpoint (rows of a cached stage are written every epoch, its
+    checkpoint only at the stage's end): the training starts over, so do its rows; a fresh run's
+    folder is left alone."""
+    with RunDir.open(tmp_path / "r", "x") as run:
+        assert resume_point(run, None) == (0, 0, None)
+        assert not (tmp_path / "r" / "metrics.csv").exists()
+        run.append_metrics({"stage": 0, "epoch": 1, "val_accuracy": 0.5})
+    with RunDir.open(tmp_path / "r", "x", resume=True) as run:
+        assert resume_point(run, None) == (0, 0, None)
+        assert run.metrics_rows() == [] and run.metrics_history() == []
+        run.append_metrics({"stage": 0, "epoch": 1, "val_accuracy": 0.5})
+        assert [r["epoch"] for r in run.metrics_rows()] == ["1"]
