@@ -8,7 +8,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from .. import __version__
+from ..version import __version__
 from ..backbones import get_spec
 from ..errors import RunError
 from ..recipe import Recipe
