@@ -58,7 +58,7 @@ data: $(STAMP)
 # The documentation site: docs/*.md and mkdocs.yml into site/ (git-ignored); --strict turns a broken
 # link, a missing anchor or a page left out of the navigation into an error.
 docs: $(STAMP)
-	$(call q,$(BIN)/python) -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(call q,$(BIN)/python) -m mkdocs build --strict --site-dir site
 
 # The layers and the imports between them (grimp), drawn into docs/img/layers.png for docs/design.md.
 layers: $(STAMP)

@@ -101,12 +101,14 @@ def _check_imports(source: str) -> None:
             if isinstance(base, ast.Name) and base.id in modules:
                 obj = modules[base.id]
                 for name in reversed(chain):
-                    if not hasattr(obj, name):
-                        if isinstance(obj, type(sys)):
-                            obj = importlib.import_module(f"{obj.__name__}.{name}")
-                            continue
-                        raise AssertionError(f"{base.id}.{'.'.join(reversed(chain))}: no attribute {name!r}")
-                    obj = getattr(obj, name)
+                    if hasattr(obj, name):
+                        obj = getattr(obj, name)
+                        continue
+                    try:  # a submodule not imported yet
+                        obj = importlib.import_module(f"{obj.__name__}.{name}")
+                    except (ImportError, AttributeError):
+                        raise AssertionError(
+                            f"{base.id}.{'.'.join(reversed(chain))}: {base.id} has no {name!r}") from None
 
 
 def test_there_are_python_examples_and_most_run():
@@ -181,7 +183,8 @@ def _parse(argv: list[str], where: str):
     except SystemExit as exc:
         if exc.code == 0 and argv[:1] == ["--version"]:
             return None
-        pytest.fail(f"{where}: `tuneflow {shlex.join(argv)}` does not parse: {err.getvalue().strip()}")
+        message = err.getvalue().strip().splitlines()[-1:]  # argparse's "error: ..." line, after the usage
+        pytest.fail(f"{where}: `tuneflow {shlex.join(argv)}` does not parse: {' '.join(message)}")
 
 
 def _make_argv(words: list[str], where: str) -> list[str] | None:

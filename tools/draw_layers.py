@@ -105,13 +105,14 @@ def draw(out: Path) -> dict:
     edges: Counter = Counter()
     upward = []
     for importer in modules:
-        for imported in graph.find_modules_directly_imported_by(importer):
+        for imported in sorted(graph.find_modules_directly_imported_by(importer)):
             a, b = where[importer], where[imported]
             if a is None or b is None or a == b:
                 continue
             edges[(a, b)] += 1
             if b > a:
-                for d in graph.get_import_details(importer=importer, imported=imported):
+                for d in sorted(graph.get_import_details(importer=importer, imported=imported),
+                                key=lambda d: d["line_number"]):
                     upward.append(f"{importer} -> {imported} (line {d['line_number']})")
     outside = [m for m in modules if where[m] is None]
     cycles = _module_cycles(graph, [m for m in modules if where[m] is not None])
