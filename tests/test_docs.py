@@ -281,3 +281,25 @@ def test_every_guide_page_is_in_the_navigation():
 def test_the_layer_picture_is_committed_and_shown():
     assert (REPO / "docs" / "img" / "layers.png").stat().st_size > 10_000
     assert "img/layers.png" in (REPO / "docs" / "design.md").read_text()
+
+
+def _named_in_docs(pattern: str) -> set[tuple[str, str]]:
+    return {(_rel(f), m) for f in DOC_FILES for m in re.findall(pattern, f.read_text())}
+
+
+def test_the_files_and_names_the_docs_mention_exist():
+    """A backticked `path.py` (from the repository, tuneflow/, tests/ or benchmarks/) and a backticked
+    `tuneflow.name` resolve: a module moved or renamed shows up here."""
+    for page, path in _named_in_docs(r"`([\w./-]+\.py)(?:::\w+)?`"):
+        assert any((REPO / base / path).exists() for base in ("", "tuneflow", "tests", "benchmarks")), f"{page}: `{path}`"
+    for page, dotted in _named_in_docs(r"`(tuneflow(?:\.\w+)+)`"):
+        parts = dotted.split(".")
+        obj = importlib.import_module(parts[0])
+        for i, name in enumerate(parts[1:], start=1):
+            if not hasattr(obj, name):
+                try:
+                    obj = importlib.import_module(".".join(parts[:i + 1]))
+                    continue
+                except ImportError:
+                    pytest.fail(f"{page}: `{dotted}` does not resolve ({'.'.join(parts[:i])} has no {name!r})")
+            obj = getattr(obj, name)
