@@ -133,7 +133,10 @@ def test_python_block(example: CodeExample, request):
         compile(example.source, str(example), "exec")
         _check_imports(example.source)
         return
-    request.getfixturevalue("scratch")
+    if "runs/" in example.source or "data/" in example.source:
+        request.getfixturevalue("scratch")  # the block reads the digits or their run
+    else:
+        request.getfixturevalue("monkeypatch").chdir(request.getfixturevalue("tmp_path"))
     _check_imports(example.source)
     _run_block(example)
 
