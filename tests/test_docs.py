@@ -281,9 +281,16 @@ def test_every_guide_page_is_in_the_navigation():
         assert _rel(page).removeprefix("docs/") in nav, f"{_rel(page)} is not in mkdocs.yml's nav"
 
 
-def test_the_layer_picture_is_committed_and_shown():
+def test_the_layer_picture_is_committed_shown_and_redrawn(tmp_path):
+    """`make layers`'s script draws the .importlinter layers (one box each) from the code's imports."""
     assert (REPO / "docs" / "img" / "layers.png").stat().st_size > 10_000
     assert "img/layers.png" in (REPO / "docs" / "design.md").read_text()
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "draw_layers.py"), "--out", str(tmp_path / "l.png")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    contract = re.search(r"^layers =\n((?:[ \t]+\S.*\n)+)", (REPO / ".importlinter").read_text(), re.M)
+    assert contract and f": {len(contract.group(1).splitlines())} layers," in out.stdout, out.stdout
+    assert (tmp_path / "l.png").stat().st_size > 10_000
 
 
 def _named_in_docs(pattern: str) -> set[tuple[str, str]]:
