@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+from .data.augment import BACKENDS
 from .errors import is_user_error
 from .extras import require
 
@@ -49,7 +50,7 @@ def _parser():
     a = sub.add_parser("augment-preview", help="write a PNG grid of augmented samples")
     a.add_argument("--data", required=True)
     a.add_argument("--preset", default="medium")
-    a.add_argument("--backend", default="keras", choices=["keras", "albumentations"])
+    a.add_argument("--backend", default="keras", choices=BACKENDS)
     a.add_argument("--size", type=int, default=160)
     a.add_argument("--out", default="augment-preview.png")
     se = sub.add_parser("search", help="hyperparameter search over recipe fields (Optuna), one process per trial")
