@@ -13,7 +13,7 @@ import keras
 from ..data import DataBundle
 from ..errors import RecipeError, RunError
 from ..export.predictor import load
-from ..runs import report as rep
+from ..runs import names, report as rep
 from ..runs.folder import RunDir
 from ..suggest import suggest
 from ..training.distribute import worker_role
@@ -119,7 +119,7 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, e
                 run.register(png.name)
                 shutil.move(str(png), str(run / png.name))
             shutil.rmtree(lr_plots, ignore_errors=True)
-        run.write_json("labels.json", {str(i): c for i, c in enumerate(bundle.classes)})
+        run.write_json(names.LABELS, {str(i): c for i, c in enumerate(bundle.classes)})
         run.status("running", recipe=recipe.name, data_fingerprint=bundle.fingerprint(),
                    **({"suggest": suggestion} if suggestion else {}))
         if recipe.folds:
@@ -130,8 +130,8 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, e
         if suggestion:
             report["suggest"] = suggestion
         report["wall_seconds"] = round(time.time() - t_start, 2)
-        run.write_json("report.json", report)
-        run.write_text("report.md", rep.markdown(report))
+        run.write_json(names.REPORT, report)
+        run.write_text(names.REPORT_MD, rep.markdown(report))
         run.status("finished", val_accuracy=report["val_accuracy"])
     except BaseException as exc:
         if run.discard_if_fresh():

@@ -48,6 +48,7 @@ from pathlib import Path
 from ..errors import DataError, RecipeError, RunError
 from ..extras import optional
 from ..recipe import Recipe
+from ..runs import names
 from ..training.inputs import resolve_recipe
 from . import trial as trial_process
 from .journal import JOURNAL, claim_folder, journal_storage, lock_folder
@@ -331,12 +332,12 @@ class _Runner:
                 child.best = (acc, loss)
             if rc is None and self.pruner_name != "none" and child.trial.should_prune():
                 _kill(child.proc)
-                epochs = len(_read_rows(child.run / "metrics.csv"))  # the epochs that actually ran
+                epochs = len(_read_rows(child.run / names.METRICS))  # the epochs that actually ran
                 self._finish(study, child, TrialState.PRUNED, epochs=epochs, at=step)
                 return "PRUNED"
         if rc is None:
             return None
-        report = _read_json(child.run / "report.json")
+        report = _read_json(child.run / names.REPORT)
         if rc != 0 or report is None or not finite(report.get("val_accuracy")):
             self._finish(study, child, TrialState.FAIL, epochs=child.reported, rc=rc)
             return "FAIL"
@@ -344,7 +345,7 @@ class _Runner:
         return "COMPLETE"
 
     def _new_rows(self, child: _Child) -> list[dict]:
-        path = child.run / "metrics.csv"
+        path = child.run / names.METRICS
         try:
             st = os.stat(path)
         except FileNotFoundError:
