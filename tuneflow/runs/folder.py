@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from ..errors import RunError
+from .names import METRICS
 
 log = logging.getLogger("tuneflow")
 
@@ -544,7 +545,7 @@ class RunDir:
     def metrics_rows(self) -> list[dict]:
         """The rows of metrics.csv. A torn last line (a kill or a full disk mid-write) or a malformed
         row is dropped with a warning; the next append repairs the file."""
-        p = self.path / "metrics.csv"
+        p = self.path / METRICS
         try:
             data = p.read_bytes()
         except FileNotFoundError:
@@ -579,8 +580,8 @@ class RunDir:
 
     def append_metrics(self, row: dict) -> None:
         """Append one row and fsync it (the file is never rewritten during training)."""
-        p = self.path / "metrics.csv"
-        self.register("metrics.csv")
+        p = self.path / METRICS
+        self.register(METRICS)
         history = self._history()  # before the append: the row joins it once it is on disk
         try:
             header = self._repair_metrics(p)
@@ -643,7 +644,7 @@ class RunDir:
         truth) that the file lost to a cut or torn write, an emptied or deleted file; in (stage,
         epoch) order, rewritten atomically when that changes the file. Returns how many rows came
         from ``known``."""
-        p = self.path / "metrics.csv"
+        p = self.path / METRICS
         rows = {k: r for r in self.metrics_rows() if (k := _row_key(r)) is not None and keep(*k)}
         restored = 0
         for r in known or ():
@@ -666,7 +667,7 @@ class RunDir:
         except OSError:
             same = False
         if not same:
-            self.register("metrics.csv")
+            self.register(METRICS)
             atomic_write(p, data)
         self._rows = [dict(r) for r in ordered]
         return restored
