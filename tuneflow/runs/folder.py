@@ -506,7 +506,7 @@ class RunDir:
         stored = None
         if (self.path / names.RECIPE).exists():
             try:
-                stored = read_json(self.path / "recipe.json", "Add --force to resume with the recipe given now.")
+                stored = read_json(self.path / names.RECIPE, "Add --force to resume with the recipe given now.")
             except RunError:
                 if not force:
                     raise
