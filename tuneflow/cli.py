@@ -13,7 +13,7 @@ from .extras import require
 
 
 def _parser():
-    from . import __version__
+    from .version import __version__
     p = argparse.ArgumentParser(prog="tuneflow", description="Fine-tuning recipes for pretrained CNNs.")
     p.add_argument("--version", action="version", version=f"tuneflow {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -28,6 +28,7 @@ import numpy as np
 from ..atomic import replace_dir
 from ..errors import DataError, RunError
 from ..extras import optional
+from ..runs import names
 from .artifact import INFO_FILE, SAVEDMODEL_DIR, write_artifact
 from .embed import list_images
 from .predictor import load
@@ -57,7 +58,7 @@ def _model_dir(run) -> Path:
 
 def validation_paths(run, limit: int = PARITY_IMAGES) -> list[Path]:
     """Up to ``limit`` of the run's validation images (``val_predictions.csv``), evenly spaced."""
-    f = Path(run) / "val_predictions.csv"
+    f = Path(run) / names.PREDICTIONS
     if not f.is_file():
         raise RunError(f"{f} is missing, so there are no validation images to check the conversion on; "
                        "pass --parity-images FOLDER (images like the training data).")
@@ -274,7 +275,7 @@ def export(run, out, fmt: str = "savedmodel", *, parity_images=None, max_images:
         if fmt != "savedmodel":
             (tmp / "tuneflow.json").write_text(json.dumps(info, indent=2))
         labels = {str(i): c for i, c in enumerate(info.get("classes", []))}
-        (tmp / "labels.json").write_text(json.dumps(labels, indent=2))
+        (tmp / names.LABELS).write_text(json.dumps(labels, indent=2))
         (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
         replace_dir(tmp, out)
         record["out"] = str(out)
@@ -294,7 +295,7 @@ def cli_export(args) -> int:
 
         scratch = Path(tempfile.mkdtemp(prefix=".export-ckpt-", dir=Path(args.out).expanduser().parent))
         write_artifact(artifact_from_checkpoint(run, args.checkpoint), scratch)
-        for name in ("val_predictions.csv", "recipe.json", "report.json"):
+        for name in (names.PREDICTIONS, names.RECIPE, names.REPORT):
             if (Path(run) / name).exists():
                 shutil.copy2(Path(run) / name, scratch / name)
         run = scratch

@@ -21,11 +21,12 @@ from html import escape
 from pathlib import Path
 
 from ..errors import RunError
+from . import names
 from .folder import atomic_write
 
 log = logging.getLogger("tuneflow")
 
-HTML_FILE = "report.html"
+HTML_FILE = names.REPORT_HTML
 
 STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
@@ -131,12 +132,12 @@ def _run_sections(folder: Path, report: dict, level: int = 2) -> str:
                 for c, m in per.items()]
         out += [f"<{h}>Per class (validation)</{h}>", _table(["class", "precision", "recall", "F1", "support"], rows)]
     out += [f"<{h}>Confusion matrix</{h}>", '<div class="row"><div>', _confusion_table(report), "</div><div>",
-            _img(folder / "confusion.png", "confusion matrix"), "</div></div>",
-            f"<{h}>Curves</{h}>", _img(folder / "curves.png", "training curves")]
-    if (folder / "top_losses.png").is_file():
+            _img(folder / names.CONFUSION, "confusion matrix"), "</div></div>",
+            f"<{h}>Curves</{h}>", _img(folder / names.CURVES, "training curves")]
+    if (folder / names.TOP_LOSSES).is_file():
         out += [f"<{h}>Top losses</{h}>", '<p class="sub">The validation images the model is most wrong '
                 "about, each with its class-evidence heatmap (Grad-CAM).</p>",
-                _img(folder / "top_losses.png", "top losses")]
+                _img(folder / names.TOP_LOSSES, "top losses")]
     health = {s["stage"]: s for s in report.get("stage_health") or []}
     stages = []
     for s in report.get("stages") or []:
@@ -160,21 +161,21 @@ def _run_sections(folder: Path, report: dict, level: int = 2) -> str:
 
 
 def _repeat(folder: Path, report: dict) -> str:
-    run = _read_json(folder / "run.json") or {}
+    run = _read_json(folder / names.RUN) or {}
     data = report.get("data") or "DATA"
     cmd = f"tuneflow finetune {shlex.quote(str(folder / 'recipe.json'))} --data {shlex.quote(str(data))}"
     original = run.get("command", "")
     out = [f"<p>To repeat this run (the recipe as it ran, every override included):</p><pre>{escape(cmd, quote=False)}</pre>"]
     if original:
         out.append(f"<p>The command that made it:</p><pre>{escape(original, quote=False)}</pre>")
-    recipe = folder / "recipe.json"
+    recipe = folder / names.RECIPE
     if recipe.is_file():
         out.append(f"<details><summary>recipe.json</summary><pre>{escape(recipe.read_text(), quote=False)}</pre></details>")
     return "\n".join(out)
 
 
 def run_html(folder: Path) -> str:
-    report = _read_json(folder / "report.json")
+    report = _read_json(folder / names.REPORT)
     if report is None:
         raise RunError(f"{folder} has no readable report.json: the run did not finish. Finish or resume it "
                        "(`tuneflow finetune ... --resume`), then write its report.")
@@ -191,12 +192,12 @@ def run_html(folder: Path) -> str:
         cols = []
         for i, a in enumerate(accs, 1):
             sub = folder / f"fold-{i}"
-            fr = _read_json(sub / "report.json") or {}
+            fr = _read_json(sub / names.REPORT) or {}
             cols.append(f"<div><h3>fold {i}: val accuracy {a:.4f}"
                         f"{' (the model)' if report.get('final_model') == f'fold-{i}' else ''}</h3>"
                         f"<p class=sub>majority rate {_fmt(fr.get('majority_rate'))}, verdict "
                         f"{escape(str(fr.get('verdict', '')))}</p>"
-                        + _img(sub / "curves.png", f"fold {i} curves") + _img(sub / "confusion.png", f"fold {i} confusion")
+                        + _img(sub / names.CURVES, f"fold {i} curves") + _img(sub / names.CONFUSION, f"fold {i} confusion")
                         + "</div>")
         body += ["<h2>Folds side by side</h2>", f'<div class="row">{"".join(cols)}</div>',
                  f"<h2>The run's model ({escape(str(report.get('final_model')))})</h2>"]
@@ -234,7 +235,7 @@ def search_html(folder: Path) -> str:
 
 
 def is_search(folder: Path) -> bool:
-    return (folder / "trials.csv").is_file() and not (folder / "report.json").is_file()
+    return (folder / "trials.csv").is_file() and not (folder / names.REPORT).is_file()
 
 
 def write_report_html(folder) -> Path:
