@@ -83,11 +83,12 @@ class FakePredictor:
     """Only for routing checks without TensorFlow: 2 classes, the embedding is the mean colour."""
     classes = ["x", "y"]
     embedding_dim = 3
-    info = {"backbone": "fake", "tuneflow_version": "0"}
+    input_size = 2
+    info = {"backbone": "fake", "tuneflow_version": "0", "source": "/secret/run/model"}
 
     def decode(self, data, max_pixels=None):
         from tuneflow.imageops import decode_pixels
-        return decode_pixels(data, max_pixels=max_pixels)
+        return decode_pixels(data, max_pixels=max_pixels, size=self.input_size)
 
     def prepare(self, images):
         return np.stack([im[:2, :2].astype(np.float32) for im in images])
