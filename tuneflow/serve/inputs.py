@@ -12,6 +12,7 @@ import io
 import json
 import re
 import struct
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -126,9 +127,11 @@ def probe_image(data: bytes, index: int, cfg: ServeConfig, size: int) -> int:
     if not data:
         raise ApiError(422, "empty_image", f"image {index} is empty (0 bytes).", image=index)
     try:
-        with Image.open(io.BytesIO(data)) as im:  # reads the header only
-            fmt, (w, h) = im.format, im.size
-            mismatch = graph_mismatch(im) if fmt in SUPPORTED_FORMATS else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is checked below
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                fmt, (w, h) = im.format, im.size
+                mismatch = graph_mismatch(im) if fmt in SUPPORTED_FORMATS else None
     except Image.DecompressionBombError as exc:  # PIL's own check (MAX_IMAGE_PIXELS from max_pixels)
         raise _too_large(index, _claimed_size(str(exc)), cfg) from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
@@ -140,7 +143,8 @@ def probe_image(data: bytes, index: int, cfg: ServeConfig, size: int) -> int:
                        f"{data[:12]!r}, in no image format PIL knows.", image=index) from exc
     if fmt not in SUPPORTED_FORMATS:
         raise ApiError(415, "unsupported_image_type", f"image {index} is {fmt}; accepted: "
-                       f"{', '.join(sorted(SUPPORTED_FORMATS))}.", image=index)
+                       f"{', '.join(sorted(SUPPORTED_FORMATS))} (what the model's own bytes signatures "
+                       "decode to the same pixels).", image=index)
     if w * h > cfg.max_pixels:
         raise _too_large(index, w * h, cfg, f"{w} x {h} = ")
     if mismatch:
