@@ -161,3 +161,126 @@ def test_bombs_heavy_requests_and_formats_the_model_decodes_otherwise_are_refuse
         status, body = post(buf.getvalue())  # animated: its first frame
         assert status == 200 and len(body["embeddings"]) == 1
         assert post(_png())[0] == 200
+
+
+MAX_PIXELS = 10_000_000      # one image: 3000 x 3000 (9 Mpx) passes
+BUDGET = 20_000_000          # decoded pixels in flight: two such images at once
+MARGIN = 400 * 2**20         # peak RSS allowed over the warmed-up server's peak, besides the budget:
+#                              the request threads' own buffers, request bodies, allocator slack
+
+
+def _slow_headers(url: str, seconds: float) -> float:
+    """Trickle a request's headers one byte every 0.3 s; how long until the server hung up."""
+    host, port = url.rsplit("//", 1)[1].split(":")
+    t0 = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=seconds) as s:
+        for b in b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000:
+            try:
+                s.sendall(bytes([b]))
+                time.sleep(0.3)
+                if time.monotonic() - t0 > seconds:
+                    return float("inf")
+            except OSError:  # reset or broken pipe: closed by the server
+                return time.monotonic() - t0
+    return float("inf")
+
+
+def _slow_body(url: str) -> tuple[int, dict, float]:
+    """Headers in full, then 10 of the 1000 body bytes announced, then nothing."""
+    import json
+    host, port = url.rsplit("//", 1)[1].split(":")
+    t0 = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f"POST /v1/embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                  "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"images\":".encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body), time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_a_real_server_survives_hostile_clients_within_its_memory_budget(serving_run, monkeypatch):
+    import httpx
+    run, images = serving_run
+    monkeypatch.setenv("TUNEFLOW_API_KEY", KEY)
+    server = Server(run, "--max-pixels", MAX_PIXELS, "--max-inflight-pixels", BUDGET, "--max-request-pixels",
+                    100_000_000, "--max-queue", 4, "--header-timeout", 2, "--body-timeout", 3)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    normal = [("files", (p.name, p.read_bytes())) for p in sorted(Path(images).rglob("*.png"))[:4]]
+    try:
+        url = server.wait_listening()
+        c = httpx.Client(base_url=url, timeout=120, headers=auth)
+
+        def still_serving():
+            r = c.post("/v1/classify", files=normal)
+            assert r.status_code == 200 and len(r.json()["predictions"]) == 4, r.text
+        still_serving()
+        info = c.get("/v1/info").json()
+        assert info["serving"]["max_inflight_pixels"] == BUDGET and "source" not in info
+        baseline = vm_hwm(server.proc.pid)
+
+        # no key, a wrong key: 401; the health checks stay open
+        for headers in ({"Authorization": ""}, {"Authorization": "Bearer not-the-key"}):
+            r = c.post("/v1/classify", files=normal, headers=headers)
+            assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+        assert httpx.get(url + "/healthz").status_code == 200 and httpx.get(url + "/v1/info").status_code == 401
+        still_serving()
+
+        # header-only bombs: 200 Mpx and 1 Gpx in a few dozen bytes -> 413 naming max_pixels
+        for w, h in ((20000, 10000), (40000, 25000)):
+            r = c.post("/v1/embed", files=[("files", ("bomb.png", bomb_png(w, h)))])
+            body = r.json()
+            assert r.status_code == 413 and (body["code"], body["limit"], body["value"]) == (
+                "image_too_large", "max_pixels", MAX_PIXELS), body
+        still_serving()
+
+        # 64 large-but-small-file PNGs (9 Mpx, ~9 kB each) in one request: 413 naming the request limit
+        heavy = big_png(3000)
+        r = c.post("/v1/embed", files=[("files", (f"{i}.png", heavy)) for i in range(64)])
+        body = r.json()
+        assert r.status_code == 413 and (body["code"], body["limit"]) == ("request_too_many_pixels",
+                                                                          "max_request_pixels"), body
+        still_serving()
+
+        # 8 concurrent heavy clients (8 of those PNGs each): the budget holds two images at a time,
+        # four wait, the rest are told 503 + Retry-After and come back; every client is answered
+        busy = []
+
+        def heavy_client(k):
+            with httpx.Client(base_url=url, timeout=300, headers=auth) as cc:
+                while True:
+                    r = cc.post("/v1/embed", files=[("files", (f"{i}.png", heavy)) for i in range(8)])
+                    if r.status_code != 503:
+                        return r.status_code, len(r.json().get("embeddings", []))
+                    busy.append((r.headers.get("retry-after"), r.json()))
+                    time.sleep(float(r.headers["retry-after"]))
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(heavy_client, range(8)))
+        assert answers == [(200, 8)] * 8
+        assert busy, "8 clients x 8 images over a budget of 2 images and a queue of 4: some must be told to wait"
+        assert all(ra == "1" and b["code"] == "server_busy" and b["limit"] == "max_inflight_pixels"
+                   for ra, b in busy)
+        still_serving()
+
+        # a client trickling its headers is cut off (--header-timeout 2), one stalling its body gets 408
+        assert _slow_headers(url, 15) < 8
+        status, body, took = _slow_body(url)
+        assert status == 408 and (body["code"], body["limit"]) == ("request_timeout", "body_timeout_s"), body
+        assert took < 15
+        still_serving()
+
+        peak = vm_hwm(server.proc.pid)
+        allowed = baseline + BUDGET * BYTES_PER_PIXEL + MARGIN
+        assert peak <= allowed, f"peak RSS {peak / 2**20:.0f} MB over {allowed / 2**20:.0f} MB " \
+                                f"(baseline {baseline / 2**20:.0f} MB + budget + margin)"
+        print(f"peak RSS {peak / 2**20:.0f} MB; baseline {baseline / 2**20:.0f} MB; allowed {allowed / 2**20:.0f} MB")
+        c.close()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0  # drained, then a normal exit
+    finally:
+        server.stop()
