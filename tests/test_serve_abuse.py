@@ -151,6 +151,9 @@ def test_bombs_heavy_requests_and_formats_the_model_decodes_otherwise_are_refuse
         assert status == 422 and body["code"] in ("truncated_image", "corrupt_image"), body
         refused = {"WEBP": _image("WEBP"), "transparent GIF": _image("GIF", "P", transparency=3),
                    "palette BMP": _image("BMP", "P"), "CMYK JPEG": _image("JPEG", "CMYK"), "TIFF": _image("TIFF")}
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        refused["rotated PNG"] = _image("PNG", exif=exif.tobytes())
         for name, blob in refused.items():
             status, body = post(blob)
             assert status == 415 and body["code"] == "unsupported_image_type", (name, body)

@@ -126,7 +126,7 @@ def _parser():
     v.add_argument("--max-request-pixels", type=int, default=200_000_000,
                    help="decoded pixels of one request's images together (413 beyond)")
     v.add_argument("--max-inflight-pixels", type=int, default=None,
-                   help="decoded pixels the whole server holds at once (default: a quarter of the "
+                   help="decoded pixels the whole server holds at once (default: 8%% of the "
                         "machine's memory at 40 bytes a pixel; stated in /v1/info)")
     v.add_argument("--max-queue", type=int, default=256,
                    help="images waiting for room in that budget; beyond: 503 with Retry-After")

@@ -20,6 +20,7 @@ than answer differently from the artifact.
 from __future__ import annotations
 
 import tensorflow as tf
+from PIL import Image
 
 _PNG = b"\x89PNG\r\n\x1a\n"
 _PAD = 16  # zero bytes appended before reading header fields, so a short read never fails
@@ -34,6 +35,12 @@ def graph_mismatch(im) -> str | None:
             return f"a {mode} JPEG (TensorFlow's JPEG decoder converts {mode} otherwise than PIL)"
         return None
     if fmt == "PNG":
+        exif = im.info.get("exif")  # an eXIf chunk before the image data (where the PNG spec puts it)
+        if exif:
+            ex = Image.Exif()
+            ex.load(exif)
+            if ex.get(0x0112, 1) != 1:
+                return "a PNG with an EXIF orientation (the graph reads orientation from JPEG only)"
         return None
     if fmt == "GIF":
         if "transparency" in im.info:
@@ -184,6 +191,7 @@ def _decode_bmp(data):
         return tf.io.decode_bmp(data, channels=3)
 
 
+@tf.autograph.experimental.do_not_convert  # graph ops throughout: nothing for AutoGraph to rewrite
 def decode_bytes(data, size: int):
     """One encoded image (scalar tf.string) -> uint8 (H, W, 3), as ``decode_pixels(data, size=size)``."""
     head = tf.strings.substr(tf.strings.join([data, tf.constant(b"\0" * _PAD)]), 0, 8)

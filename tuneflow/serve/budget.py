@@ -22,7 +22,7 @@ from .config import ApiError
 # copy, the resize's float32 copy. Measured as the peak-RSS rise of decode_pixels + resize_image
 # on a 3000 x 3000 PNG, divided by its pixels: grey, palette, RGBA 24-25, RGB 20, 16-bit grey 35.
 BYTES_PER_PIXEL = 40
-MEMORY_SHARE = 0.25  # the default budget: this share of the machine's memory, at BYTES_PER_PIXEL
+MEMORY_SHARE = 0.08  # the default budget: this share of the machine's memory (24 GB -> 2 GB), at BYTES_PER_PIXEL
 
 
 def machine_memory_bytes() -> int:
@@ -39,8 +39,8 @@ def machine_memory_bytes() -> int:
 
 
 def default_inflight_pixels(max_pixels: int) -> int:
-    """``--max-inflight-pixels`` when not given: a quarter of the machine's memory at
-    BYTES_PER_PIXEL (24 GB -> 150 Mpx), and never less than one image of ``max_pixels``."""
+    """``--max-inflight-pixels`` when not given: MEMORY_SHARE of the machine's memory at
+    BYTES_PER_PIXEL (24 GiB -> 51 Mpx, ~2 GB), and never less than one image of ``max_pixels``."""
     return max(int(max_pixels), int(machine_memory_bytes() * MEMORY_SHARE / BYTES_PER_PIXEL))
 
 

@@ -17,7 +17,7 @@ class ServeConfig:
     max_pixels: int = 40_000_000    # width x height of one image: a decompression bomb stops here
     max_request_pixels: int = 200_000_000  # decoded pixels of all a request's images together
     max_inflight_pixels: int | None = None  # decoded pixels held at once by the whole server (see
-    #                                  .budget); None: a quarter of the machine's memory at 40 B/px
+    #                                  .budget); None: 8% of the machine's memory at 40 B/px
     max_queue: int = 256            # images waiting for room in that budget; beyond: 503 + Retry-After
     limit_concurrency: int = 128    # open connections + requests (uvicorn's); beyond: 503 at once
     header_timeout_s: float = 10.0  # a connection must send its request's headers within this
