@@ -23,8 +23,9 @@ import pytest
 from PIL import Image
 
 from test_serve import FakePredictor, Server, _png
-from tuneflow.serve.budget import BYTES_PER_PIXEL, PixelBudget
+from tuneflow.serve.budget import PixelBudget
 from tuneflow.serve.config import ApiError
+from tuneflow.serve.memory import BYTES_PER_PIXEL
 
 KEY = "s3cret-key-for-tests"
 

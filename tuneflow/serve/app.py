@@ -31,10 +31,10 @@ from starlette.concurrency import run_in_threadpool
 
 from .auth import require_api_key
 from .batcher import MicroBatcher
-from .budget import BYTES_PER_PIXEL, PixelBudget
+from .budget import PixelBudget
 from .config import ApiError, ServeConfig
 from .inputs import prepare_request, read_images
-from .memory import Trimmer
+from .memory import BYTES_PER_PIXEL, Trimmer
 from .metrics import Metrics, MetricsMiddleware
 
 log = logging.getLogger("tuneflow.serve")

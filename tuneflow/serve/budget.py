@@ -13,36 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections import deque
 
 from .config import ApiError
-
-# Bytes of memory one decoded pixel costs at its peak: PIL's decode, the RGB conversion, numpy's
-# copy, the resize's float32 copy. Measured as the peak-RSS rise of decode_pixels + resize_image
-# on a 3000 x 3000 PNG, divided by its pixels: grey, palette, RGBA 24-25, RGB 20, 16-bit grey 35.
-BYTES_PER_PIXEL = 40
-MEMORY_SHARE = 0.08  # the default budget: this share of the machine's memory (24 GB -> 2 GB), at BYTES_PER_PIXEL
-
-
-def machine_memory_bytes() -> int:
-    """Physical memory, or the cgroup's limit when it is lower (a container)."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = open(path).read().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = min(total, int(text))
-    return total
-
-
-def default_inflight_pixels(max_pixels: int) -> int:
-    """``--max-inflight-pixels`` when not given: MEMORY_SHARE of the machine's memory at
-    BYTES_PER_PIXEL (24 GiB -> 51 Mpx, ~2 GB), and never less than one image of ``max_pixels``."""
-    return max(int(max_pixels), int(machine_memory_bytes() * MEMORY_SHARE / BYTES_PER_PIXEL))
-
 
 class PixelBudget:
     """``async with budget.hold(pixels):`` -- room for that many decoded pixels, waiting in a

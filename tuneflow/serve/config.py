@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from ..errors import ServeError
+from .memory import default_inflight_pixels
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,6 @@ class ServeConfig:
 
     def checked(self) -> "ServeConfig":
         """The settings with the budget resolved; ServeError when one contradicts another."""
-        from .budget import default_inflight_pixels
         budget = self.max_inflight_pixels or default_inflight_pixels(self.max_pixels)
         for name in ("max_batch", "max_request_bytes", "max_images", "max_pixels", "max_request_pixels",
                      "max_queue", "limit_concurrency"):
