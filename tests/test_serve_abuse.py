@@ -50,7 +50,7 @@ def vm_hwm(pid: int) -> int:
     return int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) * 1024
 
 
-def test_pixel_budget_queues_in_order_then_refuses_with_retry_after():
+def test_pixel_budget_lets_what_fits_pass_queues_the_rest_then_refuses_with_retry_after():
     async def scenario():
         budget = PixelBudget(10, max_queue=1, retry_after_s=2)
         order = []
@@ -64,13 +64,16 @@ def test_pixel_budget_queues_in_order_then_refuses_with_retry_after():
         second = asyncio.create_task(user("b", 6, 0.0))  # does not fit beside a: waits
         await asyncio.sleep(0.01)
         assert budget.in_use == 6 and budget.waiting == 1
-        with pytest.raises(ApiError) as err:  # the queue (1) is full: refused at once
-            async with budget.hold(1):
+        third = asyncio.create_task(user("c", 2, 0.05))  # fits beside a: goes past b at once
+        await asyncio.sleep(0.01)
+        assert budget.in_use == 8 and budget.waiting == 1
+        with pytest.raises(ApiError) as err:  # does not fit, and the queue (1) is full: refused at once
+            async with budget.hold(5):
                 pass
-        await asyncio.gather(first, second)
+        await asyncio.gather(first, second, third)
         return budget, order, err.value
     budget, order, err = asyncio.run(scenario())
-    assert order == ["a", "b"] and budget.in_use == 0 and budget.peak == 6 and budget.refused == 1
+    assert order == ["a", "c", "b"] and budget.in_use == 0 and budget.peak == 8 and budget.refused == 1
     assert (err.status, err.code, err.limit, err.value) == (503, "server_busy", "max_inflight_pixels", 10)
     assert err.headers == {"Retry-After": "2"} and "max_queue = 1" in err.message
 
