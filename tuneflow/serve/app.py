@@ -33,7 +33,7 @@ from .auth import require_api_key
 from .batcher import MicroBatcher
 from .budget import PixelBudget
 from .config import ApiError, ServeConfig
-from .inputs import prepare_request, read_images
+from .inputs import large_image_pool, prepare_request, read_images
 from .memory import BYTES_PER_PIXEL, Trimmer
 from .metrics import Metrics, MetricsMiddleware
 
@@ -120,14 +120,15 @@ async def readyz(request: Request):
     return JSONResponse({"status": "not ready", "code": "not_ready"}, status_code=503)
 
 
-def api_router(predictor, cfg: ServeConfig, index, metrics: Metrics, budget: PixelBudget) -> APIRouter:
+def api_router(predictor, cfg: ServeConfig, index, metrics: Metrics, budget: PixelBudget,
+               large_pool=None) -> APIRouter:
     """embed, classify, search, info and metrics (and the docs with ``cfg.docs``), behind the API key."""
     api = APIRouter(dependencies=[Depends(require_api_key)])
     classes = list(predictor.classes)
 
     async def infer(request: Request, key: tuple) -> np.ndarray:
         blobs = await read_images(request, cfg)
-        batch = await prepare_request(predictor, blobs, cfg, budget)
+        batch = await prepare_request(predictor, blobs, cfg, budget, large_pool)
         del blobs  # the encoded bytes are not kept while the batch waits for the model
         batcher = request.app.state.batcher
         try:
@@ -199,6 +200,7 @@ def create_app(predictor, cfg: ServeConfig | None = None, index=None, on_stop=No
     Image.MAX_IMAGE_PIXELS = cfg.max_pixels
     metrics = Metrics(ENDPOINTS)
     budget = PixelBudget(cfg.max_inflight_pixels, cfg.max_queue)
+    large_pool = large_image_pool()
 
     def embed_fn(x, layer, normalize):
         return predictor.embed_prepared(x, layer=layer, normalize=normalize)
@@ -220,6 +222,7 @@ def create_app(predictor, cfg: ServeConfig | None = None, index=None, on_stop=No
         finally:
             app.state.ready = False
             await run_in_threadpool(app.state.batcher.stop, cfg.drain_timeout_s)
+            large_pool.shutdown(wait=False)
             if on_stop is not None:
                 on_stop(app)
 
@@ -250,7 +253,7 @@ def create_app(predictor, cfg: ServeConfig | None = None, index=None, on_stop=No
                             status_code=500)
 
     app.include_router(health)
-    app.include_router(api_router(predictor, cfg, index, metrics, budget))
+    app.include_router(api_router(predictor, cfg, index, metrics, budget, large_pool))
     for router in routers:
         app.include_router(router, dependencies=[Depends(require_api_key)])
     app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes, timeout_s=cfg.body_timeout_s)
