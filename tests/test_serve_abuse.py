@@ -291,3 +291,28 @@ def test_a_real_server_survives_hostile_clients_within_its_memory_budget(serving
         assert server.proc.wait(60) == 0  # drained, then a normal exit
     finally:
         server.stop()
+
+
+def test_api_key_sources_and_settings_that_cannot_work_are_named(tmp_path, monkeypatch):
+    from tuneflow.errors import ServeError
+    from tuneflow.serve import ServeConfig
+    from tuneflow.serve.auth import load_api_key
+    from tuneflow.serve.memory import default_inflight_pixels
+    monkeypatch.delenv("TUNEFLOW_API_KEY", raising=False)
+    assert load_api_key() is None
+    monkeypatch.setenv("TUNEFLOW_API_KEY", " from-env \n")
+    assert load_api_key() == "from-env"
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\nignored second line\n")
+    assert load_api_key(key_file) == "from-file"  # the file wins over the environment
+    key_file.write_text("\n")
+    with pytest.raises(ServeError, match=r"--api-key-file .*key is empty; write the key on its first line"):
+        load_api_key(key_file)
+    with pytest.raises(ServeError, match=r"--api-key-file .*nope: cannot read it"):
+        load_api_key(tmp_path / "nope")
+    with pytest.raises(ServeError, match=r"--max-inflight-pixels 1000 is below --max-pixels 2000"):
+        ServeConfig(max_pixels=2000, max_inflight_pixels=1000).checked()
+    with pytest.raises(ServeError, match=r"--max-queue 0 must be at least 1"):
+        ServeConfig(max_queue=0).checked()
+    budget = ServeConfig().checked().max_inflight_pixels  # derived from the machine's memory
+    assert budget == default_inflight_pixels(40_000_000) >= 40_000_000
