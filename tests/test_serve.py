@@ -295,7 +295,7 @@ def test_server_errors_parity_load_and_drain(serving_run, tmp_path):
         assert drained, "".join(server.lines)[-2000:]
         summary = json.loads(drained[0].split("drained; ", 1)[1])
         assert summary["in_flight"] == 0
-        assert len(received) > 0 and set(received) == {200}
+        assert len(received) > 0 and set(received) == {200}, "".join(server.lines)[-6000:]
         assert summary["answered"]["/v1/classify"] == len(received) + 1  # +1: the parity check's request
     finally:
         server.stop()

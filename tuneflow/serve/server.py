@@ -119,11 +119,6 @@ def serve(run, *, host: str = "127.0.0.1", port: int = 8080, checkpoint: str = "
     limit_arenas()  # before the model's and the request pool's threads exist: see .memory
     cfg = (cfg or ServeConfig()).checked()
     api_key = load_api_key(api_key_file)
-    if not logging.getLogger("tuneflow").handlers:  # tracebacks of 500s, with their request_id
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("tuneflow").addHandler(handler)
-        logging.getLogger("tuneflow").setLevel(logging.INFO)
     predictor, index = load_for_serving(run, checkpoint, index_dir)
     app = create_app(predictor, cfg, index, on_stop=_report_drained, api_key=api_key)
     # The socket is bound here, after the model is ready, so a port that answers has a model;
