@@ -97,7 +97,7 @@ def features(name):
     from tuneflow.data import subsample
     from tuneflow.training.assemble import build
     from tuneflow.training.isolation import preserved_global_state
-    from tuneflow.training.lr_range import prepare
+    from tuneflow.training.inputs import prepare
     from tuneflow.workbench.doctor import MAX_LABEL_IMAGES, label_features
     overrides = {"precision": "float32"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +109,7 @@ def features(name):
         else:
             data = REPO / "data" / "digits" if name == "digits" else SHARED / name
         with preserved_global_state():
-            recipe, bundle, plan = prepare("small_similar", data, overrides)
+            recipe, bundle, plan = prepare("small_similar", data, overrides, one_device=True)
             asm = build(plan, plan.taps()[0])
             total = len(bundle.train) + len(bundle.val)
             if total > MAX_LABEL_IMAGES:  # as the doctor does
