@@ -38,16 +38,24 @@ def model_card(run) -> dict | None:
                 curves.append({k: _number(row.get(k)) for k in CURVE_KEYS})
     except OSError:
         pass
+    if isinstance(recipe, dict) and isinstance(recipe.get("weights"), str):
+        recipe["weights"] = _name(recipe["weights"])
     b = report.get("baseline") or {}
     cm = report.get("confusion_matrix")
     return {"val_accuracy": report.get("val_accuracy"), "val_loss": report.get("val_loss"),
             "majority_rate": report.get("majority_rate"), "majority_class": b.get("majority_class"),
             "beats_majority": b.get("beats_majority"), "p_value": b.get("p_value"),
             "num_train": report.get("num_train"), "num_val": report.get("num_val"),
-            "verdict": report.get("verdict"), "advice": report.get("advice"), "weights": report.get("weights"),
+            "verdict": report.get("verdict"), "advice": report.get("advice"), "weights": _name(report.get("weights")),
             "folds": report.get("folds"), "fold_mean_val_accuracy": report.get("fold_mean_val_accuracy"),
             "per_class": report.get("per_class"), "classes": report.get("classes"),
             "confusion_matrix": cm if isinstance(cm, list) else None, "curves": curves, "recipe": recipe}
+
+
+def _name(weights):
+    """A weights file's name without its folder (where files lie on disk is not the client's
+    business, as in the rest of /v1/info); "imagenet" or None as they are."""
+    return Path(weights).name if isinstance(weights, str) and ("/" in weights or "\\" in weights) else weights
 
 
 def _number(v):

@@ -45,11 +45,11 @@ class LazyExplainer:
             return self._explainer
 
 
-def explain_router(predictor, cfg: ServeConfig, explainer: LazyExplainer, index=None,
-                   dependencies=()) -> APIRouter:
-    """The routes; ``dependencies`` (FastAPI ``Depends``) apply to each, as to the other ``/v1/*``
-    routes (the API key check); the page's own routes (:mod:`.page`) take none."""
-    router = APIRouter(dependencies=list(dependencies))
+def explain_router(predictor, cfg: ServeConfig, explainer: LazyExplainer, index=None, budget=None,
+                   large_pool=None) -> APIRouter:
+    """The routes (mounted behind the API key, as the other ``/v1/*`` routes); images are read and
+    decoded as for ``/v1/classify``, within the server's pixel ``budget``."""
+    router = APIRouter()
     classes = list(predictor.classes)
     lock = threading.Lock()  # one gradient pass at a time: bounded memory, the batcher keeps the cores
 
@@ -75,7 +75,8 @@ def explain_router(predictor, cfg: ServeConfig, explainer: LazyExplainer, index=
             raise ApiError(422, "bad_parameter", f"class={target!r} is not one of the model's classes "
                            f"({', '.join(classes)}).")
         blobs = await read_images(request, cfg)
-        batch = await run_in_threadpool(prepare_request, predictor, blobs, cfg)
+        batch = await prepare_request(predictor, blobs, cfg, budget, large_pool)
+        del blobs
         return {"explanations": await run_in_threadpool(run, batch, target)}
 
     @router.get("/v1/index/items/{item}/thumbnail")
