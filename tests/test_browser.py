@@ -81,9 +81,16 @@ def server(serving_run, tmp_path_factory):
                         "--no-progress"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(list((index / "thumbs").glob("*.jpg"))) == 90
-    proc = subprocess.Popen([sys.executable, "-m", "tuneflow", "serve", str(run), "--index", str(index),
-                             "--port", "0", "--max-request-bytes", str(MAX_BYTES)],
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc, url = _serve(run, "--index", str(index), "--max-request-bytes", str(MAX_BYTES))
+    yield url, run, images
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def _serve(run, *args, env=None):
+    """`tuneflow serve RUN ARGS --port 0` -> (process, base URL) once it listens."""
+    proc = subprocess.Popen([sys.executable, "-m", "tuneflow", "serve", str(run), *args, "--port", "0"],
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     url, deadline, seen = None, time.time() + 240, []
     while url is None and time.time() < deadline:
         line = proc.stderr.readline()
@@ -93,9 +100,13 @@ def server(serving_run, tmp_path_factory):
         m = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
         url = m.group(1) if m else None
     assert url, "".join(seen)[-3000:]
-    yield url, run, images
-    proc.terminate()
-    proc.wait(timeout=60)
+    while time.time() < deadline:  # the line is printed as the socket is bound, before uvicorn listens
+        try:
+            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    return proc, url
 
 
 def _shot(pg, name):
@@ -217,6 +228,26 @@ def test_page_sends_the_api_key_the_user_typed(server, page):
     page.reload()  # kept for the session's page loads
     page.wait_for_selector("#card-accuracy")
     assert page.input_value("#api-key") == "s3cret-key"
+
+
+def test_page_asks_for_the_key_a_keyed_service_needs_and_then_works(serving_run, page):
+    run, images = serving_run
+    proc, url = _serve(run, env={**os.environ, "TUNEFLOW_API_KEY": "k3y-for-the-page"})
+    try:
+        page.goto(url + "/")  # the page itself is open
+        page.wait_for_function("!document.getElementById('error').hidden")
+        assert "The service needs an API key: type it in the field at the top right (HTTP 401" \
+            in page.inner_text("#error")
+        page.fill("#api-key", "k3y-for-the-page")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_selector("#card-accuracy")
+        page.set_input_files("#files", str(sorted((images / "c").glob("*.png"))[0]))
+        page.wait_for_selector(".result.done", timeout=120_000)
+        assert page.locator(".result.done .top li:first-child .name").inner_text() == "c"
+        assert page.locator(".result.done img.heatmap").get_attribute("src").startswith("data:image/png;base64,")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def test_page_is_served_from_the_package_and_nothing_else(server):
