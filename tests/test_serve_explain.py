@@ -64,3 +64,15 @@ def test_explain_answers_grid_pngs_and_the_prediction_of_the_served_model(servin
         assert card["val_accuracy"] == report["val_accuracy"] and card["majority_rate"] == report["majority_rate"]
         assert card["confusion_matrix"] == report["confusion_matrix"] and card["classes"] == ["a", "b", "c"]
         assert len(card["curves"]) == report["epochs"] and card["recipe"]["name"] == "small_similar"
+
+
+def test_with_a_key_the_page_is_open_and_explain_and_thumbnails_are_not():
+    from fastapi.testclient import TestClient
+
+    from tuneflow.serve import ServeConfig, create_app
+    with TestClient(create_app(FakePredictor(), ServeConfig(max_wait_ms=1), api_key="k")) as c:
+        assert c.get("/").status_code == 200 and c.get("/static/app.js").status_code == 200
+        for r in (c.post("/v1/explain", files=[("files", ("a.png", _png()))]), c.get("/v1/index/items/0/thumbnail")):
+            assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+        r = c.get("/v1/index/items/0/thumbnail", headers={"Authorization": "Bearer k"})
+        assert r.status_code == 404 and r.json()["code"] == "no_index"  # past the key
