@@ -50,6 +50,17 @@ def tiny_folder(tmp_path):
     return make_image_folder(tmp_path / "tiny")
 
 
+def fast_overrides(recipe_name: str, **extra) -> dict:
+    """Overrides for a quick run of a recipe: Lite0 with random weights (``random_lite0_weights``)
+    at 32 px, batch 8, float32, one epoch a stage; ``extra`` added last."""
+    import tuneflow.recipes as registry
+    kw = {"input_size": 32, "backbone": "efficientnet_lite0", "weights": random_lite0_weights(),
+          "batch_size": 8, "precision": "float32"}
+    kw.update({f"{s.name}__epochs": 1 for s in registry.get(recipe_name).stages})
+    kw.update(extra)
+    return kw
+
+
 def random_lite0_weights() -> str:
     """A Lite0 weights file with random values, made once per checkout (shared with child processes).
 

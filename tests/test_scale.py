@@ -76,6 +76,7 @@ def test_fraction_picks_files_before_decoding_the_same_images_as_subsampling_aft
 
 
 @pytest.mark.slow
+@pytest.mark.realdata
 @pytest.mark.skipif(not (SHARED / "ants_bees").exists(), reason="needs ../shared/datasets/ants_bees")
 def test_memmap_and_inmemory_agree_on_real_data(monkeypatch):
     mem, disk = _load_both(monkeypatch, SHARED / "ants_bees", 64)

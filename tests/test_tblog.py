@@ -7,16 +7,13 @@ from tensorboard.backend.event_processing import event_accumulator
 from conftest import make_image_folder, random_lite0_weights
 from tuneflow import finetune
 from tuneflow.errors import RecipeError
-from tuneflow.recipe import Recipe
 from tuneflow.recipes import small_similar
 
 # A cached head stage trained by SGD (not L-BFGS: that one has no epochs), then the top block end to end.
 TINY = {"input_size": 32, "backbone": "efficientnet_lite0", "weights": random_lite0_weights(), "batch_size": 4, "precision": "float32",
         "head_solver": "sgd", "head__epochs": 2, "head__patience": 0, "finetune__epochs": 2,
-        "finetune__patience": 0, "finetune__train": "top:1"}
-PREFIX = "prefix_cache" in Recipe.__dataclass_fields__  # fine-tuning on the frozen prefix's cached activations
-if PREFIX:
-    TINY["prefix_cache"] = "off"  # the whole model on pixels; the cached prefix has its own test
+        "finetune__patience": 0, "finetune__train": "top:1",
+        "prefix_cache": "off"}  # the whole model on pixels; the cached prefix has its own test
 
 
 def read(folder):
@@ -120,7 +117,6 @@ def test_histogram_interval_is_validated(bad):
         small_similar.override(f"tensorboard_histograms={bad}")
 
 
-@pytest.mark.skipif(not PREFIX, reason="no prefix cache in this version")
 def test_stage_on_cached_prefix_activations(data, tmp_path):
     """The trainer is then the model's trainable top: its backbone layers are probed on its own graph."""
     # top:1 trains Lite0's last block (top_conv, top_bn); block1a lies in the cached frozen prefix.
