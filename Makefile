@@ -36,7 +36,7 @@ test: $(STAMP)
 
 # The inner loop (a few minutes): the unit-level modules and one end-to-end run with its artifact,
 # nothing marked slow. `make test` runs everything.
-FAST_TESTS = tests/test_recipe.py tests/test_data.py tests/test_scale.py tests/test_report.py \
+FAST_TESTS = tests/test_dependencies.py tests/test_recipe.py tests/test_optim.py tests/test_pipeline.py tests/test_data.py tests/test_scale.py tests/test_report.py \
 	tests/test_probe.py tests/test_index.py tests/test_recipes_backbones.py tests/faults/test_bad_data.py \
 	tests/faults/test_overrides.py tests/faults/test_run_folder.py tests/faults/test_disk_errors.py \
 	tests/test_artifact.py::test_run_folder_holds_the_portable_artifact \

@@ -3,6 +3,7 @@ missing one fails the suite here, by name, instead of skipping the tests that ne
 Makefile installs the core and every extra; only ``gpu``, CUDA's wheels, is left to GPU machines.)
 Every tuneflow module imports, too."""
 import configparser
+import functools
 import importlib
 import importlib.metadata as md
 import pkgutil
@@ -42,11 +43,16 @@ def _normal(name: str) -> str:
     return name.lower().replace("-", "_").replace(".", "_")
 
 
+@functools.lru_cache(maxsize=None)
+def _owners() -> dict:
+    return md.packages_distributions()  # scans every installed distribution: once
+
+
 def _top_level_modules(dist_name: str) -> list[str]:
     """The module to import for a distribution: the one named like it (tensorflow_datasets,
     python_multipart), else its importable top-level names (PIL, sklearn, faiss), never the
     ``tests``/``examples`` folders some wheels ship."""
-    owners = md.packages_distributions()
+    owners = _owners()
     mods = sorted(m for m, dists in owners.items() if any(_normal(d) == _normal(dist_name) for d in dists)
                   and m.isidentifier() and not m.startswith("_"))
     if _normal(dist_name) in mods:
@@ -74,7 +80,8 @@ def test_declared_dependency_is_installed_in_range_and_imports(where, req):
 
 
 TUNEFLOW_MODULES = sorted(["tuneflow.recipes"] + [
-    m.name for pkg in (tuneflow, tuneflow.recipes) for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")])
+    m.name for pkg in (tuneflow, tuneflow.recipes) for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
+    if not m.name.endswith(".__main__")])  # __main__ runs the CLI when imported
 
 
 @pytest.mark.parametrize("module", TUNEFLOW_MODULES)

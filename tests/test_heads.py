@@ -19,9 +19,9 @@ def test_norm_auto_follows_the_per_replica_batch():
     assert choose_norm("group", 32) == "group" and choose_norm("batch", 2) == "batch"
 
 
-# (head, norm) -> the head's hidden layer and its normalisation layer as Keras classes; an MLP
-# head's "instance" norm is a LayerNormalization (one vector per example: nothing spatial to normalise).
-EXPECTED = {("conv", "instance"): ("head_conv", keras.layers.GroupNormalization, -1),
+# (head, norm) -> the head's hidden layer, its normalisation layer's Keras class and groups
+# ("channels": instance norm, one group per channel, which Keras resolves from groups=-1 when built).
+EXPECTED = {("conv", "instance"): ("head_conv", keras.layers.GroupNormalization, "channels"),
             ("mlp", "batch"): ("head_dense", keras.layers.BatchNormalization, None),
             ("conv", "group"): ("head_conv", keras.layers.GroupNormalization, 8)}
 
@@ -41,7 +41,7 @@ def test_heads_and_norms_train(tmp_path, tiny_folder, head, norm):
     norm_layer = head_model.get_layer("head_norm")
     assert type(norm_layer) is norm_class
     if groups is not None:
-        assert norm_layer.groups == groups
+        assert norm_layer.groups == (norm_layer.gamma.shape[0] if groups == "channels" else groups)
     assert ("head_spatial_dropout" in names) == (head == "conv")  # spatial dropout only on a feature map
     # The same seeded head, untrained: what assembly built before training.
     recipe = registry.get("small_similar").override(**ov)
@@ -69,7 +69,8 @@ def test_replace_backbone_bn_with_instance_norm(tmp_path, tiny_folder):
     n_bn = sum(isinstance(layer, keras.layers.BatchNormalization)
                for layer in build_backbone("efficientnet_lite0", weights=None, input_size=32).layers)
     replaced = [layer for layer in layers if isinstance(layer, keras.layers.GroupNormalization)]
-    assert len(replaced) == n_bn > 0 and all(layer.groups == -1 for layer in replaced)
+    assert len(replaced) == n_bn > 0
+    assert all(layer.groups == layer.gamma.shape[0] for layer in replaced)  # one group per channel
     x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
     loaded = keras.saving.load_model(res.run_dir / "model.keras")
     np.testing.assert_allclose(loaded.predict(x, verbose=0), res.model.predict(x, verbose=0), atol=1e-5)
