@@ -14,15 +14,24 @@ ARGS   ?=
 # (VENV and STAMP are make targets, which cannot hold spaces; the repository's own path may.)
 q = '$(subst ','\'',$(1))'
 
-.PHONY: install finetune test test-fast bench data clean
+.PHONY: install finetune test test-fast bench data clean lock
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+# Every extra and the test tools, at the versions the suite last passed with (constraints.txt,
+# refreshed by `make lock`): a new upstream release cannot break main without a commit.
+EXTRAS ?= all,test
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(call q,$(BIN)/python) || $(call q,$(PYTHON)) -m venv $(call q,$(VENV))
 	$(call q,$(BIN)/python) -m pip install -q --upgrade pip
-	$(call q,$(BIN)/python) -m pip install -q -e ".[test]"
+	$(call q,$(BIN)/python) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(call q,$(STAMP))
+
+# constraints.txt: the versions installed now (after a green `make test`), for the next install.
+lock: $(STAMP)
+	$(call q,$(BIN)/python) -m pip freeze --exclude-editable --all | grep -v -E '^(pip|setuptools|wheel)==' \
+		| sed '1i # pip constraints: the versions `make test` last passed with (`make lock` rewrites it)' > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
 
 finetune: $(STAMP)
 	$(call q,$(BIN)/tuneflow) finetune $(call q,$(RECIPE)) --data $(call q,$(DATA)) $(if $(OUT),--out $(call q,$(OUT))) $(ARGS)

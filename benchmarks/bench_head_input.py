@@ -1,10 +1,10 @@
 """Head input on cached features: ``from_tensor_slices`` + tf.data shuffle against the NumPy
-generator that gathers each batch by index (stages.cached_dataset's two paths), seconds an epoch.
+generator that gathers each batch by index (cached.cached_dataset's two paths), seconds an epoch.
 
     .venv/bin/python benchmarks/bench_head_input.py [N ...]      (default 2000 10000 20000)
 
 1280-d float32 vectors (Lite0's pooled features), batch 32, shuffled; mean of 3 epochs after one
-warm-up. Decides ``stages.SLICES_MAX_BYTES``.
+warm-up. Decides ``cached.SLICES_MAX_BYTES``.
 """
 import sys
 import time

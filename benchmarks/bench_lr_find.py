@@ -40,8 +40,8 @@ GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
 def bench(data, recipe, grid, fixed, old_grid=None, seeds=(0,)) -> dict:
-    from tuneflow.training.finetune import finetune
-    from tuneflow.workbench.lr_find import lr_find
+    from tuneflow.fit.finetune import finetune
+    from tuneflow.training.lr_range import lr_find
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         found = lr_find(recipe, data, stage=0, overrides=fixed, out=tmp)

@@ -29,7 +29,7 @@ def probe(data: Path, size: int, resize: str) -> dict:
 
     from tuneflow import build_backbone
     from tuneflow.data import load_data
-    from tuneflow.training.distribute import predict
+    from tuneflow.features.predict import predict
     b = load_data(data, size, resize=resize)
     bb = build_backbone("efficientnet_lite0", input_size=size)
     pooled = keras.Model(bb.input, keras.layers.GlobalAveragePooling2D()(bb.output))
@@ -58,7 +58,7 @@ def learn(data: Path, size: int, resize: str) -> dict:
     from tuneflow.backbones import get_spec
     from tuneflow.data import load_data
     from tuneflow.runs.report import majority_baseline
-    from tuneflow.training.distribute import predict
+    from tuneflow.features.predict import predict
     from tuneflow.training.probe import fit_probe
     b = load_data(data, size, resize=resize)
     bb = build_backbone("efficientnet_lite0", input_size=size)
@@ -142,7 +142,7 @@ def main_backbones(args):
 
     from tuneflow import build_backbone
     from tuneflow.data import load_data
-    from tuneflow.training.distribute import predict
+    from tuneflow.features.predict import predict
     from tuneflow.training.probe import fit_probe
     data = Path(args[0])
     if not data.exists():
@@ -190,7 +190,7 @@ def main_backbones(args):
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     if wrong_everywhere:  # what they look like: a person judges at a glance whether they can be learned
-        from tuneflow.workbench.doctor import image_grid
+        from tuneflow.runs.pictures import image_grid
         names = [_name(b.val, i) for i in range(len(b.val))]
         idx = [names.index(w) for w in wrong_everywhere]
         png = image_grid([b.val.x[i] for i in idx], [f"{w}\nlabelled {b.classes[yva[i]]}" for w, i in zip(wrong_everywhere, idx)],

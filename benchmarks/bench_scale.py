@@ -153,7 +153,7 @@ def one(folder: str, size: int, mode: str) -> dict:
         feats = np.zeros((n, 1))
     elif mode == "extractor":
         feats = ex.compute([bundle.train.x, bundle.val.x])[0]
-    else:  # what the cached recipes run (stages.cached_features): each batch written into its file
+    else:  # what the cached recipes run (cached.cached_features): each batch written into its file
         from tuneflow.features.cache import cached_into
         dims, got = int(model.output.shape[-1]), {}
 

@@ -249,7 +249,7 @@ def test_pip_install_builds_a_working_package(tmp_path):
     r = subprocess.run([str(venv / "bin" / "tuneflow"), "--version"], capture_output=True, text=True,
                        timeout=300, cwd=tmp_path)
     assert r.returncode == 0 and "tuneflow" in r.stdout, r.stderr[-2000:]
-    code = ("import tuneflow, tuneflow.recipes as r, tuneflow.export.predictor, tuneflow.training.finetune; "
+    code = ("import tuneflow, tuneflow.recipes as r, tuneflow.export.predictor, tuneflow.fit.finetune; "
             "print(tuneflow.__file__, r.NAMES)")
     r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0 and str(venv) in r.stdout and "small_similar" in r.stdout, r.stderr[-2000:]

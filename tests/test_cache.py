@@ -61,7 +61,8 @@ def _plan(batch=8, sampling="shuffle", replicas=1, class_weights=None):
 @pytest.mark.parametrize("sampling", ["shuffle", "balanced"])
 def test_heads_train_from_a_memory_mapped_cache_without_copying_it(tmp_path, monkeypatch, sampling):
     import keras
-    from tuneflow.training.stages import cached_dataset, call_direct
+    from tuneflow.training.cached import cached_dataset
+    from tuneflow.training.stages import call_direct
     rng = np.random.default_rng(0)
     n, d = 203, 16
     y = (np.arange(n) % 3).astype(np.int32)
@@ -97,7 +98,7 @@ def test_views_of_a_mapped_cache_are_read_with_pread_at_their_own_offsets(tmp_pa
     own at its true offset, read with pread (not paged into the process through the map), and
     the training batches read view e % V in epoch e, cast to float32."""
     from tuneflow.features.cache import rows_view, split_views
-    from tuneflow.training.stages import cached_dataset
+    from tuneflow.training.cached import cached_dataset
     rng = np.random.default_rng(1)
     views, n, d = 3, 37, 5
     acts = rng.normal(size=(views, n, d)).astype(np.float16)

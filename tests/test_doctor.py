@@ -11,7 +11,8 @@ from conftest import SHARED, make_image_folder
 from tuneflow.cli import main
 from tuneflow.data import DataBundle, Split, load_data
 from tuneflow.errors import RunError
-from tuneflow.workbench.doctor import doctor, top_losses, top_losses_grid
+from tuneflow.runs.pictures import top_losses, top_losses_grid
+from tuneflow.workbench.doctor import doctor
 
 FAST = {"input_size": 32, "precision": "float32"}
 
@@ -119,7 +120,7 @@ def test_top_losses_ranks_by_the_true_class_probability(tmp_path):
 def test_image_grid_title_clears_the_captions():
     """top_losses.png and suspects.png: the figure title and the three-line captions under it do
     not touch (a gap of at least 2 px), nor do captions run into the row above."""
-    from tuneflow.workbench.doctor import grid_figure
+    from tuneflow.runs.pictures import grid_figure
     images = [np.full((160, 160, 3), 120, np.uint8)] * 16
     captions = [f"{i:06d}_0123456789abcdef.jpg\ntrue ants (0.10) pred bees (0.90)\nloss 2.26" for i in range(16)]
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -65,7 +65,7 @@ def test_failed_fresh_run_leaves_nothing_behind(tmp_path, tiny_folder, monkeypat
 
 
 def test_failure_after_a_checkpoint_keeps_the_run_for_resume(tmp_path, tiny_folder, monkeypatch):
-    from tuneflow.training import finetune as train
+    from tuneflow.fit import one_run as train
     monkeypatch.setattr(train, "evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         finetune("small_similar", tiny_folder, tmp_path / "r", overrides=_fast("small_similar"), verbose=0)

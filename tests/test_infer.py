@@ -14,7 +14,7 @@ from tuneflow import build_backbone, finetune
 from tuneflow.features import cache as fcache
 from conftest import random_lite0_weights
 from tuneflow.features import infer
-from tuneflow.training.distribute import predict
+from tuneflow.features.predict import predict
 from tuneflow.recipe import RecipeError
 
 _MEMOS: dict = {}

@@ -1,4 +1,4 @@
-"""K-fold cross-validation (tuneflow.training.kfold): a sub-run per fold, mean and spread, --no-export in every fold."""
+"""K-fold cross-validation (tuneflow.fit.kfold): a sub-run per fold, mean and spread, --no-export in every fold."""
 import json
 
 from conftest import fast_overrides as _fast, make_image_folder

@@ -11,7 +11,7 @@ import tensorflow as tf
 from conftest import make_image_folder, random_lite0_weights
 from tuneflow.cli import main
 from tuneflow.errors import RecipeError
-from tuneflow.workbench.lr_find import (BETA, inconclusive, lr_find, minimum_tenth, range_test, resolve_auto_lr,
+from tuneflow.training.lr_range import (BETA, inconclusive, lr_find, minimum_tenth, range_test, resolve_auto_lr,
                                         smooth, steepest, suggest, valley)
 
 FAST = {"input_size": 32, "backbone": "efficientnet_lite0", "precision": "float32", "head_solver": "sgd"}
@@ -224,14 +224,14 @@ def test_resolve_auto_lr_replaces_only_auto_lr_keys(folder, tmp_path):
     as_dict = resolve_auto_lr("small_similar", folder, {"head__lr": "auto", **dict(p.split("=") for p in fixed)},
                               out=tmp_path)
     assert as_dict["head__lr"] == pytest.approx(lr)  # deterministic: same data, seed and range
-    from tuneflow.training.finetune import resolve_recipe
+    from tuneflow.training.inputs import resolve_recipe
     assert resolve_recipe("small_similar", out).stages[0].lr == pytest.approx(lr)
 
 
 def test_cli_warns_when_the_curve_is_inconclusive(folder, tmp_path, capsys, monkeypatch):
     """A curve with no fall (the range test's result replaced by a flat one; the rest is the real
     CLI path) is flagged in the JSON, and a warning names the reason and what to do."""
-    from tuneflow.workbench import lr_find as mod
+    from tuneflow.training import lr_range as mod
     lrs = list(np.logspace(-7, 1, 100))
     rising = [0.69 + 0.001 * i for i in range(100)]
     flat = {"lrs": lrs, "losses": rising, "smoothed": list(smooth(lrs, rising)),
@@ -255,7 +255,7 @@ def test_cli_warns_when_the_curve_is_inconclusive(folder, tmp_path, capsys, monk
 def test_auto_lr_keeps_the_recipes_lr_when_the_curve_is_inconclusive(folder, tmp_path, monkeypatch, caplog):
     """lr=auto on a curve with no fall (the range test's result replaced by a flat one) does not use
     its numbers: the stage keeps the recipe's own LR, and a warning says why."""
-    from tuneflow.workbench import lr_find as mod
+    from tuneflow.training import lr_range as mod
     lrs = list(np.logspace(-7, 1, 100))
     rising = [0.69 + 0.001 * i for i in range(100)]
     flat = {"lrs": lrs, "losses": rising, "smoothed": list(smooth(lrs, rising)), "ema": rising,

@@ -87,7 +87,7 @@ def test_no_split_when_nothing_or_everything_is_frozen():
 
 
 def test_prefix_cache_on_refuses_a_stage_that_cannot_use_it_and_says_why(tmp_path, caplog):
-    from tuneflow.training.finetune import finetune
+    from tuneflow.fit.finetune import finetune
     data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=8, size=40)
     with pytest.raises(RecipeError, match=r"prefix_cache=on, but stage 'head' cannot use it: no frozen prefix that cuts the model in two\. Use --set prefix_cache=auto"):
         finetune("large_similar", str(data), tmp_path / "run", verbose=0,
@@ -98,7 +98,7 @@ def test_prefix_cache_on_refuses_a_stage_that_cannot_use_it_and_says_why(tmp_pat
 @pytest.mark.slow
 def test_a_recipe_fine_tunes_through_the_prefix_cache_and_its_artifact_is_the_whole_model(tmp_path, caplog):
     from conftest import random_lite0_weights
-    from tuneflow.training.finetune import finetune
+    from tuneflow.fit.finetune import finetune
     data = make_image_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=12, size=48)
     common = ["backbone=efficientnet_lite0", f"weights={random_lite0_weights()}", "input_size=64", "head.epochs=2", "finetune.epochs=2",
               "augment=none"]

@@ -131,7 +131,7 @@ def lite0_features():
     import tuneflow
     from tuneflow.backbones import get_spec
     from tuneflow.data import load_data
-    from tuneflow.training.distribute import predict
+    from tuneflow.features.predict import predict
     out = {}
     bb = tuneflow.build_backbone("efficientnet_lite0", weights="imagenet", input_size=224)
     taps = list(get_spec("efficientnet_lite0").taps)

@@ -5,7 +5,7 @@ import pytest
 
 from tuneflow.recipe import Recipe
 from tuneflow.training.standardise import MIN_STD, StandardisedHead, feature_moments
-from tuneflow.training.stages import cache_trainer
+from tuneflow.training.cached import cache_trainer
 
 from conftest import make_image_folder
 

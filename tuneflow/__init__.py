@@ -17,8 +17,8 @@ __all__ = ["BACKBONES", "DataError", "RecipeError", "RunError", "TuneflowError",
 
 
 def finetune(recipe, data, out=None, **kwargs):
-    """Train a recipe on data; see :func:`tuneflow.training.finetune.finetune`."""
-    from .training.finetune import finetune as _finetune
+    """Train a recipe on data; see :func:`tuneflow.fit.finetune.finetune`."""
+    from .fit.finetune import finetune as _finetune
     return _finetune(recipe, data, out, **kwargs)
 
 

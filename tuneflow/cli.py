@@ -7,6 +7,9 @@ import json
 import logging
 import sys
 
+from .errors import is_user_error
+from .extras import require
+
 
 def _parser():
     from . import __version__
@@ -161,7 +164,6 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - every error reaches the user as one readable message
-        from .errors import is_user_error
         if not is_user_error(exc):
             raise
         print(f"tuneflow: error: {exc}", file=sys.stderr)
@@ -169,6 +171,10 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    # Each command imports its own modules when it runs (the lazy imports below): a command needs
+    # only its own extra installed (tuneflow.extras), and `tuneflow --help` loads none of them.
+    if args.cmd in ("serve", "index", "similar", "search"):
+        require("search" if args.cmd == "search" else "serve", f"tuneflow {args.cmd}")
     if args.cmd == "embed":
         from .export.embed import cli_embed
         return cli_embed(args)
@@ -248,7 +254,7 @@ def _run(args) -> int:
     if args.cmd == "predict":
         from .export.cli import predict_command
         return predict_command(args)
-    from .training.finetune import finetune
+    from .fit.finetune import finetune
     finetune(args.recipe, args.data, args.out, overwrite=args.overwrite, resume=args.resume,
              force=args.force, overrides=args.overrides, export=not args.no_export)
     return 0

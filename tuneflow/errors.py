@@ -25,3 +25,7 @@ class RunError(TuneflowError):
 def is_user_error(exc: BaseException) -> bool:
     """True for the errors the CLI prints as one line."""
     return isinstance(exc, TuneflowError)
+
+
+class MissingExtraError(TuneflowError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""

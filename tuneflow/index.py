@@ -22,6 +22,7 @@ import numpy as np
 
 from .atomic import replace_dir
 from .errors import DataError, RunError
+from .extras import optional
 
 INDEX_FILE, PATHS_FILE, META_FILE = "index.faiss", "paths.txt", "meta.json"
 # Exact search over 200k vectors of 1280 float32 is ~1 GB and ~0.1 s a query on 2 cores; above
@@ -61,7 +62,7 @@ class Index:
 
     def save(self, out) -> Path:
         """Write the folder atomically: a temporary sibling folder renamed over ``out``."""
-        import faiss
+        faiss = optional("faiss", "the similarity index (tuneflow index, similar, serve --index)")
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists() and not (out / META_FILE).exists():
@@ -82,7 +83,7 @@ class Index:
 
 def load_index(index_dir) -> Index:
     """Read an index folder written by :func:`build_index`; a missing or damaged one is a RunError."""
-    import faiss
+    faiss = optional("faiss", "the similarity index (tuneflow index, similar, serve --index)")
     d = Path(index_dir)
     missing = [n for n in (INDEX_FILE, PATHS_FILE, META_FILE) if not (d / n).is_file()]
     if missing:
@@ -103,7 +104,7 @@ def load_index(index_dir) -> Index:
 
 
 def exact_index(vectors: np.ndarray):
-    import faiss
+    faiss = optional("faiss", "the similarity index (tuneflow index, similar, serve --index)")
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     return index
@@ -138,7 +139,7 @@ def make_index(vectors: np.ndarray, approximate_above: int = APPROXIMATE_ABOVE,
                recall_target: float = RECALL_TARGET) -> tuple[object, dict]:
     """Vectors [N, D] -> (faiss index, what it is): IndexFlatIP up to ``approximate_above`` vectors,
     IndexHNSWFlat (inner product) above, with efSearch tuned to ``recall_target`` and the recall stated."""
-    import faiss
+    faiss = optional("faiss", "the similarity index (tuneflow index, similar, serve --index)")
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if len(vectors) <= approximate_above:
         return exact_index(vectors), {"kind": "exact", "faiss": "IndexFlatIP"}

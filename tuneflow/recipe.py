@@ -25,6 +25,10 @@ STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 SAMPLINGS = ("shuffle", "balanced")
 BACKENDS = ("keras", "albumentations")
 FEATURE_ENGINES = ("auto", "tensorflow", "openvino")
+# The optimizer and schedule names a recipe may use; tuneflow.training.optim builds each (its
+# registries are keyed by exactly these, which tests/test_optim.py checks).
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw")
+SCHEDULES = ("constant", "plateau", "step", "exponential", "inverse_time", "cosine", "warmup_cosine", "one_cycle")
 WEIGHTS_SUFFIXES = (".h5", ".hdf5")  # Keras .weights.h5 and keras.applications .h5 files are HDF5
 
 
@@ -173,7 +177,6 @@ class Recipe:
         Anything else out of range is a :class:`RecipeError` naming the key and what is valid."""
         from .backbones import BACKBONES, get_spec
         from .data.augment import PRESETS
-        from .training.optim import OPTIMIZERS, SCHEDULES  # the registries themselves
 
         def choose(key, value, options):
             if value not in options:
@@ -210,8 +213,8 @@ class Recipe:
             raise RecipeError(f"Stage names must be unique: {names}.")
         stages, notes = list(self.stages), []
         for i, s in enumerate(self.stages):
-            choose(f"{s.name}.optimizer", s.optimizer, list(OPTIMIZERS))
-            choose(f"{s.name}.schedule", s.schedule, list(SCHEDULES))
+            choose(f"{s.name}.optimizer", s.optimizer, OPTIMIZERS)
+            choose(f"{s.name}.schedule", s.schedule, SCHEDULES)
             for f in fields(s):
                 if f.name in RANGES:
                     _number(f"{s.name}.{f.name}", getattr(s, f.name), RANGES[f.name])

@@ -104,7 +104,7 @@ def suggest(data, backbone: str | None = None, input_size: int = 0, seed: int = 
 
     from .data import load_data
 
-    size = input_size or get_spec(backbone or candidates[0]).default_size
+    size = get_spec(backbone or candidates[0]).input_size(input_size)
     bundle = load_data(data, size)
     counts = np.bincount(bundle.train.y, minlength=len(bundle.classes))
     per_class = float(counts.mean())

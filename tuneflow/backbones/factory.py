@@ -95,7 +95,7 @@ def build_backbone(name: str, weights: str | None = "imagenet", input_size: int 
     (None, 2, 2, 1280)
     """
     spec = get_spec(name)
-    size = int(input_size or spec.default_size)
+    size = spec.input_size(input_size)
     if size < spec.min_size:
         raise ValueError(f"input_size={size} is too small for {name}; use at least {spec.min_size}.")
     local = None if weights in (None, "imagenet") else _resolve_local(str(weights))

@@ -33,6 +33,11 @@ class BackboneSpec:
     def block_names(self) -> list[str]:
         return [b for b, _ in self.blocks]
 
+    def input_size(self, asked: int | None = 0) -> int:
+        """The input side in pixels: ``asked`` (a recipe's ``input_size``), or this backbone's
+        default when that is 0/None. The one place this rule lives."""
+        return int(asked or self.default_size)
+
 
 def _app(name):
     return lambda **kw: getattr(keras.applications, name)(**kw)

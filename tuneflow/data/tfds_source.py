@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..extras import optional
 from .sources import DataBundle, DataError, check_resize, load_arrays, to_square
 from .store import ImageRows, decode_rows, file_entries, source_key
 
 
 def load_tfds(spec: str, size: int, val_fraction: float = 0.2, resize: str = "crop", keep=None) -> DataBundle:
     """A TFDS dataset through its own download and cache; ``keep``: a subset of its class names."""
-    import tensorflow_datasets as tfds
+    tfds = optional("tensorflow_datasets", "--data tfds:NAME")
 
     check_resize(resize)
     parts = spec.split(":")

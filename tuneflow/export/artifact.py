@@ -1,7 +1,7 @@
 """The portable artifact of a run: float32 ``model.keras``, the ``model/`` SavedModel with its signatures, ``labels.json``.
 
 What a run leaves is what its report measured (the report's validation metrics come from
-running this artifact, see :mod:`tuneflow.training.evaluate`) and it stands on its own:
+running this artifact, see :mod:`tuneflow.export.evaluate`) and it stands on its own:
 
 - ``model.keras``: the classifier, float32 whatever the training precision, taking uint8 RGB
   images of any size (``[None, None, None, 3]``): the model's own resize/crop

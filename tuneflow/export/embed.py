@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, TuneflowError
+from ..extras import optional
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
 OUTPUT_SUFFIXES = (".npy", ".parquet", ".csv")
@@ -162,8 +163,8 @@ def write_embeddings(result: Embeddings, out, metadata: dict | None = None) -> l
     if suffix == ".parquet":
         import json
 
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        pa = optional("pyarrow", "embeddings as .parquet")
+        pq = optional("pyarrow.parquet", "embeddings as .parquet")
         dim = v.shape[1]
         emb = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1), pa.float32()), dim)
         table = pa.table({"path": pa.array(result.paths, pa.string()),
@@ -188,7 +189,7 @@ def read_embeddings(path) -> tuple[list[str], np.ndarray]:
     if suffix == ".npy":
         return paths_file(path).read_text(encoding="utf-8").splitlines(), np.load(path)
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        pq = optional("pyarrow.parquet", "embeddings as .parquet")
         t = pq.read_table(path)
         vectors = np.array(t.column("embedding").to_pylist(), dtype=np.float32)
         return t.column("path").to_pylist(), vectors.reshape(len(t), -1)

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..atomic import replace_dir
 from ..errors import DataError, RunError
+from ..extras import optional
 
 FORMATS = ("savedmodel", "onnx", "openvino", "tflite")
 OUTPUTS = ("probabilities", "embedding", "pooled", "penultimate")
@@ -127,9 +128,9 @@ def _savedmodel(model_dir, loaded, size, tmp: Path):
 
 
 def _onnx(model_dir, loaded, size, tmp: Path):
-    import onnx
-    import onnxruntime as ort
-    import tf2onnx
+    onnx = optional("onnx", "tuneflow export --format onnx")
+    ort = optional("onnxruntime", "tuneflow export --format onnx")
+    tf2onnx = optional("tf2onnx", "tuneflow export --format onnx")
     fn = _resized_function(loaded, size)
     proto, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=ONNX_OPSET)
     # the artifact's class-name table is captured by the classify signature but feeds no output
@@ -289,7 +290,7 @@ def cli_export(args) -> int:
         # signatures and checks), into a scratch run folder that shares the run's validation list.
         import tempfile
 
-        from ..training.restore import artifact_from_checkpoint
+        from .restore import artifact_from_checkpoint
         from .artifact import write_artifact
         scratch = Path(tempfile.mkdtemp(prefix=".export-ckpt-", dir=Path(args.out).expanduser().parent))
         write_artifact(artifact_from_checkpoint(run, args.checkpoint), scratch)

@@ -185,6 +185,6 @@ def load(run_dir: str | Path, checkpoint: str = "best") -> Predictor:
         predictor = Predictor(fns, info, str(model_dir))
         predictor._loaded = loaded  # keeps the restored variables alive
         return predictor
-    from ..training.restore import functions_from_checkpoint
+    from .restore import functions_from_checkpoint
     fns, info = functions_from_checkpoint(run_dir, checkpoint)
     return Predictor(fns, info, f"{run_dir} ({checkpoint})")

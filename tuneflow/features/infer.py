@@ -1,7 +1,7 @@
 """Forward passes without gradients over arrays of images: the frozen-feature cache, the depth
 probe and ``suggest``. Two engines behind one function, :func:`run`:
 
-- ``tensorflow``: ``model.predict`` through :func:`tuneflow.training.distribute.predict`.
+- ``tensorflow``: ``model.predict`` through :func:`tuneflow.features.predict.predict`.
 - ``openvino``: the same Keras model traced once, converted by OpenVINO and run by its CPU
   plugin. On a CPU, once converted, it is 1.5-1.7x faster than TensorFlow at float32 and
   2.5-2.9x at bfloat16 (Lite0 at 224 and 288 px on 2 cores, two runs of
@@ -28,6 +28,7 @@ import numpy as np
 from ..hardware import openvino_precision
 from ..home import tuneflow_home
 from ..recipe import FEATURE_ENGINES as ENGINES
+from .predict import predict, predict_chunks, row_batches
 
 log = logging.getLogger("tuneflow")
 
@@ -82,7 +83,6 @@ def run(model, x, batch_size: int, engine: str = "tensorflow", map_fn=None, weig
     where the compiled model is kept between calls; ``memo["used"]`` says which engine ran.
     """
     memo = {} if memo is None else memo
-    from ..training.distribute import predict
     compiled = _engine(model, engine, weights_key, memo)
     if compiled is not None:
         return _run_openvino(compiled, x, batch_size, map_fn)
@@ -96,9 +96,8 @@ def iter_run(model, x, batch_size: int, engine: str = "tensorflow", map_fn=None,
     nothing is kept after it is yielded, so a pass over a million images holds one chunk's outputs.
 
     OpenVINO yields each batch; TensorFlow yields chunks of a few batches from one traced
-    ``predict`` function (:func:`tuneflow.training.distribute.predict_chunks`)."""
+    ``predict`` function (:func:`tuneflow.features.predict.predict_chunks`)."""
     memo = {} if memo is None else memo
-    from ..training.distribute import predict_chunks
     compiled = _engine(model, engine, weights_key, memo)
     if compiled is not None:
         yield from _iter_openvino(compiled, x, batch_size, map_fn)
@@ -250,7 +249,6 @@ def float32_policies(model):
 
 def _batches(x, batch_size):
     """Batches over a list of arrays as if concatenated, without copying the whole."""
-    from ..training.distribute import row_batches
     return row_batches(x, batch_size)
 
 

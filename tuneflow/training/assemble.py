@@ -6,8 +6,10 @@ from dataclasses import dataclass
 import keras
 
 from ..backbones import build_backbone
+from .cached import uses_cache
 from .heads import build_head, replace_batchnorm
 from .plan import Plan
+from .standardise import standardises
 
 
 @dataclass
@@ -36,8 +38,6 @@ def assemble(plan: Plan, backbone: keras.Model, tap: str | None) -> Assembly:
     out = backbone.output if tap is None else backbone.get_layer(tap).output
     feature_model = keras.Model(backbone.input, out, name="features")
     keras.utils.set_random_seed(plan.recipe.seed)
-    from .stages import uses_cache
-    from .standardise import standardises
     # A linear head trained on cached features is fitted standardised (L-BFGS, or SGD through
     # StandardisedHead) and folded: its penalty lives there, in standardised units, not on the
     # folded weights.

@@ -1,4 +1,5 @@
-"""The optimizer and learning-rate schedule registries (their names are what recipes store and validate against)."""
+"""The optimizer and learning-rate schedule registries: each name a recipe may use
+(:data:`tuneflow.recipe.OPTIMIZERS`, :data:`tuneflow.recipe.SCHEDULES`) -> how it is built."""
 from __future__ import annotations
 
 import keras

@@ -27,7 +27,7 @@ class Plan:
     @classmethod
     def make(cls, recipe: Recipe, bundle: DataBundle, strategy, precision: str) -> "Plan":
         spec = get_spec(recipe.backbone)
-        return cls(recipe=recipe, spec=spec, size=recipe.input_size or spec.default_size, strategy=strategy,
+        return cls(recipe=recipe, spec=spec, size=spec.input_size(recipe.input_size), strategy=strategy,
                    precision=precision, classes=list(bundle.classes),
                    class_weights=class_weights(bundle.train.y, len(bundle.classes), recipe.class_weight),
                    norm=choose_norm(recipe.norm, recipe.batch_size),

@@ -30,6 +30,8 @@ import keras
 import numpy as np
 
 from ..errors import RecipeError
+from ..features.extractor import available_memory
+from .cached import cached_features
 
 log = logging.getLogger("tuneflow")
 
@@ -110,7 +112,6 @@ def choose(plan, asm, stage, n_train: int, n_val: int) -> PrefixSplit | None:
     if mode == "auto" and reduction < MIN_REDUCTION:
         return no(f"the first trainable layer is early (boundary {split.boundary} at 1/{reduction:.0f} "
                   "of the input's resolution): little would be saved")
-    from ..features.extractor import available_memory
     need = cache_bytes(split, n_train, n_val, views_for(plan.recipe, stage))
     budget = MEMORY_SHARE * available_memory()
     if mode == "auto" and need > budget:
@@ -120,7 +121,6 @@ def choose(plan, asm, stage, n_train: int, n_val: int) -> PrefixSplit | None:
 
 def activations(plan, bundle, split: PrefixSplit, stage, extractor_cls):
     """(train (views, N, *shape) float16, val (N, *shape) float16), through the feature cache."""
-    from .stages import cached_features
     views = views_for(plan.recipe, stage)
     sub = replace(plan, recipe=replace(plan.recipe, cache_views=views))
     extractor = extractor_cls(split.prefix, plan.recipe.feature_engine)

@@ -55,7 +55,7 @@ def feature_moments(ftr) -> tuple[np.ndarray, np.ndarray]:
 class StandardisedHead:
     """The trainable twin of a linear head's classifier on standardised features.
 
-    ``plain``: the head on cached vectors (:func:`~tuneflow.training.stages.cache_trainer`:
+    ``plain``: the head on cached vectors (:func:`~tuneflow.training.cached.cache_trainer`:
     ``[Dropout] -> Dense(K, softmax)``); ``ftr``: the stage's cached training vectors. Build it
     inside the strategy's scope. :meth:`begin` carries the classifier's weights in (call it after
     any checkpoint restore, before training); :meth:`fold` writes the twin's back."""

@@ -1,7 +1,6 @@
 """The doctor: data, label and model checks practitioners run before trusting a model, in one report."""
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -11,7 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RunError
+from ..backbones import apply_freeze
+from ..data import subsample
+from ..runs.pictures import image_grid
+from ..training.assemble import build
+from ..training.isolation import preserved_global_state
+from ..training.lr_range import head_features, head_on_cache, prepare
+from ..training.optim import make_optimizer
+from ..training.probe import fit_probe
 
 log = logging.getLogger("tuneflow")
 
@@ -116,7 +122,6 @@ def label_suspects(features, y, n_classes, seed=0):
     ranked by their self-confidence p_i, lowest first."""
     from sklearn.model_selection import StratifiedKFold
 
-    from ..training.probe import fit_probe
     folds = int(min(5, np.bincount(y, minlength=n_classes)[np.unique(y)].min()))
     probs = np.zeros((len(y), n_classes))
     if folds < 2:
@@ -136,12 +141,10 @@ def label_suspects(features, y, n_classes, seed=0):
 def check_labels(plan, bundle, asm, out_dir):
     from scipy.stats import binomtest
 
-    from .lr_find import head_features
     x_all = np.concatenate([bundle.train.x, bundle.val.x])
     y_all = np.concatenate([bundle.train.y, bundle.val.y])
     files = bundle.train.files + bundle.val.files if bundle.train.files else []
     idx = _stratified(y_all, MAX_LABEL_IMAGES, plan.recipe.seed)
-    from ..backbones import apply_freeze
     apply_freeze(asm.backbone, plan.spec, "frozen", freeze_bn=plan.freeze_bn)
     # The features of the frozen backbone for every image (train and val), through the feature cache.
     ftr, fva = head_features(plan, bundle, asm)
@@ -183,8 +186,6 @@ def check_model(plan, bundle, asm, stage_index=0):
     import keras
     import tensorflow as tf
 
-    from ..training.optim import make_optimizer
-    from .lr_find import head_on_cache
     r = plan.recipe
     k = len(plan.classes)
     st = r.stages[stage_index]
@@ -330,82 +331,6 @@ def _activations(trainer, fx):
     return _check("model.activations", "ok", detail)
 
 
-def image_grid(images, captions, path: Path, title: str = "", cols: int = 4) -> Path:
-    """A PNG grid of RGB uint8 images (None: a blank tile) with a caption above each."""
-    fig = grid_figure(images, captions, title, cols)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
-    return path
-
-
-def grid_figure(images, captions, title: str = "", cols: int = 4):
-    """The figure of :func:`image_grid`. Constrained layout places the title above the first
-    row's captions (``tight_layout`` ignores a suptitle, which then touched them)."""
-    from matplotlib.figure import Figure
-    n = len(images)
-    rows = max(1, math.ceil(n / cols))
-    fig = Figure(figsize=(2.6 * cols, 2.9 * rows + 0.4), dpi=90, layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-    for ax in axes:
-        ax.axis("off")
-    for ax, im, cap in zip(axes, images, captions):
-        if im is not None:
-            ax.imshow(np.clip(np.asarray(im, np.float32), 0, 255).astype(np.uint8))
-        ax.set_title(cap, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return fig
-
-
-def top_losses(predictions_csv, n: int = 16) -> list[dict]:
-    """The ``n`` rows of a ``val_predictions.csv`` with the highest loss, highest first, each with
-    ``p_true`` (the probability given to the true class) and ``loss`` (-ln p_true)."""
-    f = Path(predictions_csv)
-    try:
-        with f.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except OSError as exc:
-        raise RunError(f"Cannot read {f} ({exc}); top losses need a finished run's val_predictions.csv.") from None
-    if not rows:
-        raise RunError(f"{f} lists no validation images; nothing to show.")
-    for row in rows:
-        try:
-            row["p_true"] = float(row[f"p_{row['true_class']}"])
-        except (KeyError, ValueError):
-            raise RunError(f"{f}: no probability column p_{row.get('true_class')} for the row of "
-                           f"{row.get('path')!r}; the file is not tuneflow's val_predictions.csv.") from None
-        row["loss"] = -math.log(max(row["p_true"], 1e-12))
-    rows.sort(key=lambda r: -r["loss"])
-    return rows[:n]
-
-
-def top_losses_grid(run_dir, n: int = 16, size: int = 160) -> Path:
-    """``top_losses.png`` in ``run_dir``: the ``n`` validation images with the highest loss
-    (-ln p(true class)) from ``val_predictions.csv``, captioned true / predicted and probabilities.
-
-    >>> top_losses_grid("runs/small_similar-20261122-233128")   # doctest: +SKIP
-    PosixPath('runs/small_similar-20261122-233128/top_losses.png')
-    """
-    from ..data import decode_image
-    run_dir = Path(run_dir)
-    images, captions = [], []
-    rows = top_losses(run_dir / "val_predictions.csv", n)
-    for row in rows:
-        try:
-            images.append(decode_image(row["path"], size))
-        except Exception:  # noqa: BLE001 - a moved or array-backed image: a blank tile, its name still shown
-            images.append(None)
-        loss = row["loss"]
-        name = Path(row["path"]).name
-        name = name if len(name) <= 26 else name[:12] + "…" + name[-13:]  # keep the extension in view
-        captions.append(f"{name}\ntrue {row['true_class']} ({row['p_true']:.2f}) "
-                        f"pred {row['predicted_class']} ({float(row['probability']):.2f})\nloss {loss:.2f}")
-    return image_grid(images, captions, run_dir / "top_losses.png",
-                      f"Top losses: the {len(images)} validation images the model is most wrong about")
-
-
 def doctor(data, recipe=None, out=None, overrides=(), stage: int = 0) -> dict:
     """Run every check on ``data`` (for ``recipe``, default small_similar); write ``doctor.md``
     (and ``suspects.png``) in ``out`` (default: the current folder). Returns
@@ -413,14 +338,11 @@ def doctor(data, recipe=None, out=None, overrides=(), stage: int = 0) -> dict:
 
     >>> doctor("data/digits")["verdict"]              # doctest: +SKIP
     """
-    from ..training.finetune import preserved_global_state
     with preserved_global_state():
         return _doctor(data, recipe or "small_similar", out, overrides, stage)
 
 
 def _doctor(data, recipe, out, overrides, stage) -> dict:
-    from ..training.assemble import build
-    from .lr_find import prepare
     t0 = time.time()
     recipe, bundle, plan = prepare(recipe, data, overrides)
     out_dir = Path(out) if out is not None else Path.cwd()
@@ -430,7 +352,6 @@ def _doctor(data, recipe, out, overrides, stage) -> dict:
     # Model and label checks on a stratified subsample: seconds, whatever the folder's size.
     total = len(bundle.train) + len(bundle.val)
     if total > MAX_LABEL_IMAGES:
-        from ..data import subsample
         bundle = subsample(replace(bundle), MAX_LABEL_IMAGES / total, seed=recipe.seed)
     label, png = check_labels(plan, bundle, asm, out_dir)
     checks.append(label)

@@ -8,8 +8,8 @@ Design (why each piece is the way it is):
   on a restart any trial still marked RUNNING belonged to a dead search: it is marked FAIL
   (user attribute ``interrupted``) and its parameters are queued again. At most one trial per
   ``--jobs`` slot is computed twice.
-- Each trial is ``tuneflow finetune BASE_RECIPE --set key=value ... --no-export`` (the public CLI)
-  in a fresh Python process, its run folder under ``trials/`` and its output in ``trials/NNNN.log``.
+- Each trial is ``finetune(BASE_RECIPE, overrides=[key=value ...], export=False)`` in a process of its own
+  (:mod:`tuneflow.workbench.trial`; what ``tuneflow finetune ... --no-export`` runs), its run folder under ``trials/`` and its output in ``trials/NNNN.log``.
   ``--no-export``: a trial is measured on training's own path (the per-epoch figures the pruner
   reads) and writes no artifact; exporting, reloading and re-reading the validation images took
   ~29 s of a ~36 s trial on ants_bees, and ~70 MB of disk a trial; nor does it write TensorBoard
@@ -41,13 +41,14 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError, RecipeError, RunError
+from ..extras import optional
 from ..recipe import Recipe
+from . import trial as trial_process
 
 log = logging.getLogger("tuneflow")
 
@@ -63,7 +64,6 @@ TOP_FRACTION = 0.25  # --narrow keeps the range of the best quarter of a round's
 WIDEN = 0.10  # ... widened by 10% of the old range's width on each side
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 # The child: the public CLI in a fresh interpreter (-P: the working directory is not on sys.path).
-_CHILD = "import sys; from tuneflow.workbench.search import _child_main; sys.exit(_child_main(sys.argv[1:]))"
 
 
 @dataclass
@@ -268,7 +268,7 @@ def search(recipe, data, trials: int, *, jobs: int = 1, out=None, sampler: str =
     >>> r = search("small_similar", "data/digits", 20, out="searches/digits")  # doctest: +SKIP
     >>> r.best_value, r.best_recipe                                             # doctest: +SKIP
     """
-    import optuna
+    optuna = optional("optuna", "tuneflow search")
 
     if trials < 1 or jobs < 1 or narrow < 0:
         raise RecipeError(f"--trials {trials}, --jobs {jobs}, --narrow {narrow}: trials and jobs must be >= 1, "
@@ -434,9 +434,7 @@ class _Runner:
         trial.set_user_attr("run", str(run.relative_to(self.out)))
         recipe = self.base.override(*[f"{k}={_fmt(v)}" for k, v in params.items()])
         offsets = [sum(s.epochs for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
-        cmd = [sys.executable, "-P", "-c", _CHILD, str(os.getpid()), "finetune", str(self.base_json),
-               "--data", self.data, "--out", str(run), "--no-export"]
-        cmd += [a for kv in _trial_sets(self.base, params) for a in ("--set", kv)]
+        cmd = trial_process.command(os.getpid(), str(self.base_json), self.data, str(run), _trial_sets(self.base, params))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if self.jobs > 1:  # J trials share the cores: without this each TensorFlow takes all of them
             threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
@@ -662,21 +660,6 @@ def _storage(path: Path):
     return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
 
 
-def _child_main(argv: list[str]) -> int:
-    """Entry of a trial's process: ``PARENT_PID finetune ...`` -> the tuneflow CLI."""
-    parent = int(argv[0])
-    if sys.platform.startswith("linux"):
-        import ctypes
-        try:  # PR_SET_PDEATHSIG = 1: the kernel kills this trial if the search process dies
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent:  # the search died before the line above took effect
-        return 1
-    from tuneflow.cli import main
-    return main(argv[1:])
-
-
 def _sigterm_as_interrupt():
     """SIGTERM stops the search like Ctrl-C (children killed, their trials queued again)."""
     def handler(signum, frame):
@@ -740,7 +723,7 @@ def _probe_values(s: dict) -> list:
 
 
 def _distribution(s: dict):
-    import optuna.distributions as d
+    d = optional("optuna.distributions", "tuneflow search")
     if s["type"] == "categorical":
         return d.CategoricalDistribution(s["choices"])
     if s["type"] == "int":

@@ -1,4 +1,5 @@
-"""A run's model rebuilt from one of its checkpoints (``tuneflow.load(run, checkpoint="last")``)."""
+"""A run's artifact graphs (float32) built from its trained model, or rebuilt from one of its
+checkpoints (``tuneflow.load(run, checkpoint="last")``)."""
 from __future__ import annotations
 
 import json
@@ -7,15 +8,26 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from .. import __version__
 from ..backbones import get_spec
 from ..errors import RunError
-from ..export.artifact import LABELS_FILE, ArtifactModels, in_memory_functions
 from ..recipe import Recipe
 from ..runs.checkpoints import restore_model
-from .assemble import assemble, make_backbone
-from .evaluate import artifact_models
-from .heads import choose_norm
-from .plan import Plan
+from ..training.assemble import Assembly, assemble, make_backbone
+from ..training.heads import choose_norm
+from ..training.plan import Plan
+from .artifact import LABELS_FILE, ArtifactInfo, ArtifactModels, float32_twin, in_memory_functions
+
+
+def artifact_models(plan: Plan, asm: Assembly, checkpoint: str = "best") -> ArtifactModels:
+    """The float32 graphs of the artifact, with ``asm``'s trained weights."""
+    twin = float32_twin(lambda: assemble(plan, make_backbone(plan, weights=None), asm.tap), asm.model)
+    info = ArtifactInfo(classes=list(plan.classes), input_size=plan.size, resize=plan.recipe.resize,
+                        backbone=plan.spec.name, recipe=plan.recipe.name, tap=asm.tap,
+                        embedding_dim=int(twin.feature_model.output.shape[-1]),
+                        penultimate_dim=int(twin.head.layers[-1].kernel.shape[0]),
+                        checkpoint=checkpoint, tuneflow_version=__version__)
+    return ArtifactModels(twin.feature_model, twin.head, info)
 
 
 def _read_json(path: Path, what: str):
@@ -34,7 +46,7 @@ def plan_of_run(run_dir: Path) -> tuple[Plan, str | None]:
     classes = [labels[str(i)] for i in range(len(labels))]
     info = _read_json(run_dir / "run.json", "no run.json")
     spec = get_spec(recipe.backbone)
-    plan = Plan(recipe=recipe, spec=spec, size=recipe.input_size or spec.default_size,
+    plan = Plan(recipe=recipe, spec=spec, size=spec.input_size(recipe.input_size),
                 strategy=tf.distribute.get_strategy(), precision="float32", classes=classes,
                 class_weights=None, norm=choose_norm(recipe.norm, recipe.batch_size), freeze_bn=False)
     return plan, info.get("tap")

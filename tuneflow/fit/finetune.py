@@ -1,9 +1,7 @@
 """``finetune``: one code path behind the CLI, the Makefile and the Python API."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
 import shutil
 import tempfile
 import time
@@ -11,22 +9,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
-import numpy as np
 
 from ..backbones import get_spec
-from ..data import DataBundle, check_bundle, load_arrays, load_data, subsample
-from ..data.labels import normalize_array_data
+from ..data import DataBundle
 from ..errors import RecipeError, RunError
-from ..recipe import Recipe
+from ..export.predictor import load
 from ..runs import report as rep
-from ..runs.checkpoints import Checkpoints
 from ..runs.folder import RunDir
-from . import assemble as asm_mod
-from .distribute import choose_precision, make_strategy, worker_role
-from .evaluate import evaluate
-from .plan import Plan
-from .stages import run_stages
-from .taps import choose_tap
+from ..suggest import suggest
+from ..training.distribute import choose_precision, make_strategy, worker_role
+from ..training.inputs import resolve_data, resolve_recipe
+from ..training.isolation import preserved_global_state
+from ..training.lr_range import is_auto_lr, resolve_auto_lr
+from ..training.plan import Plan
+from .kfold import cross_validate
+from .one_run import train_and_evaluate
 
 log = logging.getLogger("tuneflow")
 
@@ -47,7 +44,6 @@ class Result:
     @property
     def predictor(self):
         if self._predictor is None:
-            from ..export.predictor import load
             self._predictor = load(self.run_dir)
         return self._predictor
 
@@ -60,75 +56,6 @@ class Result:
 
     def embed(self, items, **kwargs):
         return self.predictor.embed(items, **kwargs)
-
-
-def resolve_recipe(recipe, overrides=()) -> Recipe:
-    """A :class:`Recipe`, a recipe name, or the path of a recipe JSON file (``recipe.json`` of a
-    run, or the best recipe a ``tuneflow search`` wrote), with ``overrides`` applied."""
-    if isinstance(recipe, (str, Path)):
-        text = str(recipe)
-        if text.endswith(".json") or Path(text).is_file():
-            try:
-                recipe = Recipe.from_json(Path(text).read_text())
-            except OSError as exc:
-                raise RecipeError(f"Cannot read the recipe file {text}: {exc}.") from None
-            except RecipeError:
-                raise
-            except (ValueError, TypeError) as exc:
-                raise RecipeError(f"{text} is not a valid recipe file: {exc}") from None
-        else:
-            import tuneflow.recipes as registry
-            recipe = registry.get(text)
-    elif not isinstance(recipe, Recipe):
-        raise RecipeError(f"recipe={recipe!r}: pass a recipe name, 'auto', a recipe JSON file or a Recipe.")
-    if isinstance(overrides, dict):
-        return recipe.override(**overrides)
-    return recipe.override(*overrides)
-
-
-def resolve_data(data, recipe: Recipe, size: int) -> DataBundle:
-    """A folder, ``tfds:NAME``, ``(x, y)`` arrays (int, string or one-hot labels), a dict of
-    splits, or a :class:`DataBundle` -> a bundle at ``size`` pixels."""
-    if isinstance(data, DataBundle):
-        side = data.train.x.shape[1] if len(data.train) else size
-        if side != size:
-            raise RecipeError(f"The DataBundle holds {side} px images but the recipe wants input_size={size}: "
-                              f"load it with load_data(..., {size}) or --set input_size={side}.")
-        return check_bundle(subsample(data, recipe.fraction, recipe.classes, recipe.seed))
-    if isinstance(data, (tuple, list, dict)) and not isinstance(data, str):
-        arrays, classes = normalize_array_data(data)
-        bundle = load_arrays(arrays, size, recipe.val_fraction, classes=classes, resize=recipe.resize,
-                             keep=recipe.classes or None)
-        return check_bundle(subsample(bundle, recipe.fraction, None, recipe.seed))
-    return load_data(data, size, recipe.val_fraction, recipe.fraction, recipe.classes, recipe.seed, recipe.resize)
-
-
-@contextlib.contextmanager
-def preserved_global_state():
-    """Nothing global survives a run: Keras dtype policy, Python/NumPy/TensorFlow random state,
-    matplotlib's backend are put back as they were."""
-    import tensorflow as tf
-    from tensorflow.python.eager import context
-    policy = keras.mixed_precision.global_policy()
-    py_state, np_state = random.getstate(), np.random.get_state()
-    tf_seed = context.global_seed()
-    try:
-        import matplotlib
-        backend = matplotlib.get_backend() if "matplotlib.pyplot" in __import__("sys").modules else None
-    except ImportError:
-        matplotlib, backend = None, None
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        context.set_global_seed(tf_seed)
-        if tf_seed is None:
-            tf.random.set_global_generator(tf.random.Generator.from_non_deterministic_state())
-        if matplotlib is not None and backend is not None and matplotlib.get_backend() != backend:
-            with contextlib.suppress(Exception):
-                matplotlib.use(backend)
 
 
 def finetune(recipe, data, out=None, *, overwrite: bool = False, resume: bool = False, force: bool = False,
@@ -158,7 +85,6 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, e
     t_start = time.time()
     suggestion = None
     if isinstance(recipe, str) and recipe == "auto":
-        from ..suggest import suggest
         if isinstance(data, (DataBundle, tuple, list, dict)):
             raise RecipeError("recipe='auto' measures a folder or tfds: dataset; for arrays or a DataBundle "
                               "name the recipe (see `tuneflow recipes`).")
@@ -171,14 +97,13 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, e
                      else [f"backbone={suggestion['backbone']}", *overrides])
     lr_plots = None
     if _has_auto_lr(overrides):  # `--set head.lr=auto`: an LR range test per such stage first
-        from ..workbench.lr_find import resolve_auto_lr
         lr_plots = Path(tempfile.mkdtemp(prefix="tuneflow-lr-find-"))
         overrides = resolve_auto_lr(recipe, data, overrides, out=lr_plots)
     recipe = resolve_recipe(recipe, overrides)
     strategy = make_strategy(recipe.strategy)
     precision = choose_precision(recipe.precision)
     keras.mixed_precision.set_global_policy(precision)
-    size = recipe.input_size or get_spec(recipe.backbone).default_size
+    size = get_spec(recipe.backbone).input_size(recipe.input_size)
     # Data first: a bad folder is reported before any run folder exists.
     bundle = resolve_data(data, recipe, size)
     chief, task = worker_role(strategy)
@@ -206,7 +131,6 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, e
                    **({"suggest": suggestion} if suggestion else {}))
         plan = Plan.make(recipe, bundle, strategy, precision)
         if recipe.folds:
-            from .kfold import cross_validate
             report = cross_validate(plan, bundle, run, verbose, resume_here, export=export)
         else:
             report, model = train_and_evaluate(plan, bundle, run, verbose, resume,
@@ -232,43 +156,10 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, e
     return Result(run.path, report, model)
 
 
-def train_and_evaluate(plan: Plan, bundle: DataBundle, run: RunDir, verbose, resume, read_dir=None,
-                       export: bool = True):
-    """Build, train every stage (resuming if asked), export and evaluate: (report, trained model)."""
-    r = plan.recipe
-    with plan.strategy.scope():
-        backbone = asm_mod.make_backbone(plan)
-    tap_scores: dict = {}
-    tap = choose_tap(plan, bundle, backbone, tap_scores, _stored_tap(run) if resume else None)
-    run.status("running", tap=tap)
-    with plan.strategy.scope():
-        asm = asm_mod.assemble(plan, backbone, tap)
-    ckpts = Checkpoints(run / "checkpoints", asm.model,
-                        read_folder=Path(read_dir) / "checkpoints" if read_dir is not None else None)
-    resume_from = ckpts.latest_good() if resume else None
-    outcome = run_stages(plan, bundle, run, asm, ckpts, resume_from, verbose)
-    report = evaluate(plan, bundle, run, asm, outcome, export=export)
-    report["taps"] = tap_scores or None
-    if r.weights is None:
-        report["advice"] = (report.get("advice") or "") + (
-            " Trained from scratch (weights=None): every layer trained in every stage.")
-    return report, asm.model
-
-
 def _has_auto_lr(overrides) -> bool:
-    from ..workbench.lr_find import is_auto_lr
     items = overrides.items() if isinstance(overrides, dict) else (
         tuple(p.split("=", 1)) if "=" in p else (p, None) for p in overrides)
     return any(is_auto_lr(k, v) for k, v in items)
-
-
-def _stored_tap(run: RunDir):
-    """The tap an interrupted run chose (its depth probe is not run again on resume)."""
-    import json
-    try:
-        return json.loads((run / "run.json").read_text()).get("tap")
-    except (OSError, ValueError):
-        return None
 
 
 def _summary(report, path):

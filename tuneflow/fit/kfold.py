@@ -13,8 +13,9 @@ from ..data import DataBundle, kfold
 from ..export.artifact import KERAS_FILE, LABELS_FILE, SAVEDMODEL_DIR
 from ..runs import report as rep
 from ..runs.folder import RunDir
-from .evaluate import PREDICTIONS_FILE
-from .plan import Plan
+from ..export.evaluate import PREDICTIONS_FILE
+from ..training.plan import Plan
+from .one_run import train_and_evaluate
 
 log = logging.getLogger("tuneflow")
 
@@ -37,7 +38,6 @@ def cross_validate(plan: Plan, bundle: DataBundle, run: RunDir, verbose, resume:
     """Train ``folds`` sub-runs (``fold-1`` ...) whose validation sets partition train+val. A resumed
     K-fold run keeps finished folds and resumes the interrupted one from its checkpoints.
     ``export=False`` (``--no-export``, a search trial): no fold writes an artifact."""
-    from .finetune import train_and_evaluate
     r = plan.recipe
     folds = []
     for i, fold in enumerate(kfold(bundle, r.folds, r.seed)):

@@ -7,31 +7,21 @@ import os
 
 import numpy as np
 
-from .. import __version__
 from ..backbones import save_backbone
 from ..data import DataBundle, Split
-from ..export.artifact import ArtifactInfo, ArtifactModels, float32_twin, write_artifact
-from ..export.predictor import Predictor, load
 from ..runs import report as rep
 from ..runs.folder import RunDir
-from .assemble import Assembly, assemble, make_backbone
-from .plan import Plan
-from .stages import Outcome, val_metrics
+from ..runs.pictures import top_losses_grid
+from ..training.assemble import Assembly
+from ..training.plan import Plan
+from ..training.stages import Outcome, val_metrics
+from .artifact import write_artifact
+from .predictor import Predictor, load
+from .restore import artifact_models
 
 log = logging.getLogger("tuneflow")
 
 PREDICTIONS_FILE = "val_predictions.csv"
-
-
-def artifact_models(plan: Plan, asm: Assembly, checkpoint: str = "best") -> ArtifactModels:
-    """The float32 graphs of the artifact, with ``asm``'s trained weights."""
-    twin = float32_twin(lambda: assemble(plan, make_backbone(plan, weights=None), asm.tap), asm.model)
-    info = ArtifactInfo(classes=list(plan.classes), input_size=plan.size, resize=plan.recipe.resize,
-                        backbone=plan.spec.name, recipe=plan.recipe.name, tap=asm.tap,
-                        embedding_dim=int(twin.feature_model.output.shape[-1]),
-                        penultimate_dim=int(twin.head.layers[-1].kernel.shape[0]),
-                        checkpoint=checkpoint, tuneflow_version=__version__)
-    return ArtifactModels(twin.feature_model, twin.head, info)
 
 
 def predict_split(predictor: Predictor, split: Split, batch_size: int | None = None) -> np.ndarray:
@@ -112,7 +102,6 @@ def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome
     rep.write_confusion(cm, plan.classes, run.path)
     if bundle.val.files and export:  # the validation images the model is most wrong about, to look at
         # (not for a search trial, export=False: nobody opens a trial's pictures)
-        from ..workbench.doctor import top_losses_grid
         try:
             top_losses_grid(run.path)
         except Exception as exc:  # noqa: BLE001 - a picture must not fail a finished run

@@ -1,0 +1,52 @@
+"""What a run is given, resolved: a recipe (object, name or JSON file, with overrides) and data
+(folder, ``tfds:``, arrays or a bundle) at the recipe's input size."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import tuneflow.recipes as registry
+
+from ..data import DataBundle, check_bundle, load_arrays, load_data, subsample
+from ..data.labels import normalize_array_data
+from ..errors import RecipeError
+from ..recipe import Recipe
+
+
+def resolve_recipe(recipe, overrides=()) -> Recipe:
+    """A :class:`Recipe`, a recipe name, or the path of a recipe JSON file (``recipe.json`` of a
+    run, or the best recipe a ``tuneflow search`` wrote), with ``overrides`` applied."""
+    if isinstance(recipe, (str, Path)):
+        text = str(recipe)
+        if text.endswith(".json") or Path(text).is_file():
+            try:
+                recipe = Recipe.from_json(Path(text).read_text())
+            except OSError as exc:
+                raise RecipeError(f"Cannot read the recipe file {text}: {exc}.") from None
+            except RecipeError:
+                raise
+            except (ValueError, TypeError) as exc:
+                raise RecipeError(f"{text} is not a valid recipe file: {exc}") from None
+        else:
+            recipe = registry.get(text)
+    elif not isinstance(recipe, Recipe):
+        raise RecipeError(f"recipe={recipe!r}: pass a recipe name, 'auto', a recipe JSON file or a Recipe.")
+    if isinstance(overrides, dict):
+        return recipe.override(**overrides)
+    return recipe.override(*overrides)
+
+
+def resolve_data(data, recipe: Recipe, size: int) -> DataBundle:
+    """A folder, ``tfds:NAME``, ``(x, y)`` arrays (int, string or one-hot labels), a dict of
+    splits, or a :class:`DataBundle` -> a bundle at ``size`` pixels."""
+    if isinstance(data, DataBundle):
+        side = data.train.x.shape[1] if len(data.train) else size
+        if side != size:
+            raise RecipeError(f"The DataBundle holds {side} px images but the recipe wants input_size={size}: "
+                              f"load it with load_data(..., {size}) or --set input_size={side}.")
+        return check_bundle(subsample(data, recipe.fraction, recipe.classes, recipe.seed))
+    if isinstance(data, (tuple, list, dict)) and not isinstance(data, str):
+        arrays, classes = normalize_array_data(data)
+        bundle = load_arrays(arrays, size, recipe.val_fraction, classes=classes, resize=recipe.resize,
+                             keep=recipe.classes or None)
+        return check_bundle(subsample(bundle, recipe.fraction, None, recipe.seed))
+    return load_data(data, size, recipe.val_fraction, recipe.fraction, recipe.classes, recipe.seed, recipe.resize)
