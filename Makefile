@@ -48,7 +48,7 @@ test: $(STAMP)
 FAST_TESTS = tests/test_dependencies.py tests/test_recipe.py tests/test_optim.py tests/test_pipeline.py \
 	tests/test_data.py tests/test_store.py tests/test_pack.py tests/test_extractor.py tests/test_imageops.py \
 	tests/test_atomic.py tests/test_hardware.py tests/test_report.py \
-	tests/test_probe.py tests/test_index.py tests/test_recipes_backbones.py tests/faults/test_bad_data.py \
+	tests/test_probe.py tests/test_index.py tests/test_recipes.py tests/faults/test_bad_data.py \
 	tests/faults/test_overrides.py tests/faults/test_run_folder.py tests/faults/test_disk_errors.py \
 	tests/test_artifact.py::test_run_folder_holds_the_portable_artifact \
 	tests/test_cache.py::test_feature_cache_written_as_it_goes_and_read_back_mapped \

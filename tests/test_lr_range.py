@@ -1,4 +1,4 @@
-"""LR range test: restore, smoothers, rules, inconclusive curves, finetune's tap, CLI JSON, stages, lr=auto."""
+"""The LR range test (tuneflow.training.lr_range; `tuneflow lr-find` prints it): restore, smoothers, rules, inconclusive curves, finetune's tap, CLI JSON, stages, lr=auto."""
 import json
 import logging
 import math
