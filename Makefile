@@ -14,13 +14,14 @@ ARGS   ?=
 # (VENV and STAMP are make targets, which cannot hold spaces; the repository's own path may.)
 q = '$(subst ','\'',$(1))'
 
-.PHONY: install finetune test test-fast bench data clean lock
+.PHONY: install finetune test test-fast bench data docs layers clean lock
 
 install: $(STAMP)
 
-# Every extra and the test tools, at the versions the suite last passed with (constraints.txt,
-# refreshed by `make lock`): a new upstream release cannot break main without a commit.
-EXTRAS ?= all,test
+# Every extra, the test tools and the docs tools (tests/test_docs.py builds the site), at the
+# versions the suite last passed with (constraints.txt, refreshed by `make lock`): a new upstream
+# release cannot break main without a commit.
+EXTRAS ?= all,test,docs
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(call q,$(BIN)/python) || $(call q,$(PYTHON)) -m venv $(call q,$(VENV))
 	$(call q,$(BIN)/python) -m pip install -q --upgrade pip
@@ -69,5 +70,14 @@ bench: $(STAMP)
 data: $(STAMP)
 	$(call q,$(BIN)/python) data/make_digits.py
 
+# The documentation site: docs/*.md and mkdocs.yml into site/ (git-ignored); --strict turns a broken
+# link, a missing anchor or a page left out of the navigation into an error.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(call q,$(BIN)/python) -m mkdocs build --strict --site-dir site
+
+# The layers and the imports between them (grimp), drawn into docs/img/layers.png for docs/design.md.
+layers: $(STAMP)
+	$(call q,$(BIN)/python) tools/draw_layers.py --out docs/img/layers.png
+
 clean:
-	rm -rf $(call q,$(VENV)) .pytest_cache build *.egg-info
+	rm -rf $(call q,$(VENV)) .pytest_cache build *.egg-info site

@@ -123,14 +123,27 @@ def test_two_workers_train_one_run_in_sync_and_only_the_chief_writes_it(tmp_path
     assert acc == pytest.approx(report["val_accuracy"], abs=1e-6)
 
 
-def test_multiworker_without_tf_config_says_what_to_set(tmp_path, monkeypatch):
-    from tuneflow.training.distribute import make_strategy
-    monkeypatch.delenv("TF_CONFIG", raising=False)
-    with pytest.raises(ValueError, match="TF_CONFIG"):
-        make_strategy("multiworker")
-    monkeypatch.setenv("TF_CONFIG", "{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        make_strategy("multiworker")
+@pytest.mark.parametrize("tf_config, said", [
+    (None, "strategy=multiworker needs TF_CONFIG"),
+    ("{not json", "TF_CONFIG is not valid JSON"),
+    ('{"task": {"type": "worker", "index": 0}}', "TF_CONFIG's \"cluster\" must map job names"),
+    ('{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}', "lists of host:port"),
+    ('{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 3}}', "TF_CONFIG's \"task\""),
+    ('{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "chief", "index": 0}}', "one of the cluster's jobs (worker)"),
+])
+def test_a_bad_tf_config_is_one_line_through_the_cli(tmp_path, tf_config, said):
+    """Every way TF_CONFIG can be wrong is a one-line error saying what is wrong and how to set it."""
+    data = make_image_folder(tmp_path / "d", per_class=4)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    if tf_config is not None:
+        env["TF_CONFIG"] = tf_config
+    exe = str(Path(sys.executable).parent / "tuneflow")
+    r = subprocess.run([exe, "finetune", "small_similar", "--data", str(data), "--out", str(tmp_path / "r"),
+                        "--set", "strategy=multiworker"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("tuneflow: error: ") and said in last and "TF_CONFIG='" in last
+    assert not (tmp_path / "r").exists()
 
 
 RESUMING_WORKER = textwrap.dedent("""
@@ -167,3 +180,28 @@ def test_two_workers_resume_from_the_chiefs_checkpoints(tmp_path):
     assert [r.split(",")[:2] for r in rows] == [["0", "1"], ["1", "1"], ["1", "2"], ["1", "3"]]
     assert "resuming from" in logs[0] and "resuming from" in logs[1]  # both continued, same point
     _assert_same_weights(tmp_path)
+
+
+def test_the_keras_multiworker_fix_is_put_back_after_the_fit():
+    """Keras's private reduce function is replaced only inside the ``with`` (a stage's fit) and only
+    under MultiWorkerMirroredStrategy, and is Keras's own again afterwards, on an error too."""
+    code = textwrap.dedent("""
+        import tensorflow as tf
+        mw = tf.distribute.MultiWorkerMirroredStrategy()  # one worker: no TF_CONFIG
+        from keras.src.backend.tensorflow import trainer as t
+        from tuneflow.training.distribute import multiworker_reduce_fixed
+        orig = t.reduce_per_replica
+        try:
+            with multiworker_reduce_fixed(mw):
+                assert t.reduce_per_replica is not orig
+                raise RuntimeError("boom")
+        except RuntimeError:
+            pass
+        assert t.reduce_per_replica is orig
+        with multiworker_reduce_fixed(tf.distribute.get_strategy()):
+            assert t.reduce_per_replica is orig
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

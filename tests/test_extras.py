@@ -57,3 +57,17 @@ def test_optional_names_the_extra_and_lets_other_import_errors_through():
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("tuneflow export --format onnx needs onnx") and "tuneflow[export]" in lines[0]
     assert lines[1] == "plain"
+
+
+def test_feature_engine_openvino_without_openvino_is_one_line(tmp_path):
+    """OpenVINO is a core dependency; where it does not import, asking for it says so in one line."""
+    from conftest import make_image_folder, random_lite0_weights
+    data = make_image_folder(tmp_path / "d", per_class=4)
+    argv = ["finetune", "small_similar", "--data", str(data), "--out", str(tmp_path / "r"),
+            "--set", "feature_engine=openvino", "--set", "input_size=32", "--set", f"weights={random_lite0_weights()}"]
+    r = _run(f"import tuneflow.cli as c; sys.exit(c.main({argv!r}))", {"openvino"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("tuneflow: error: feature_engine='openvino' needs the OpenVINO runtime")
+    assert "--set feature_engine=tensorflow" in last
+    assert not (tmp_path / "r").exists()

@@ -16,7 +16,8 @@ from conftest import make_image_folder
 from tuneflow.errors import RecipeError, RunError
 from tuneflow.recipe import Recipe
 import tuneflow.recipes as registry
-from tuneflow.workbench.search import default_prune_warmup, default_space, load_space, narrow_space, search
+from tuneflow.workbench.search import default_prune_warmup, search
+from tuneflow.workbench.space import default_space, load_space, narrow_space
 
 # ImageNet Lite0 (converted offline) at 32 px: the synthetic classes separate within an epoch at
 # a good learning rate and stay at the first epoch's accuracy at 1e-6, so good and bad trials
@@ -225,10 +226,10 @@ def test_search_killed_mid_trial_continues_and_recomputes_at_most_one_trial(tmp_
 @pytest.mark.slow
 def test_trials_are_compared_on_val_loss_by_default_and_a_search_keeps_its_signal(tmp_path, data):
     import optuna
-    from tuneflow.workbench.search import JOURNAL, _storage
+    from tuneflow.workbench.journal import JOURNAL, journal_storage
 
     def intermediate(out):
-        study = optuna.load_study(study_name="round0", storage=_storage(out / JOURNAL))
+        study = optuna.load_study(study_name="round0", storage=journal_storage(out / JOURNAL))
         (trial,) = study.get_trials(deepcopy=False)
         with open(out / trial.user_attrs["run"] / "metrics.csv", newline="") as f:
             rows = list(csv.DictReader(f))
@@ -312,20 +313,21 @@ def test_search_plot_tick_labels_do_not_overlap(lr_range):
     least two labels, and categorical values appear in the space's order."""
     import optuna
     from matplotlib.transforms import Bbox
-    from tuneflow.workbench.search import _distribution, _figure
+    from tuneflow.workbench.search_plot import search_figure
+    from tuneflow.workbench.space import distribution
     lo, hi = lr_range
     space = {"head.lr": {"type": "float", "low": lo, "high": hi, "log": True},
              "l2": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
              "dropout": {"type": "float", "low": 0.0, "high": 0.5, "log": False},
              "batch_size": {"type": "categorical", "choices": [16, 32, 64]}}
-    dists = {k: _distribution(s) for k, s in space.items()}
+    dists = {k: distribution(s) for k, s in space.items()}
     sampler = optuna.samplers.RandomSampler(seed=0)
     study = optuna.create_study(direction="maximize", sampler=sampler)
     for i in range(12):
         t = study.ask(dists)
         study.tell(t, 0.9 + 0.005 * i) if i % 3 else study.tell(t, state=optuna.trial.TrialState.PRUNED)
     rows = [(0, t) for t in study.get_trials()]
-    fig = _figure(rows, [space])
+    fig = search_figure(rows, [space])
     try:
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()

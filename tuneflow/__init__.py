@@ -11,7 +11,7 @@ from .backbones import BACKBONES, build_backbone, save_backbone  # noqa: E402
 
 from .errors import DataError, RecipeError, RunError, TuneflowError  # noqa: E402
 
-__version__ = "0.2.0"
+from .version import __version__  # noqa: E402
 __all__ = ["BACKBONES", "DataError", "RecipeError", "RunError", "TuneflowError", "build_backbone",
            "save_backbone", "__version__"]
 

@@ -7,12 +7,13 @@ import json
 import logging
 import sys
 
+from .data.augment import BACKENDS
 from .errors import is_user_error
 from .extras import require
 
 
 def _parser():
-    from . import __version__
+    from .version import __version__
     p = argparse.ArgumentParser(prog="tuneflow", description="Fine-tuning recipes for pretrained CNNs.")
     p.add_argument("--version", action="version", version=f"tuneflow {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -49,7 +50,7 @@ def _parser():
     a = sub.add_parser("augment-preview", help="write a PNG grid of augmented samples")
     a.add_argument("--data", required=True)
     a.add_argument("--preset", default="medium")
-    a.add_argument("--backend", default="keras", choices=["keras", "albumentations"])
+    a.add_argument("--backend", default="keras", choices=BACKENDS)
     a.add_argument("--size", type=int, default=160)
     a.add_argument("--out", default="augment-preview.png")
     se = sub.add_parser("search", help="hyperparameter search over recipe fields (Optuna), one process per trial")

@@ -18,6 +18,10 @@ class RecipeError(TuneflowError, ValueError):
     """A bad recipe value or override; the message lists what is valid."""
 
 
+class SetupError(TuneflowError, ValueError):
+    """The environment a command runs in is not as it needs (TF_CONFIG, an engine not installed)."""
+
+
 class RunError(TuneflowError):
     """A run folder, checkpoint or artifact cannot be created, resumed or loaded as asked."""
 

@@ -14,7 +14,10 @@ import typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from .backbones import BACKBONES, FreezeSpec, get_spec
+from .data.augment import BACKENDS, PRESETS
 from .errors import RecipeError
+from .imageops import RESIZE_MODES
 
 log = logging.getLogger("tuneflow.recipe")
 
@@ -23,7 +26,6 @@ HEADS = ("linear", "mlp", "conv")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 SAMPLINGS = ("shuffle", "balanced")
-BACKENDS = ("keras", "albumentations")
 FEATURE_ENGINES = ("auto", "tensorflow", "openvino")
 # The optimizer and schedule names a recipe may use; tuneflow.training.optim builds each (its
 # registries are keyed by exactly these, which tests/test_optim.py checks).
@@ -175,8 +177,6 @@ class Recipe:
         them>`` (a shipped recipe written for Lite0's 9 blocks still runs on a 5-block ResNet50),
         said in :attr:`adapted` and the log; ``from:BLOCK`` must name one of the backbone's blocks.
         Anything else out of range is a :class:`RecipeError` naming the key and what is valid."""
-        from .backbones import BACKBONES, get_spec
-        from .data.augment import PRESETS
 
         def choose(key, value, options):
             if value not in options:
@@ -187,7 +187,7 @@ class Recipe:
         choose("augment", self.augment, list(PRESETS))
         choose("augment_backend", self.augment_backend, BACKENDS)
         choose("sampling", self.sampling, SAMPLINGS)
-        choose("resize", self.resize, ("crop", "squash"))
+        choose("resize", self.resize, RESIZE_MODES)
         choose("class_weight", self.class_weight, ("none", "balanced"))
         choose("head", self.head, HEADS)
         choose("head_solver", self.head_solver, ("auto", "lbfgs", "sgd"))
@@ -369,7 +369,6 @@ def fit_freeze_spec(stage: str, train: str, spec) -> str:
 
     Returns it unchanged, or ``top:<block count>`` when ``top:N`` asks for more blocks than the
     backbone has; an unparsable spec or a ``from:BLOCK`` the backbone lacks is a RecipeError."""
-    from .backbones import FreezeSpec
     try:
         fs = FreezeSpec.parse(train)
     except ValueError as exc:
@@ -386,7 +385,6 @@ def fit_freeze_spec(stage: str, train: str, spec) -> str:
 
 def _check_top_spec(recipe: "Recipe", i: int) -> None:
     """A ``top:N`` a user set explicitly must fit the backbone: it is refused, not adapted."""
-    from .backbones import BACKBONES, FreezeSpec, get_spec
     stage = recipe.stages[i]
     if recipe.backbone not in BACKBONES:
         return  # validate() names the valid backbones

@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import recipes as registry
 from .backbones import build_backbone, get_spec
+from .data import load_data
 from .features import infer
 from .features.cache import weights_digest
+from .features.extractor import FeatureExtractor
+from .training.probe import fit_probe
 
 LARGE_PER_CLASS = 300  # images per class; below this, fine-tuning deep blocks overfits
 MARGIN = 0.02  # an earlier tap must beat the final one by 2 points to call the data "different"
@@ -39,8 +43,6 @@ def choose_backbone(x, y, candidates=CANDIDATES, budget_seconds: float = BUDGET_
 
     import keras
 
-    from .features.extractor import FeatureExtractor
-    from .training.probe import fit_probe
     probes, t_start = {}, time.time()
     for name in candidates:
         if probes and time.time() - t_start > budget_seconds:
@@ -76,7 +78,6 @@ def prefer_recipe_backbone(choice: dict, recipe: str) -> tuple[str, str]:
     probe before the recipe's own backbone, it stays too (nothing measured argues against it).
     Returns ``(backbone, reason suffix)``; the suffix is empty when the choice was already the
     recipe's own."""
-    from . import recipes as registry
     own = registry.get(recipe).backbone
     probes = choice["probes"]
     if own == choice["backbone"]:
@@ -100,9 +101,7 @@ def prefer_recipe_backbone(choice: dict, recipe: str) -> tuple[str, str]:
 def suggest(data, backbone: str | None = None, input_size: int = 0, seed: int = 0,
             candidates=CANDIDATES, budget_seconds: float = BUDGET_SECONDS) -> dict:
     """Name the recipe (and, unless ``backbone`` is given, the backbone) for ``data``."""
-    from .training.probe import fit_probe
 
-    from .data import load_data
 
     size = get_spec(backbone or candidates[0]).input_size(input_size)
     bundle = load_data(data, size)

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import keras
 
-from ..errors import TuneflowError
-
+from ..errors import RecipeError, TuneflowError
 from . import efficientnet_lite
 from .freeze import apply_freeze
 from .preprocess import Preprocess
@@ -130,7 +129,6 @@ def build_backbone(name: str, weights: str | None = "imagenet", input_size: int 
 
 
 def _misfit(local, name, include_top, exc) -> TuneflowError:
-    from ..errors import RecipeError
     return RecipeError(f"weights={str(local)!r} does not fit {name} (include_top={include_top}): "
                        f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}. Pass the weights "
                        "file or run folder of the same backbone, 'imagenet' or None.")

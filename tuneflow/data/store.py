@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..errors import DataError
 from ..home import tuneflow_home
 
 log = logging.getLogger("tuneflow.data")
@@ -41,7 +42,6 @@ def inmemory_max_bytes() -> int:
         try:
             return int(float(env))
         except ValueError:
-            from ..errors import DataError
             raise DataError(f"TUNEFLOW_INMEMORY_MAX_BYTES={env!r} is not a number of bytes; "
                             "set it to e.g. 2e9, or unset it for the default (1 GiB).") from None
     try:
@@ -305,7 +305,6 @@ def decode_rows(items, names, size: int, resize: str, decode, desc: str = "decod
                 hi = min(n, lo + CHUNK_ROWS)
                 chunk = list(itertools.islice(it, hi - lo))
                 if len(chunk) < hi - lo:
-                    from ..errors import DataError
                     raise DataError(f"The data ended after {lo + len(chunk)} of the {n} images it announced "
                                     f"(last: {names[lo + len(chunk) - 1] if lo + len(chunk) else 'none'}); "
                                     "it changed while being read: load it again.")

@@ -45,10 +45,11 @@ import numpy as np
 
 from ..atomic import replace_dir
 from ..imageops import model_input
+from ..runs import names
 
-SAVEDMODEL_DIR = "model"
-KERAS_FILE = "model.keras"
-LABELS_FILE = "labels.json"
+SAVEDMODEL_DIR = names.SAVEDMODEL
+KERAS_FILE = names.KERAS
+LABELS_FILE = names.LABELS
 INFO_FILE = "tuneflow.json"
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import DataError
+from .predictor import load
 
 
 def image_files(paths) -> list[Path]:
@@ -28,7 +29,6 @@ def image_files(paths) -> list[Path]:
 
 
 def predict_command(args) -> int:
-    from .predictor import load
     predictor = load(args.run, args.checkpoint)
     files = image_files(args.images)
     rows, skipped = [], []

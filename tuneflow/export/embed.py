@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import DataError, TuneflowError
 from ..extras import optional
+from .predictor import load
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
 OUTPUT_SUFFIXES = (".npy", ".parquet", ".csv")
@@ -31,7 +32,6 @@ LOOKAHEAD = 2
 
 def load_predictor(run, checkpoint: str = "best"):
     """``tuneflow.load(run, checkpoint)``: the run's exported model with its decode and resize."""
-    from .predictor import load
     return load(run, checkpoint=checkpoint)
 
 

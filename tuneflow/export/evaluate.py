@@ -9,7 +9,7 @@ import numpy as np
 
 from ..backbones import save_backbone
 from ..data import DataBundle, Split
-from ..runs import report as rep
+from ..runs import names, report as rep
 from ..runs.folder import RunDir
 from ..runs.pictures import top_losses_grid
 from ..training.assemble import Assembly
@@ -21,7 +21,6 @@ from .restore import artifact_models
 
 log = logging.getLogger("tuneflow")
 
-PREDICTIONS_FILE = "val_predictions.csv"
 
 
 def predict_split(predictor: Predictor, split: Split, batch_size: int | None = None) -> np.ndarray:
@@ -37,7 +36,7 @@ def predict_split(predictor: Predictor, split: Split, batch_size: int | None = N
 
 def write_predictions(run: RunDir, split: Split, probs: np.ndarray, classes: list[str]) -> None:
     """``val_predictions.csv``: path, true class, predicted class, its probability (and every class's)."""
-    tmp = run / (PREDICTIONS_FILE + ".tmp")
+    tmp = run / (names.PREDICTIONS + ".tmp")
     pred = probs.argmax(1)
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
@@ -46,7 +45,7 @@ def write_predictions(run: RunDir, split: Split, probs: np.ndarray, classes: lis
             path = os.path.abspath(split.files[i]) if split.files else f"val[{i}]"
             w.writerow([path, classes[split.y[i]], classes[pred[i]], f"{probs[i, pred[i]]:.6f}"]
                        + [f"{p:.6f}" for p in probs[i]])
-    os.replace(tmp, run / PREDICTIONS_FILE)
+    os.replace(tmp, run / names.PREDICTIONS)
 
 
 def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome: Outcome,
@@ -98,7 +97,7 @@ def evaluate(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, outcome
     if predictor is not None and bundle.test is not None and len(bundle.test):
         test_acc = float(np.mean(predict_split(predictor, bundle.test).argmax(1) == bundle.test.y))
     if rows:
-        rep.plot_curves(rows, run / "curves.png", f"{r.name} · {plan.spec.name}")
+        rep.plot_curves(rows, run / names.CURVES, f"{r.name} · {plan.spec.name}")
     rep.write_confusion(cm, plan.classes, run.path)
     if bundle.val.files and export:  # the validation images the model is most wrong about, to look at
         # (not for a search trial, export=False: nobody opens a trial's pictures)

@@ -28,6 +28,11 @@ import numpy as np
 from ..atomic import replace_dir
 from ..errors import DataError, RunError
 from ..extras import optional
+from ..runs import names
+from .artifact import INFO_FILE, SAVEDMODEL_DIR, write_artifact
+from .embed import list_images
+from .predictor import load
+from .restore import artifact_from_checkpoint
 
 FORMATS = ("savedmodel", "onnx", "openvino", "tflite")
 OUTPUTS = ("probabilities", "embedding", "pooled", "penultimate")
@@ -43,7 +48,6 @@ OPENVINO_OUTPUTS = tuple(sorted(OUTPUTS))  # the converted model's outputs, by p
 
 
 def _model_dir(run) -> Path:
-    from .artifact import INFO_FILE, SAVEDMODEL_DIR
     run = Path(run)
     d = run if (run / INFO_FILE).exists() else run / SAVEDMODEL_DIR
     if not (d / "saved_model.pb").is_file():
@@ -54,7 +58,7 @@ def _model_dir(run) -> Path:
 
 def validation_paths(run, limit: int = PARITY_IMAGES) -> list[Path]:
     """Up to ``limit`` of the run's validation images (``val_predictions.csv``), evenly spaced."""
-    f = Path(run) / "val_predictions.csv"
+    f = Path(run) / names.PREDICTIONS
     if not f.is_file():
         raise RunError(f"{f} is missing, so there are no validation images to check the conversion on; "
                        "pass --parity-images FOLDER (images like the training data).")
@@ -121,6 +125,7 @@ def _run_batches(fn, x: np.ndarray, batch: int = 32) -> dict:
 
 def _savedmodel(model_dir, loaded, size, tmp: Path):
     import tensorflow as tf
+
     # OUT/1/: TensorFlow Serving reads numbered versions under --model_base_path=OUT
     shutil.copytree(model_dir, tmp / SAVEDMODEL_VERSION)
     copy = tf.saved_model.load(str(tmp / SAVEDMODEL_VERSION))  # what a user loads, read back from the copy
@@ -215,8 +220,6 @@ def export(run, out, fmt: str = "savedmodel", *, parity_images=None, max_images:
     Raises RunError (nothing written) when a converter fails or the parity check does."""
     import tensorflow as tf
 
-    from .embed import list_images
-    from .predictor import load
     if fmt not in FORMATS:
         raise DataError(f"--format {fmt!r}; choose one of {', '.join(FORMATS)}.")
     out = Path(out)
@@ -272,7 +275,7 @@ def export(run, out, fmt: str = "savedmodel", *, parity_images=None, max_images:
         if fmt != "savedmodel":
             (tmp / "tuneflow.json").write_text(json.dumps(info, indent=2))
         labels = {str(i): c for i, c in enumerate(info.get("classes", []))}
-        (tmp / "labels.json").write_text(json.dumps(labels, indent=2))
+        (tmp / names.LABELS).write_text(json.dumps(labels, indent=2))
         (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
         replace_dir(tmp, out)
         record["out"] = str(out)
@@ -290,11 +293,9 @@ def cli_export(args) -> int:
         # signatures and checks), into a scratch run folder that shares the run's validation list.
         import tempfile
 
-        from .restore import artifact_from_checkpoint
-        from .artifact import write_artifact
         scratch = Path(tempfile.mkdtemp(prefix=".export-ckpt-", dir=Path(args.out).expanduser().parent))
         write_artifact(artifact_from_checkpoint(run, args.checkpoint), scratch)
-        for name in ("val_predictions.csv", "recipe.json", "report.json"):
+        for name in (names.PREDICTIONS, names.RECIPE, names.REPORT):
             if (Path(run) / name).exists():
                 shutil.copy2(Path(run) / name, scratch / name)
         run = scratch

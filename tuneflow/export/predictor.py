@@ -54,7 +54,7 @@ class Predictor:
 
     @property
     def info(self) -> dict:
-        from .. import __version__
+        from ..version import __version__
         i = self.info_obj
         return {"backbone": i.backbone, "recipe": i.recipe, "classes": self.classes,
                 "embedding_dim": i.embedding_dim, "penultimate_dim": i.penultimate_dim,

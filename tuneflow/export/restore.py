@@ -8,15 +8,16 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from .. import __version__
+from ..version import __version__
 from ..backbones import get_spec
 from ..errors import RunError
 from ..recipe import Recipe
+from ..runs import names
 from ..runs.checkpoints import restore_model
 from ..training.assemble import Assembly, assemble, make_backbone
 from ..training.heads import choose_norm
 from ..training.plan import Plan
-from .artifact import LABELS_FILE, ArtifactInfo, ArtifactModels, float32_twin, in_memory_functions
+from .artifact import ArtifactInfo, ArtifactModels, float32_twin, in_memory_functions
 
 
 def artifact_models(plan: Plan, asm: Assembly, checkpoint: str = "best") -> ArtifactModels:
@@ -41,10 +42,10 @@ def _read_json(path: Path, what: str):
 
 def plan_of_run(run_dir: Path) -> tuple[Plan, str | None]:
     """The float32 plan of a finished or interrupted run, and its tap, from the files it wrote."""
-    recipe = Recipe.from_dict(_read_json(run_dir / "recipe.json", "no recipe.json"))
-    labels = _read_json(run_dir / LABELS_FILE, "no labels.json")
+    recipe = Recipe.from_dict(_read_json(run_dir / names.RECIPE, f"no {names.RECIPE}"))
+    labels = _read_json(run_dir / names.LABELS, f"no {names.LABELS}")
     classes = [labels[str(i)] for i in range(len(labels))]
-    info = _read_json(run_dir / "run.json", "no run.json")
+    info = _read_json(run_dir / names.RUN, f"no {names.RUN}")
     spec = get_spec(recipe.backbone)
     plan = Plan(recipe=recipe, spec=spec, size=spec.input_size(recipe.input_size),
                 strategy=tf.distribute.get_strategy(), precision="float32", classes=classes,

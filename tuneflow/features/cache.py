@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.store import ImageRows, inmemory_max_bytes
 from ..home import tuneflow_home
 
 log = logging.getLogger("tuneflow")
@@ -228,7 +229,6 @@ def rows_view(x):
     map made by :func:`split_views`) comes back as an :class:`~tuneflow.data.store.ImageRows`
     (rows read with ``pread``, so the pages stay in the kernel's cache, not in this process's
     resident set); anything else (a slice of a map is read through the map) as it is."""
-    from ..data.store import ImageRows
     try:
         return ImageRows(x, path=str(x.filename)) if _offset_known(x) else x
     except OSError:  # the file is gone (a temporary cache, unlinked): read through the map
@@ -259,5 +259,4 @@ FEATURES_INMEMORY_MAX_BYTES = 64 << 20
 def _max_bytes() -> int:
     """Bytes of features above which a cache file is read back as a memory map: the least of
     FEATURES_INMEMORY_MAX_BYTES and :func:`~tuneflow.data.store.inmemory_max_bytes`."""
-    from ..data.store import inmemory_max_bytes
     return min(FEATURES_INMEMORY_MAX_BYTES, inmemory_max_bytes())

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import RecipeError, SetupError
 from ..hardware import openvino_precision
 from ..home import tuneflow_home
 from ..recipe import FEATURE_ENGINES as ENGINES
@@ -38,16 +39,20 @@ OV_PRECISION = {"float32": "f32", "mixed_bfloat16": "bf16", "mixed_float16": "f1
 
 
 def openvino_available() -> bool:
-    return importlib.util.find_spec("openvino") is not None
+    try:
+        return importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):  # a broken install counts as absent
+        return False
 
 
 def resolve_engine(engine: str) -> str:
     """``auto`` -> ``openvino`` on a CPU-only machine with OpenVINO installed, else ``tensorflow``."""
     import tensorflow as tf
     if engine not in ENGINES:
-        raise ValueError(f"feature_engine={engine!r} is not valid; choose one of {', '.join(ENGINES)}.")
+        raise RecipeError(f"feature_engine={engine!r} is not valid; choose one of {', '.join(ENGINES)}.")
     if engine == "openvino" and not openvino_available():
-        raise ValueError("feature_engine='openvino' needs the OpenVINO runtime: `pip install openvino`, "
+        raise SetupError("feature_engine='openvino' needs the OpenVINO runtime, which does not import here: "
+                         "`pip install openvino` (a core dependency of tuneflow), "
                          "or use --set feature_engine=tensorflow.")
     if engine == "auto":
         engine = "openvino" if openvino_available() and not tf.config.list_physical_devices("GPU") \

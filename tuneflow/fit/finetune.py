@@ -10,18 +10,16 @@ from pathlib import Path
 
 import keras
 
-from ..backbones import get_spec
 from ..data import DataBundle
 from ..errors import RecipeError, RunError
 from ..export.predictor import load
-from ..runs import report as rep
+from ..runs import names, report as rep
 from ..runs.folder import RunDir
 from ..suggest import suggest
-from ..training.distribute import choose_precision, make_strategy, worker_role
-from ..training.inputs import resolve_data, resolve_recipe
+from ..training.distribute import worker_role
+from ..training.inputs import prepare
 from ..training.isolation import preserved_global_state
 from ..training.lr_range import is_auto_lr, resolve_auto_lr
-from ..training.plan import Plan
 from .kfold import cross_validate
 from .one_run import train_and_evaluate
 
@@ -99,14 +97,9 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, e
     if _has_auto_lr(overrides):  # `--set head.lr=auto`: an LR range test per such stage first
         lr_plots = Path(tempfile.mkdtemp(prefix="tuneflow-lr-find-"))
         overrides = resolve_auto_lr(recipe, data, overrides, out=lr_plots)
-    recipe = resolve_recipe(recipe, overrides)
-    strategy = make_strategy(recipe.strategy)
-    precision = choose_precision(recipe.precision)
-    keras.mixed_precision.set_global_policy(precision)
-    size = get_spec(recipe.backbone).input_size(recipe.input_size)
     # Data first: a bad folder is reported before any run folder exists.
-    bundle = resolve_data(data, recipe, size)
-    chief, task = worker_role(strategy)
+    recipe, bundle, plan = prepare(recipe, data, overrides)
+    chief, task = worker_role(plan.strategy)
     shared_dir = None
     if not chief:  # another worker: same computation, its writes go to a scratch folder
         if resume and out is None:
@@ -126,10 +119,9 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, e
                 run.register(png.name)
                 shutil.move(str(png), str(run / png.name))
             shutil.rmtree(lr_plots, ignore_errors=True)
-        run.write_json("labels.json", {str(i): c for i, c in enumerate(bundle.classes)})
+        run.write_json(names.LABELS, {str(i): c for i, c in enumerate(bundle.classes)})
         run.status("running", recipe=recipe.name, data_fingerprint=bundle.fingerprint(),
                    **({"suggest": suggestion} if suggestion else {}))
-        plan = Plan.make(recipe, bundle, strategy, precision)
         if recipe.folds:
             report = cross_validate(plan, bundle, run, verbose, resume_here, export=export)
         else:
@@ -138,8 +130,8 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, e
         if suggestion:
             report["suggest"] = suggestion
         report["wall_seconds"] = round(time.time() - t_start, 2)
-        run.write_json("report.json", report)
-        run.write_text("report.md", rep.markdown(report))
+        run.write_json(names.REPORT, report)
+        run.write_text(names.REPORT_MD, rep.markdown(report))
         run.status("finished", val_accuracy=report["val_accuracy"])
     except BaseException as exc:
         if run.discard_if_fresh():

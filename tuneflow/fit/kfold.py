@@ -10,25 +10,23 @@ import time
 import numpy as np
 
 from ..data import DataBundle, kfold
-from ..export.artifact import KERAS_FILE, LABELS_FILE, SAVEDMODEL_DIR
-from ..runs import report as rep
+from ..runs import names, report as rep
 from ..runs.folder import RunDir
-from ..export.evaluate import PREDICTIONS_FILE
 from ..training.plan import Plan
 from .one_run import train_and_evaluate
 
 log = logging.getLogger("tuneflow")
 
 # What the best fold leaves in the run folder itself, so the run is used like any other.
-FINAL_FILES = (SAVEDMODEL_DIR, KERAS_FILE, LABELS_FILE, PREDICTIONS_FILE, "backbone.weights.h5",
-               "backbone.json", "confusion.png", "confusion.csv", "curves.png", "top_losses.png")
+FINAL_FILES = (names.SAVEDMODEL, names.KERAS, names.LABELS, names.PREDICTIONS, names.BACKBONE_WEIGHTS,
+               names.BACKBONE_JSON, names.CONFUSION, names.CONFUSION_CSV, names.CURVES, names.TOP_LOSSES)
 
 
 def _finished_report(folder) -> dict | None:
     try:
-        info = json.loads((folder / "run.json").read_text())
+        info = json.loads((folder / names.RUN).read_text())
         if info.get("status") == "finished":
-            return json.loads((folder / "report.json").read_text())
+            return json.loads((folder / names.REPORT).read_text())
     except (OSError, ValueError):
         pass
     return None
@@ -47,17 +45,17 @@ def cross_validate(plan: Plan, bundle: DataBundle, run: RunDir, verbose, resume:
             log.info("fold %d: finished earlier (val accuracy %.4f)", i + 1, done["val_accuracy"])
             folds.append(done)
             continue
-        again = resume and (path / "run.json").exists()
+        again = resume and (path / names.RUN).exists()
         with RunDir.open(path, r.name, overwrite=not again, resume=again) as sub:
             sub.start(r.to_dict(), fold.fingerprint(), force=False)
-            sub.write_json(LABELS_FILE, {str(j): c for j, c in enumerate(bundle.classes)})
+            sub.write_json(names.LABELS, {str(j): c for j, c in enumerate(bundle.classes)})
             sub.status("running", recipe=r.name, fold=i + 1)
             fold_plan = Plan.make(r, fold, plan.strategy, plan.precision)
             t0 = time.time()
             report, _ = train_and_evaluate(fold_plan, fold, sub, verbose, again, export=export)
             report["wall_seconds"] = round(time.time() - t0, 2)
-            sub.write_json("report.json", report)
-            sub.write_text("report.md", rep.markdown(report))
+            sub.write_json(names.REPORT, report)
+            sub.write_text(names.REPORT_MD, rep.markdown(report))
             sub.status("finished", val_accuracy=report["val_accuracy"])
         folds.append(report)
     accs = np.array([f["val_accuracy"] for f in folds])

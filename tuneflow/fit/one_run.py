@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..data import DataBundle
 from ..export.evaluate import evaluate
+from ..runs import names
 from ..runs.checkpoints import Checkpoints
 from ..runs.folder import RunDir
 from ..training import assemble as asm_mod
@@ -40,6 +41,6 @@ def train_and_evaluate(plan: Plan, bundle: DataBundle, run: RunDir, verbose, res
 def _stored_tap(run: RunDir):
     """The tap an interrupted run chose (its depth probe is not run again on resume)."""
     try:
-        return json.loads((run / "run.json").read_text()).get("tap")
+        return json.loads((run / names.RUN).read_text()).get("tap")
     except (OSError, ValueError):
         return None

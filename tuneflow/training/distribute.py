@@ -1,6 +1,7 @@
 """Distribution strategy and numeric precision choices."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -8,6 +9,7 @@ import types
 
 import tensorflow as tf
 
+from ..errors import RecipeError, SetupError
 from ..hardware import cpu_supports_bf16
 
 log = logging.getLogger("tuneflow")
@@ -18,13 +20,7 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name == "multiworker":
         # Created before anything else touches the TensorFlow runtime (listing devices would):
         # collective ops must be configured at start-up.
-        if "TF_CONFIG" not in os.environ:
-            raise ValueError("strategy=multiworker needs TF_CONFIG (cluster and task) in the "
-                             "environment of every worker; see the README's multi-machine section.")
-        try:
-            json.loads(os.environ["TF_CONFIG"])
-        except ValueError as exc:
-            raise ValueError(f"TF_CONFIG is not valid JSON ({exc}): {os.environ['TF_CONFIG'][:200]}") from None
+        check_tf_config(os.environ.get("TF_CONFIG"))
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
@@ -34,7 +30,32 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name == "mirrored":
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices)
-    raise ValueError(f"Unknown strategy {name!r}; choose auto, default, mirrored or multiworker.")
+    raise RecipeError(f"strategy={name!r} is not valid; choose auto, default, mirrored or multiworker.")
+
+
+HOW_TF_CONFIG = ('set it on every worker, e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                 '"task": {"type": "worker", "index": 0}}\' (docs: several GPUs, several machines)')
+
+
+def check_tf_config(text: str | None) -> dict:
+    """TF_CONFIG parsed and checked (a cluster of host:port lists, and this process's task in it), or
+    a :class:`SetupError` saying what is wrong with it."""
+    if not text:
+        raise SetupError(f"strategy=multiworker needs TF_CONFIG (the cluster and this worker's task): {HOW_TF_CONFIG}.")
+    try:
+        cfg = json.loads(text)
+    except ValueError as exc:
+        raise SetupError(f"TF_CONFIG is not valid JSON ({exc}): {text[:200]!r}; {HOW_TF_CONFIG}.") from None
+    cluster, task = (cfg.get("cluster"), cfg.get("task")) if isinstance(cfg, dict) else (None, None)
+    if not isinstance(cluster, dict) or not cluster or not all(
+            isinstance(v, list) and v and all(isinstance(a, str) and ":" in a for a in v) for v in cluster.values()):
+        raise SetupError(f"TF_CONFIG's \"cluster\" must map job names to lists of host:port, got {cluster!r}; "
+                         f"{HOW_TF_CONFIG}.")
+    if not isinstance(task, dict) or task.get("type") not in cluster or not isinstance(task.get("index"), int) \
+            or not 0 <= task["index"] < len(cluster[task["type"]]):
+        raise SetupError(f"TF_CONFIG's \"task\" must name one of the cluster's jobs ({', '.join(cluster)}) and an "
+                         f"index in it, got {task!r}; {HOW_TF_CONFIG}.")
+    return cfg
 
 
 def worker_role(strategy) -> tuple[bool, int]:
@@ -97,21 +118,19 @@ def patch_symbolic_build(model) -> None:
             self._symbolic_build(data_batch=data_batch)
 
     model._maybe_symbolic_build = types.MethodType(_maybe_symbolic_build, model)
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        _patch_multiworker_reduce()
 
 
-_PATCHED = []
-
-
-def _patch_multiworker_reduce() -> None:
+@contextlib.contextmanager
+def multiworker_reduce_fixed(strategy):
     """Same issue, second failure: each step's logged loss/metrics are reduced across workers with
-    ``strategy.reduce("MEAN", v, axis=0)``, which fails on scalars. For MultiWorkerMirroredStrategy
-    only, scalars are averaged over all workers with ``axis=None`` (what was meant); every other
-    call goes to Keras's own function untouched."""
-    if _PATCHED:
+    ``strategy.reduce("MEAN", v, axis=0)``, which fails on scalars. For the duration of the ``with``
+    (a stage's ``fit``) and under MultiWorkerMirroredStrategy only, scalars are averaged over all
+    workers with ``axis=None`` (what was meant); every other call goes to Keras's own function, and
+    Keras's function is put back afterwards, whatever happened."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        yield
         return
-    from keras.src.backend.tensorflow import trainer as tf_trainer
+    from keras.src.backend.tensorflow import trainer as tf_trainer  # the private module whose function is replaced
     original = tf_trainer.reduce_per_replica
 
     def reduce_per_replica(values, strategy, reduction):
@@ -120,4 +139,7 @@ def _patch_multiworker_reduce() -> None:
         return original(values, strategy, reduction)
 
     tf_trainer.reduce_per_replica = reduce_per_replica
-    _PATCHED.append(original)
+    try:
+        yield
+    finally:
+        tf_trainer.reduce_per_replica = original

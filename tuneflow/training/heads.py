@@ -35,25 +35,57 @@ class MaskTolerantLayerNormalization(keras.layers.LayerNormalization):
         return super().call(inputs)
 
 
-def replacement_norm(kind: str, name: str):
-    if kind == "instance":
-        return MaskTolerantGroupNormalization(groups=-1, name=name)
-    if kind == "group":
-        return MaskTolerantGroupNormalization(groups=8, name=name)
-    return MaskTolerantLayerNormalization(name=name)
+# Each head and norm a recipe may name (tuneflow.recipe.HEADS, .NORMS; "auto" resolves by
+# choose_norm) -> how its layers are built; tests/test_heads.py builds and trains every entry.
+NORMS = {
+    "batch": lambda name: keras.layers.BatchNormalization(name=name),
+    "instance": lambda name: keras.layers.GroupNormalization(groups=-1, name=name),  # Keras 3's InstanceNormalization
+    "group": lambda name: keras.layers.GroupNormalization(groups=8, name=name),
+    "layer": lambda name: keras.layers.LayerNormalization(name=name),
+}
+# replace_backbone_bn=KIND: what stands in for each of the backbone's BatchNormalization layers.
+BN_REPLACEMENTS = {
+    "instance": lambda name: MaskTolerantGroupNormalization(groups=-1, name=name),
+    "group": lambda name: MaskTolerantGroupNormalization(groups=8, name=name),
+    "layer": lambda name: MaskTolerantLayerNormalization(name=name),
+}
 
 
 def norm_layer(kind: str, name: str):
+    if kind not in NORMS:
+        raise ValueError(f"Unknown norm {kind!r}; one of {', '.join(NORMS)}.")
+    return NORMS[kind](name)
+
+
+def _linear(feature_shape, recipe, norm, name, reg) -> list:
+    return [keras.layers.GlobalAveragePooling2D(name=f"{name}_pool")]
+
+
+def _mlp(feature_shape, recipe, norm, name, reg) -> list:
     L = keras.layers
-    if kind == "batch":
-        return L.BatchNormalization(name=name)
-    if kind == "instance":
-        return L.GroupNormalization(groups=-1, name=name)  # Keras 3's InstanceNormalization
-    if kind == "group":
-        return L.GroupNormalization(groups=8, name=name)
-    if kind == "layer":
-        return L.LayerNormalization(name=name)
-    raise ValueError(f"Unknown norm {kind!r}.")
+    return [L.GlobalAveragePooling2D(name=f"{name}_pool"),
+            L.Dense(recipe.head_hidden, use_bias=False, kernel_regularizer=reg, kernel_initializer="he_normal",
+                    name=f"{name}_dense"),
+            norm_layer("layer" if norm == "instance" else norm, f"{name}_norm"),  # one vector: no instance to norm
+            L.ReLU(name=f"{name}_relu")]
+
+
+def _conv(feature_shape, recipe, norm, name, reg) -> list:
+    L = keras.layers
+    layers = [L.Conv2D(recipe.head_hidden, 1, use_bias=False, kernel_regularizer=reg,
+                       kernel_initializer="he_normal", name=f"{name}_conv"),
+              norm_layer(norm, f"{name}_norm"), L.ReLU(name=f"{name}_relu")]
+    if recipe.spatial_dropout:
+        layers.append(L.SpatialDropout2D(recipe.spatial_dropout, name=f"{name}_spatial_dropout"))
+    return layers + [L.GlobalAveragePooling2D(name=f"{name}_pool")]
+
+
+# head name -> the layers between the backbone's feature map and the dropout + classifier
+HEADS = {
+    "linear": _linear,  # global average pooling, then the classifier
+    "mlp": _mlp,  # pooling, Dense(head_hidden) + norm + ReLU
+    "conv": _conv,  # 1x1 Conv(head_hidden) + norm + ReLU (+ SpatialDropout) at the tap, then pooling
+}
 
 
 def build_head(feature_shape, n_classes: int, recipe, norm: str, name: str = "head",
@@ -68,19 +100,7 @@ def build_head(feature_shape, n_classes: int, recipe, norm: str, name: str = "he
     gradient dominated any global-norm clipping of the fine-tuning stages."""
     L = keras.layers
     reg = keras.regularizers.L1L2(recipe.l1, recipe.l2) if (recipe.l1 or recipe.l2) else None
-    layers = [keras.Input(feature_shape)]
-    if recipe.head == "conv":
-        layers += [L.Conv2D(recipe.head_hidden, 1, use_bias=False, kernel_regularizer=reg,
-                            kernel_initializer="he_normal", name=f"{name}_conv"),
-                   norm_layer(norm, f"{name}_norm"), L.ReLU(name=f"{name}_relu")]
-        if recipe.spatial_dropout:
-            layers.append(L.SpatialDropout2D(recipe.spatial_dropout, name=f"{name}_spatial_dropout"))
-    layers.append(L.GlobalAveragePooling2D(name=f"{name}_pool"))
-    if recipe.head == "mlp":
-        layers += [L.Dense(recipe.head_hidden, use_bias=False, kernel_regularizer=reg,
-                           kernel_initializer="he_normal", name=f"{name}_dense"),
-                   norm_layer("layer" if norm == "instance" else norm, f"{name}_norm"),
-                   L.ReLU(name=f"{name}_relu")]
+    layers = [keras.Input(feature_shape)] + HEADS[recipe.head](feature_shape, recipe, norm, name, reg)
     if recipe.dropout:
         layers.append(L.Dropout(recipe.dropout, name=f"{name}_dropout"))
     # float32 output even under mixed precision: softmax and the loss need the range.
@@ -93,7 +113,7 @@ def replace_batchnorm(model: keras.Model, kind: str) -> keras.Model:
     """Clone ``model`` with each BatchNormalization swapped for ``kind`` normalisation (opt-in)."""
     def clone(layer):
         if isinstance(layer, keras.layers.BatchNormalization):
-            return replacement_norm(kind, layer.name)
+            return BN_REPLACEMENTS[kind](layer.name)
         return layer.__class__.from_config(layer.get_config())
 
     new = keras.models.clone_model(model, clone_function=clone)

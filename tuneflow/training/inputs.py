@@ -1,15 +1,22 @@
-"""What a run is given, resolved: a recipe (object, name or JSON file, with overrides) and data
-(folder, ``tfds:``, arrays or a bundle) at the recipe's input size."""
+"""What a run is given, resolved: a recipe (object, name or JSON file, with overrides), data
+(folder, ``tfds:``, arrays or a bundle) at the recipe's input size, and the plan a run (or an LR
+range test, or the doctor) trains by."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import tuneflow.recipes as registry
 
+import keras
+import tensorflow as tf
+
+from ..backbones import get_spec
 from ..data import DataBundle, check_bundle, load_arrays, load_data, subsample
 from ..data.labels import normalize_array_data
 from ..errors import RecipeError
 from ..recipe import Recipe
+from .distribute import choose_precision, make_strategy
+from .plan import Plan
 
 
 def resolve_recipe(recipe, overrides=()) -> Recipe:
@@ -50,3 +57,16 @@ def resolve_data(data, recipe: Recipe, size: int) -> DataBundle:
                              keep=recipe.classes or None)
         return check_bundle(subsample(bundle, recipe.fraction, None, recipe.seed))
     return load_data(data, size, recipe.val_fraction, recipe.fraction, recipe.classes, recipe.seed, recipe.resize)
+
+
+def prepare(recipe, data, overrides=(), *, one_device: bool = False) -> tuple[Recipe, DataBundle, Plan]:
+    """(recipe, bundle, plan): the recipe resolved, its strategy made (``one_device``: the default
+    strategy, as an LR range test or the doctor use), the dtype policy set to its precision, and the
+    data loaded at its input size. The strategy comes first: a multi-worker one must be made before
+    anything touches the TensorFlow runtime."""
+    recipe = resolve_recipe(recipe, overrides)
+    strategy = tf.distribute.get_strategy() if one_device else make_strategy(recipe.strategy)
+    precision = choose_precision(recipe.precision)
+    keras.mixed_precision.set_global_policy(precision)
+    bundle = resolve_data(data, recipe, get_spec(recipe.backbone).input_size(recipe.input_size))
+    return recipe, bundle, Plan.make(recipe, bundle, strategy, precision)

@@ -12,16 +12,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..backbones import apply_freeze, get_spec
+from ..backbones import apply_freeze
 from ..data.pipeline import train_dataset
 from ..errors import RecipeError
 from .assemble import assemble, make_backbone
 from .cached import cache_extractor, cache_trainer, cached_features, pooled_features, uses_cache
-from .distribute import choose_precision
-from .inputs import resolve_data, resolve_recipe
+from .inputs import prepare, resolve_recipe
 from .isolation import preserved_global_state
 from .optim import make_optimizer
-from .plan import Plan
 from .probe import fit_probe
 from .standardise import StandardisedHead, standardises
 from .taps import choose_tap
@@ -283,17 +281,6 @@ def _stage_index(recipe, stage) -> int:
     return i
 
 
-def prepare(recipe, data, overrides=()):
-    """(recipe, bundle, plan) as ``finetune`` would make them, on one device (the test's batch is
-    the per-replica batch: with ``scale_lr`` the stage's multiplier is applied on top)."""
-
-    recipe = resolve_recipe(recipe, overrides)
-    precision = choose_precision(recipe.precision)
-    keras.mixed_precision.set_global_policy(precision)
-    bundle = resolve_data(data, recipe, get_spec(recipe.backbone).input_size(recipe.input_size))
-    return recipe, bundle, Plan.make(recipe, bundle, tf.distribute.get_strategy(), precision)
-
-
 def _cached_head(plan, bundle, asm):
     """(the plain head on cached vectors, train features (views, N, C), val features), from the
     cache the run's head stage uses (same pooling, engine and precision)."""
@@ -347,7 +334,7 @@ def lr_find(recipe, data, stage=0, overrides=(), out=None, *, start_lr: float = 
 
 def _lr_find(recipe, data, stage, overrides, out, start_lr, end_lr, steps, rule, plot_name) -> dict:
 
-    recipe, bundle, plan = prepare(recipe, data, overrides)
+    recipe, bundle, plan = prepare(recipe, data, overrides, one_device=True)
     si = _stage_index(recipe, stage)
     st = recipe.stages[si]
     asm = _assemble_at_finetunes_tap(plan, bundle)

@@ -24,7 +24,7 @@ from ..runs.folder import RunDir
 from .assemble import Assembly
 from .cached import (cache_extractor, cache_trainer, cached_dataset, cached_features, lbfgs_fits, pooled_features,
                      uses_cache, uses_lbfgs)
-from .distribute import patch_symbolic_build, worker_shard
+from .distribute import multiworker_reduce_fixed, patch_symbolic_build, worker_shard
 from . import prefix
 from .optim import current_lr, make_optimizer
 from .plan import Plan
@@ -339,8 +339,9 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
         stopped_before = bool(state and stage.patience and state.get("wait", 0) >= stage.patience)
         if initial < stage.epochs and not stopped_before:
             t0 = time.time()
-            trainer.fit(train_x, epochs=stage.epochs, initial_epoch=initial, callbacks=callbacks,
-                        verbose=1 if verbose and not use_cache else 0)
+            with multiworker_reduce_fixed(strategy):
+                trainer.fit(train_x, epochs=stage.epochs, initial_epoch=initial, callbacks=callbacks,
+                            verbose=1 if verbose and not use_cache else 0)
             if not use_cache:
                 out.train_seconds += time.time() - t0 - hook.val_seconds
                 out.train_images += (hook.epochs_run - initial) * len(bundle.train)

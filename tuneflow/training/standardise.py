@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..features.cache import rows_view, split_views
+
 # Channels whose standard deviation is below this (in the features' own units) are treated as
 # constant, as scikit-learn's StandardScaler does with zero variance: scaled by 1, not by 1/0.
 MIN_STD = 1e-6
@@ -33,7 +35,6 @@ def feature_moments(ftr) -> tuple[np.ndarray, np.ndarray]:
     (V, N, C) with every view counted. A memory-mapped cache is summed in chunks, read with
     ``pread`` (:func:`~tuneflow.features.cache.rows_view`): never whole in RAM. Two passes (mean,
     then squared deviations) for accuracy; near-constant channels get std 1 (:data:`MIN_STD`)."""
-    from ..features.cache import rows_view, split_views
     views = split_views(ftr) if np.ndim(ftr) == 3 else [ftr]
     n = sum(len(v) for v in views)
     if n == 0:

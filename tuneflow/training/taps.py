@@ -12,9 +12,11 @@ import keras
 import numpy as np
 
 from ..data import DataBundle
+from ..data.sources import stratified_pick
 from ..features import cache as fcache
 from ..features.extractor import FeatureExtractor
 from .plan import Plan
+from .probe import fit_probe
 
 log = logging.getLogger("tuneflow")
 PROBE_MAX_TRAIN = 5000  # training images the depth probe looks at (stratified sample above this)
@@ -26,7 +28,6 @@ def probe_sample(split, n_classes: int, limit: int, seed: int):
     about ``limit`` (every class keeps at least one), drawn with ``seed``."""
     if len(split) <= limit:
         return split
-    from ..data.sources import stratified_pick
     idx = stratified_pick(split.y, n_classes, limit / len(split), np.random.default_rng(seed))
     return split.take(idx)
 
@@ -78,7 +79,6 @@ def probe_taps(plan: Plan, bundle: DataBundle, backbone: keras.Model, taps: list
 
 
 def _probe_scores(plan: Plan, xtr, ytr, xva, yva) -> dict:
-    from .probe import fit_probe
     w = None if plan.class_weights is None else plan.class_weights[ytr]
     probe = fit_probe(xtr, ytr, sample_weight=w, n_classes=len(plan.classes), seed=plan.recipe.seed)
     inner = probe.inner_accuracy

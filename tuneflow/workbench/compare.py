@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from ..errors import RunError
+from ..runs import names
 
 COLUMNS = ("run", "recipe", "backbone", "differs", "val_accuracy", "val_loss", "epochs", "wall_seconds", "status")
 IGNORED = ("name", "description")  # shown in their own column, or free text
@@ -68,13 +69,13 @@ def format_table(rows: list[dict]) -> str:
 def _load(path: Path) -> dict:
     if not path.is_dir():
         raise RunError(f"{path}: no such run folder.")
-    recipe = _read_json(path / "recipe.json")
-    metrics = _metrics(path / "metrics.csv")
+    recipe = _read_json(path / names.RECIPE)
+    metrics = _metrics(path / names.METRICS)
     if recipe is None and not metrics:
         raise RunError(f"{path} is not a tuneflow run folder (no recipe.json or metrics.csv); "
                        "give folders that `tuneflow finetune` wrote.")
-    run = _read_json(path / "run.json") or {}
-    return {"path": path, "recipe": recipe or {}, "report": _read_json(path / "report.json"),
+    run = _read_json(path / names.RUN) or {}
+    return {"path": path, "recipe": recipe or {}, "report": _read_json(path / names.REPORT),
             "metrics": metrics, "status": run.get("status", "unknown")}
 
 

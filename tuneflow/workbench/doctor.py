@@ -15,7 +15,8 @@ from ..data import subsample
 from ..runs.pictures import image_grid
 from ..training.assemble import build
 from ..training.isolation import preserved_global_state
-from ..training.lr_range import head_features, head_on_cache, prepare
+from ..training.inputs import prepare
+from ..training.lr_range import head_features, head_on_cache
 from ..training.optim import make_optimizer
 from ..training.probe import fit_probe
 
@@ -344,7 +345,7 @@ def doctor(data, recipe=None, out=None, overrides=(), stage: int = 0) -> dict:
 
 def _doctor(data, recipe, out, overrides, stage) -> dict:
     t0 = time.time()
-    recipe, bundle, plan = prepare(recipe, data, overrides)
+    recipe, bundle, plan = prepare(recipe, data, overrides, one_device=True)
     out_dir = Path(out) if out is not None else Path.cwd()
     out_dir.mkdir(parents=True, exist_ok=True)
     checks = [check_counts(bundle), check_unreadable(bundle), check_leaks(bundle), check_pixels(bundle)]

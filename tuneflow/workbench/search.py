@@ -48,20 +48,19 @@ from pathlib import Path
 from ..errors import DataError, RecipeError, RunError
 from ..extras import optional
 from ..recipe import Recipe
+from ..runs import names
+from ..training.inputs import resolve_recipe
 from . import trial as trial_process
+from .journal import JOURNAL, claim_folder, journal_storage, lock_folder
+from .search_plot import plot_search
+from .space import distribution, finite, fmt, grid_points, load_space, narrow_space, short_value
 
 log = logging.getLogger("tuneflow")
 
-JOURNAL = "optuna-journal.log"
-LOCK = "search.lock"
 POLL_SECONDS = 0.02  # metrics.csv poll period; an epoch on cached features takes 10-50 ms
-PRESETS = ("default", "lr", "regularization")
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 PRUNE_ON = ("val_loss", "val_accuracy")  # the per-epoch figure the pruner compares trials on
-GRID_POINTS = 3  # values per numeric range for --sampler grid: low, middle (on its scale), high
-TOP_FRACTION = 0.25  # --narrow keeps the range of the best quarter of a round's trials ...
-WIDEN = 0.10  # ... widened by 10% of the old range's width on each side
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 # The child: the public CLI in a fresh interpreter (-P: the working directory is not on sys.path).
 
@@ -78,134 +77,6 @@ class SearchResult:
     plot: Path | None
     counts: dict = field(default_factory=dict)  # COMPLETE / PRUNED / FAIL -> number of trials
     epochs: int = 0  # epochs run by all finished trials
-
-
-def default_space(recipe: Recipe, preset: str = "default") -> dict:
-    """The search space for ``recipe``: each stage's learning rate over two decades around its
-    default (log), L2 on a log scale, dropout and label smoothing linear, batch size categorical.
-    Stages whose linear head is fitted by L-BFGS (``head_solver``) have no learning rate, and a
-    recipe made only of such stages has nothing here to search: that is an error saying so.
-
-    >>> from tuneflow.recipes import small_similar
-    >>> default_space(small_similar.override("head_solver=sgd"))["head.lr"]  # doctest: +SKIP
-    {'type': 'float', 'low': 0.0001, 'high': 0.01, 'log': True}
-    """
-    if preset not in PRESETS:
-        raise RecipeError(f"Unknown search space preset {preset!r}; choose one of {', '.join(PRESETS)}, "
-                          "or give a JSON file.")
-    trained = [s for s in recipe.stages if not _solved_in_closed_form(recipe, s)]
-    if not trained:
-        raise RecipeError(
-            f"{recipe.name} fits its linear head by L-BFGS (head_solver={recipe.head_solver}): it has no "
-            "learning rate, dropout, L2 or batch size to search, and chooses its L2 strength itself. Search "
-            "with --set head_solver=sgd (the stage's optimizer and epochs), or give --space over fields that "
-            "apply (input_size, resize, head, ...).")
-    space: dict = {}
-    if preset in ("default", "lr"):
-        for s in trained:
-            space[f"{s.name}.lr"] = {"type": "float", "low": _sig(s.lr / 10), "high": _sig(min(s.lr * 10, 1.0)),
-                                     "log": True}
-    if preset in ("default", "regularization"):
-        space["l2"] = {"type": "float", "low": 1e-6, "high": 1e-2, "log": True}
-        space["dropout"] = {"type": "float", "low": 0.0, "high": 0.5}
-        space["label_smoothing"] = {"type": "float", "low": 0.0, "high": 0.2}
-        for s in trained:
-            if s.weight_decay > 0:
-                space[f"{s.name}.weight_decay"] = {"type": "float", "low": _sig(s.weight_decay / 10),
-                                                   "high": _sig(s.weight_decay * 10), "log": True}
-    if preset == "default":
-        space["batch_size"] = {"type": "categorical", "choices": sorted({16, 32, 64, recipe.batch_size})}
-    return {k: _normalize(k, v, "default search space") for k, v in space.items()}
-
-
-def _solved_in_closed_form(recipe: Recipe, stage) -> bool:
-    """True where the recipe fits the stage's linear head on cached features by L-BFGS, so its
-    optimizer fields do not apply (``Recipe.head_solver``: "auto" means exactly these stages)."""
-    solver = getattr(recipe, "head_solver", "sgd")  # recipes from before head_solver train by epochs
-    applies = recipe.head == "linear" and recipe.feature_cache and stage.train == "frozen"
-    return applies and solver in ("lbfgs", "auto")  # a trained backbone stage always runs epochs
-
-
-def load_space(spec, recipe: Recipe) -> dict:
-    """A space from a preset name, a JSON file, or a dict, checked against ``recipe``.
-
-    The JSON maps recipe keys (as for ``--set``) to ranges or choices::
-
-        {"head.lr": {"low": 1e-4, "high": 1e-1, "log": true},
-         "dropout": {"low": 0.0, "high": 0.5},
-         "head.epochs": {"low": 10, "high": 60},
-         "batch_size": [16, 32, 64]}
-
-    A list means categorical; integer ends (no ``log``) an integer range, otherwise floats.
-    """
-    where = "search space"
-    if spec is None:
-        spec = "default"
-    if isinstance(spec, (str, Path)):
-        text = str(spec)
-        if text in PRESETS:
-            spec = default_space(recipe, text)
-        else:
-            where = f"search space file {text}"
-            try:
-                spec = json.loads(Path(text).read_text())
-            except FileNotFoundError:
-                raise RecipeError(f"--space {text!r} is neither a preset ({', '.join(PRESETS)}) nor an "
-                                  "existing JSON file.") from None
-            except (OSError, ValueError) as exc:
-                raise RecipeError(f"Cannot read the {where}: {exc}.") from None
-    if not isinstance(spec, dict) or not spec:
-        raise RecipeError(f"The {where} must be a non-empty JSON object of key -> range; got {spec!r}.")
-    space = {}
-    for key, entry in spec.items():
-        space[key] = _normalize(key, entry, where)
-        for value in _probe_values(space[key]):
-            try:
-                recipe.override(f"{key}={_fmt(value)}")
-            except RecipeError as exc:
-                raise RecipeError(f"{where}: {key} = {value!r} does not fit recipe {recipe.name}: {exc}") from None
-    return space
-
-
-def narrow_space(space: dict, trials: list[tuple[dict, float]], top: float = TOP_FRACTION,
-                 widen: float = WIDEN) -> dict:
-    """Each numeric range narrowed to the min..max of the best ``top`` share of ``trials``
-    (``(params, val_accuracy)`` of completed trials; at least 2 kept), on the log scale for log
-    ranges, widened by ``widen`` x the old width each side and kept inside the old range.
-    Categorical choices shrink to those the best trials used.
-
-    >>> narrow_space({"x": {"type": "float", "low": 1e-4, "high": 1.0, "log": True}},
-    ...              [({"x": 1e-3}, 0.9), ({"x": 1e-2}, 0.8), ({"x": 0.5}, 0.1), ({"x": 0.9}, 0.1)])["x"]
-    {'type': 'float', 'low': 0.00039810717055349735, 'high': 0.025118864315095794, 'log': True}
-    """
-    if not trials:
-        raise RunError("Cannot narrow the search space: no trial of the previous round completed. "
-                       "Run more trials, or search without --narrow.")
-    ranked = sorted(trials, key=lambda t: -t[1])
-    best = ranked[:min(len(ranked), max(2, math.ceil(top * len(ranked))))]
-    out = {}
-    for key, s in space.items():
-        values = [p[key] for p, _ in best if key in p]
-        if not values:
-            out[key] = dict(s)
-        elif s["type"] == "categorical":
-            out[key] = {"type": "categorical", "choices": [c for c in s["choices"] if c in values]}
-        else:
-            to, back = (math.log10, lambda v: 10 ** v) if s.get("log") else (float, float)
-            lo0, hi0 = to(s["low"]), to(s["high"])
-            pad = widen * (hi0 - lo0)
-            lo = max(lo0, min(to(v) for v in values) - pad)
-            hi = min(hi0, max(to(v) for v in values) + pad)
-            new = dict(s, low=back(lo), high=back(hi))
-            if s["type"] == "int":
-                new["low"] = max(s["low"], math.floor(new["low"]))
-                new["high"] = min(s["high"], math.ceil(new["high"]))
-                if new["low"] == new["high"]:
-                    new["low"], new["high"] = max(s["low"], new["low"] - 1), min(s["high"], new["high"] + 1)
-            else:  # exact ends: a range is never pushed outside the old one by rounding
-                new["low"], new["high"] = max(s["low"], new["low"]), min(s["high"], new["high"])
-            out[key] = new
-    return out
 
 
 def default_prune_warmup(recipe, prune_on: str = "val_loss") -> int:
@@ -279,7 +150,9 @@ def search(recipe, data, trials: int, *, jobs: int = 1, out=None, sampler: str =
         raise RecipeError(f"--pruner {pruner!r}: choose one of {', '.join(PRUNERS)}.")
     if prune_on not in PRUNE_ON:
         raise RecipeError(f"--prune-on {prune_on!r}: choose one of {', '.join(PRUNE_ON)}.")
-    full = _resolve(recipe).override(*_pairs(overrides))
+    if str(recipe) == "auto":
+        raise RecipeError("search needs a recipe: run `tuneflow suggest DATA` and search the recipe it names.")
+    full = resolve_recipe(recipe, _pairs(overrides)).validate()
     base = full
     if fraction is not None:
         base = base.override(f"fraction={fraction}")
@@ -290,12 +163,12 @@ def search(recipe, data, trials: int, *, jobs: int = 1, out=None, sampler: str =
     out = Path(out) if out is not None else Path("searches") / f"{base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = {"base_recipe": base.to_dict(), "full_recipe": full.to_dict(), "data": data, "space": space0}
 
-    _claim_folder(out)
-    lock = _lock(out)
+    claim_folder(out)
+    lock = lock_folder(out)
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours to print
     try:
-        storage = _storage(out / JOURNAL)
+        storage = journal_storage(out / JOURNAL)
         runner = _Runner(out, storage, base, config, data, jobs, sampler, seed, pruner, prune_warmup,
                          prune_startup, prune_on, verbose)
         runner.check_config()
@@ -324,7 +197,7 @@ def _trial_sets(base: Recipe, params: dict) -> list[str]:
     """A trial's ``--set`` values: its parameters, and no TensorBoard histograms (nobody opens a
     trial's: ~8 s of a 60 s trial; scalars stay) unless the search's ``--set`` or its space chose a
     value other than the default."""
-    sets = [f"{k}={_fmt(v)}" for k, v in params.items()]
+    sets = [f"{k}={fmt(v)}" for k, v in params.items()]
     default = Recipe.__dataclass_fields__["tensorboard_histograms"].default
     if "tensorboard_histograms" not in params and base.tensorboard_histograms == default:
         sets.append("tensorboard_histograms=0")
@@ -389,14 +262,14 @@ class _Runner:
         study.sampler = self._sampler(space, self.seed + 1000 * r + existing)
         study.pruner = self._pruner()
         if self.sampler_name == "grid":
-            size = math.prod(len(v) for v in _grid(space).values())
+            size = math.prod(len(v) for v in grid_points(space).values())
             if n > size:
                 log.info("grid of %d points: %d trials instead of %d", size, size, n)
                 n = size
         self._loop(study, r, space, n)
 
     def _loop(self, study, r, space, n):
-        dists = {k: _distribution(s) for k, s in space.items()}
+        dists = {k: distribution(s) for k, s in space.items()}
         running: list[_Child] = []
         fails_in_row = 0
         restore = _sigterm_as_interrupt()
@@ -432,7 +305,7 @@ class _Runner:
         run = self.out / "trials" / name
         run.parent.mkdir(parents=True, exist_ok=True)
         trial.set_user_attr("run", str(run.relative_to(self.out)))
-        recipe = self.base.override(*[f"{k}={_fmt(v)}" for k, v in params.items()])
+        recipe = self.base.override(*[f"{k}={fmt(v)}" for k, v in params.items()])
         offsets = [sum(s.epochs for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
         cmd = trial_process.command(os.getpid(), str(self.base_json), self.data, str(run), _trial_sets(self.base, params))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -459,20 +332,20 @@ class _Runner:
                 child.best = (acc, loss)
             if rc is None and self.pruner_name != "none" and child.trial.should_prune():
                 _kill(child.proc)
-                epochs = len(_read_rows(child.run / "metrics.csv"))  # the epochs that actually ran
+                epochs = len(_read_rows(child.run / names.METRICS))  # the epochs that actually ran
                 self._finish(study, child, TrialState.PRUNED, epochs=epochs, at=step)
                 return "PRUNED"
         if rc is None:
             return None
-        report = _read_json(child.run / "report.json")
-        if rc != 0 or report is None or not _finite(report.get("val_accuracy")):
+        report = _read_json(child.run / names.REPORT)
+        if rc != 0 or report is None or not finite(report.get("val_accuracy")):
             self._finish(study, child, TrialState.FAIL, epochs=child.reported, rc=rc)
             return "FAIL"
         self._finish(study, child, TrialState.COMPLETE, epochs=child.reported, report=report)
         return "COMPLETE"
 
     def _new_rows(self, child: _Child) -> list[dict]:
-        path = child.run / "metrics.csv"
+        path = child.run / names.METRICS
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -501,7 +374,7 @@ class _Runner:
             what = (f"pruned at epoch {at} (best val accuracy {child.best[0]:.4f})" if state == TrialState.PRUNED
                     else f"failed (exit {rc}; log {child.log_file})")
         if self.verbose:
-            params = ", ".join(f"{k}={_short(v)}" for k, v in t.params.items())
+            params = ", ".join(f"{k}={short_value(v)}" for k, v in t.params.items())
             log.info("trial %s: %s, %d epochs, %.1f s  [%s]", child.run.name, what, epochs, seconds, params)
 
     def _requeue_interrupted(self, study):
@@ -522,7 +395,7 @@ class _Runner:
         if self.sampler_name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if self.sampler_name == "grid":
-            return optuna.samplers.GridSampler(_grid(space), seed=seed)
+            return optuna.samplers.GridSampler(grid_points(space), seed=seed)
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10)
 
     def _pruner(self):
@@ -565,7 +438,7 @@ class _Runner:
                 self.best_key = key
         plot = None
         if final and rows:
-            plot = _plot(rows, self.spaces, self.out / "search.png")
+            plot = plot_search(rows, self.spaces, self.out / "search.png")
         counts = {s: sum(t.state.name == s for _, t in rows) for s in FINISHED}
         return SearchResult(self.out, best[1].value if best else None, dict(best[1].params) if best else {},
                             best_run, best_recipe if best else None, csv_path, plot, counts,
@@ -576,28 +449,11 @@ class _Runner:
         the best trial's parameters: what ``tuneflow finetune`` trains on all the data."""
         r, t = best
         recipe = Recipe.from_dict(self.config["full_recipe"]).override(
-            *[f"{k}={_fmt(v)}" for k, v in t.params.items()])
+            *[f"{k}={fmt(v)}" for k, v in t.params.items()])
         recipe = dataclasses.replace(
             recipe, description=f"tuneflow search {self.out}: best trial {run.name} "
                                 f"(val accuracy {t.value:.4f}) of {recipe.name}")
         _write_atomic(path, recipe.validate().to_json())
-
-
-def _resolve(recipe) -> Recipe:
-    if isinstance(recipe, Recipe):
-        return recipe.validate()
-    text = str(recipe)
-    if text == "auto":
-        raise RecipeError("search needs a recipe: run `tuneflow suggest DATA` and search the recipe it names.")
-    if text.endswith(".json") or Path(text).is_file():
-        try:
-            return Recipe.from_json(Path(text).read_text())
-        except OSError as exc:
-            raise RecipeError(f"Cannot read the recipe file {text}: {exc}.") from None
-        except ValueError as exc:
-            raise RecipeError(f"{text} is not a valid recipe file: {exc}") from None
-    import tuneflow.recipes as registry
-    return registry.get(text)
 
 
 def _pairs(overrides) -> list[str]:
@@ -615,49 +471,6 @@ def _data_arg(data) -> str:
     if not path.is_dir():
         raise DataError(f"--data {text}: no such folder. Give a folder of class folders or tfds:NAME.")
     return str(path.resolve())  # trials may run from another working directory after a restart
-
-
-def _claim_folder(out: Path):
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} is a file; give a folder for the search.")
-    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not (out / JOURNAL).exists():
-        raise RunError(f"--out {out} holds files but no tuneflow search ({JOURNAL} missing); "
-                       "choose another --out.")
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _lock(out: Path):
-    import fcntl
-    f = open(out / LOCK, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise RunError(f"Another tuneflow search is running in {out}; wait for it or stop it first.") from None
-    return f
-
-
-def _storage(path: Path):
-    """The journal storage at ``path``, after repairs that are safe because we hold the folder lock:
-    a line cut short by a kill is removed (Optuna would append after it and corrupt the next
-    record), and a lock file left by a killed writer is removed (Optuna would wait 30 s)."""
-    from optuna.storages import JournalStorage
-    try:
-        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-    except ImportError:  # optuna < 4.0
-        from optuna.storages import JournalFileOpenLock
-        from optuna.storages import JournalFileStorage as JournalFileBackend
-    if path.exists():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            log.info("%s: removing a record cut short by a kill (%d bytes)", path, len(data) - keep)
-            with open(path, "r+b") as f:
-                f.truncate(keep)
-    stale = Path(str(path) + ".lock")
-    if stale.exists():
-        stale.unlink()
-    return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
 
 
 def _sigterm_as_interrupt():
@@ -687,84 +500,6 @@ def _state(name):
     from optuna.trial import TrialState
     return TrialState[name]
 
-
-def _normalize(key: str, entry, where: str) -> dict:
-    if isinstance(entry, list):
-        entry = {"choices": entry}
-    if not isinstance(entry, dict):
-        raise RecipeError(f"{where}: {key}: expected {{\"low\": .., \"high\": ..}} or a list of choices; got {entry!r}.")
-    allowed = {"type", "low", "high", "log", "step", "choices"}
-    if set(entry) - allowed:
-        raise RecipeError(f"{where}: {key}: unknown fields {sorted(set(entry) - allowed)}; use {sorted(allowed)}.")
-    if "choices" in entry:
-        choices = entry["choices"]
-        if not isinstance(choices, list) or not choices:
-            raise RecipeError(f"{where}: {key}: choices must be a non-empty list; got {choices!r}.")
-        return {"type": "categorical", "choices": list(choices)}
-    if "low" not in entry or "high" not in entry:
-        raise RecipeError(f"{where}: {key}: a range needs low and high (or give choices); got {entry!r}.")
-    lo, hi, logscale = entry["low"], entry["high"], bool(entry.get("log", False))
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)) or not lo < hi:
-        raise RecipeError(f"{where}: {key}: low < high, both numbers; got low={lo!r}, high={hi!r}.")
-    if logscale and lo <= 0:
-        raise RecipeError(f"{where}: {key}: a log range needs low > 0; got {lo!r}.")
-    kind = entry.get("type") or ("int" if isinstance(lo, int) and isinstance(hi, int) and not logscale else "float")
-    if kind not in ("int", "float"):
-        raise RecipeError(f"{where}: {key}: type {kind!r}; use int, float, or give choices.")
-    out = {"type": kind, "low": int(lo) if kind == "int" else float(lo), "high": int(hi) if kind == "int" else float(hi),
-           "log": logscale}
-    if "step" in entry:
-        out["step"] = entry["step"]
-    return out
-
-
-def _probe_values(s: dict) -> list:
-    return list(s["choices"]) if s["type"] == "categorical" else [s["low"], s["high"]]
-
-
-def _distribution(s: dict):
-    d = optional("optuna.distributions", "tuneflow search")
-    if s["type"] == "categorical":
-        return d.CategoricalDistribution(s["choices"])
-    if s["type"] == "int":
-        return d.IntDistribution(s["low"], s["high"], log=s.get("log", False), step=s.get("step", 1))
-    return d.FloatDistribution(s["low"], s["high"], log=s.get("log", False), step=s.get("step"))
-
-
-def _grid(space: dict) -> dict:
-    grid = {}
-    for k, s in space.items():
-        if s["type"] == "categorical":
-            grid[k] = list(s["choices"])
-            continue
-        lo, hi = s["low"], s["high"]
-        if s.get("log"):
-            pts = [lo * (hi / lo) ** (i / (GRID_POINTS - 1)) for i in range(GRID_POINTS)]
-        else:
-            pts = [lo + (hi - lo) * i / (GRID_POINTS - 1) for i in range(GRID_POINTS)]
-        pts[0], pts[-1] = lo, hi  # exact ends, inside the distribution
-        grid[k] = sorted({round(p) for p in pts}) if s["type"] == "int" else pts
-    return grid
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return repr(v)  # round-trips exactly
-    if isinstance(v, (list, tuple)):
-        return ",".join(map(str, v))
-    return str(v)
-
-
-def _short(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def _sig(x: float) -> float:
-    return float(f"{x:.3g}")
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -814,111 +549,6 @@ def _write_csv(path: Path, fields: list[str], rows: list[dict]):
     os.replace(tmp, path)
 
 
-def _plot(rows, spaces, path: Path) -> Path:
-    """search.png: the optimisation history (each trial's val accuracy, best so far) and one
-    scatter of val accuracy against each parameter (log axis for log ranges)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = _figure(rows, spaces)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _figure(rows, spaces):
-    """The figure of :func:`_plot`. Log axes show the searched range, labelled at decades in a
-    compact form ("2e-4") with no minor labels (matplotlib's labels 2..9 x 10^k on short ranges,
-    which overlap); below 1.5 decades also at 2 and 5 x 10^k, below half a decade at every 1..9 x 10^k.
-    Categorical values sit at their index, in the space's order."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
-
-    def acc(t):
-        if t.state.name == "COMPLETE":
-            return t.value
-        v = t.user_attrs.get("val_accuracy")
-        return v if _finite(v) else None
-
-    params = sorted({k for _, t in rows for k in t.params})
-    n = 1 + len(params)
-    cols = min(3, n)
-    nrows = math.ceil(n / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
-    flat = axes.ravel()
-    ax = flat[0]
-    best, xs_best, ys_best, boundaries = -math.inf, [], [], []
-    styles = {"COMPLETE": dict(c="tab:blue", marker="o", label="complete"),
-              "PRUNED": dict(c="tab:gray", marker="x", label="pruned (best epoch)"),
-              "FAIL": dict(c="tab:red", marker="v", label="failed")}
-    seen = set()
-    for i, (r, t) in enumerate(rows):
-        if i and r != rows[i - 1][0]:
-            boundaries.append(i - 0.5)
-        y = acc(t)
-        if y is None:
-            continue
-        st = styles[t.state.name]
-        ax.scatter([i], [y], c=st["c"], marker=st["marker"], s=22,
-                   label=None if t.state.name in seen else st["label"])
-        seen.add(t.state.name)
-        if t.state.name == "COMPLETE" and y > best:
-            best = y
-        if best > -math.inf:
-            xs_best.append(i)
-            ys_best.append(best)
-    ax.step(xs_best, ys_best, where="post", c="tab:green", label="best so far")
-    for b in boundaries:
-        ax.axvline(b, ls=":", c="k", lw=0.8)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
-    ax.set(title="optimisation history" + (" (dotted: narrowed rounds)" if boundaries else ""),
-           xlabel="trial (rounds in order, then trial number)", ylabel="val accuracy")
-    ax.legend(fontsize=7)
-    for j, p in enumerate(params, start=1):
-        ax = flat[j]
-        spec = next((s[p] for s in spaces if p in s), {})
-        choices = list(spec.get("choices", [])) if spec.get("type") == "categorical" else None
-        if choices is not None:  # values a trial used that the space no longer lists go last
-            choices += sorted({t.params[p] for _, t in rows if p in t.params} - set(choices), key=str)
-        for name in ("COMPLETE", "PRUNED"):
-            pts = [(t.params[p], acc(t)) for _, t in rows if t.state.name == name and p in t.params
-                   and acc(t) is not None]
-            if pts:
-                xs = [choices.index(x) for x, _ in pts] if choices is not None else [x for x, _ in pts]
-                ax.scatter(xs, [y for _, y in pts], c=styles[name]["c"], marker=styles[name]["marker"], s=22)
-        if choices is not None:
-            ax.set_xticks(range(len(choices)), [_short(c) for c in choices])
-            ax.set_xlim(-0.5, len(choices) - 0.5)
-        elif spec.get("log"):
-            ax.set_xscale("log")
-            lo, hi = spec["low"], spec["high"]
-            pad = (hi / lo) ** 0.04  # 4% of the searched range each side, so end points are not cut
-            ax.set_xlim(lo / pad, hi * pad)
-            decades = math.log10(hi / lo)  # more ticks per decade where there are few decades
-            subs = (1.0,) if decades >= 1.5 else (1.0, 2.0, 5.0) if decades >= 0.5 else tuple(range(1, 10))
-            ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=12))
-            ax.xaxis.set_major_formatter(FuncFormatter(_log_tick))
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        else:
-            ax.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
-        ax.set(xlabel=p, ylabel="val accuracy")
-    for ax in flat[n:]:
-        ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-
-def _log_tick(v, _pos=None) -> str:
-    """A log axis label: "2e-4" for 2 x 10^-4, plain digits from 0.01 to 1000."""
-    if v <= 0:
-        return ""
-    if 1e-2 <= v < 1e3:
-        return f"{v:g}"
-    mantissa, exp = f"{v:.0e}".split("e")
-    return f"{mantissa}e{int(exp)}"
-
-
 def _summary(result: SearchResult, name: str, data: str):
     line = "-" * 64
     c = result.counts
@@ -927,7 +557,7 @@ def _summary(result: SearchResult, name: str, data: str):
     print(f"  {sum(c.values())} trials: {c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, "
           f"{c.get('FAIL', 0)} failed; {result.epochs} epochs run")
     if result.best_value is not None:
-        params = ", ".join(f"{k}={_short(v)}" for k, v in result.best_params.items())
+        params = ", ".join(f"{k}={short_value(v)}" for k, v in result.best_params.items())
         print(f"  best: {result.best_run.name}, val accuracy {result.best_value:.4f}  [{params}]")
         print(f"  best recipe: {result.best_recipe}   (tuneflow finetune {result.best_recipe} --data ...)")
     print(f"  trials: {result.trials_csv}" + (f"; plot: {result.plot}" if result.plot else ""))
