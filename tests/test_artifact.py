@@ -277,3 +277,93 @@ def test_export_of_another_checkpoint(run, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "x" / "1" / "saved_model.pb").exists()
     assert not list(tmp_path.glob(".export-ckpt-*"))  # the scratch artifact is gone
+
+
+def _format_zoo(folder: Path) -> dict:
+    """Real files of every format the artifact's bytes signatures take, larger than the model's
+    input (so JPEGs decode at a reduced DCT scale): name -> path."""
+    import tensorflow as tf
+    rng = np.random.default_rng(3)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def photo(w, h):
+        y, x = np.mgrid[:h, :w]
+        img = np.stack([x * 255 // w, y * 255 // h, (x * y) % 256], -1)
+        return np.clip(img + rng.integers(-25, 25, img.shape), 0, 255).astype(np.uint8)
+    base = Image.fromarray(photo(210, 160))
+    files = {}
+
+    def save(name, im, fmt, **kw):
+        files[name] = folder / f"{name}.{fmt.lower()}"
+        im.save(files[name], format=fmt, **kw)
+    save("jpeg_colour", base, "JPEG", quality=85)
+    save("jpeg_grey", base.convert("L"), "JPEG")
+    save("jpeg_progressive", Image.fromarray(photo(430, 400)), "JPEG", progressive=True)
+    for orientation in (3, 6, 8):  # rotated phone photos: the EXIF tag says how to turn them
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        save(f"jpeg_exif{orientation}", Image.fromarray(photo(240, 130)), "JPEG", exif=exif.tobytes())
+    save("png_rgb", base, "PNG")
+    save("png_grey16", Image.fromarray((photo(120, 90)[..., 0].astype(np.uint16) * 257
+                                        + rng.integers(0, 257, (90, 120))).astype(np.uint16)), "PNG")
+    files["png_rgb16"] = folder / "png_rgb16.png"
+    files["png_rgb16"].write_bytes(tf.io.encode_png(tf.constant(
+        (photo(100, 80).astype(np.uint16) * 257 + rng.integers(0, 257, (80, 100, 3))).astype(np.uint16))).numpy())
+    save("png_palette", base.convert("P", palette=Image.Palette.ADAPTIVE), "PNG")
+    save("png_palette_transparent", base.convert("P", palette=Image.Palette.ADAPTIVE), "PNG", transparency=5)
+    rgba = np.asarray(base.convert("RGBA")).copy()
+    rgba[..., 3] = rng.integers(0, 256, rgba.shape[:2])
+    save("png_alpha", Image.fromarray(rgba, "RGBA"), "PNG")
+    save("gif", base.convert("P", palette=Image.Palette.ADAPTIVE), "GIF")
+    save("bmp", base, "BMP")
+    save("bmp_grey", base.convert("L"), "BMP")
+    return files
+
+
+BYTES_NO_TUNEFLOW = textwrap.dedent("""
+    import sys, json
+    sys.modules["tuneflow"] = None  # any `import tuneflow` now fails
+    import numpy as np, tensorflow as tf
+    model, files, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    m = tf.saved_model.load(model)
+    blobs = [open(f, "rb").read() for f in files]
+    probs = m.signatures["serving_default"](images=tf.constant(blobs))["probabilities"].numpy()
+    one_by_one = np.concatenate([m.signatures["serving_default"](images=tf.constant([b]))["probabilities"].numpy()
+                                 for b in blobs])
+    np.save(out, np.stack([probs, one_by_one]))
+""")
+
+
+@pytest.mark.slow
+def test_bytes_signatures_decode_every_format_as_tuneflow_does(run, tmp_path):
+    """The same pixels from the graph's decoder as from PIL, and the same predictions from
+    ``serving_default`` in a process without tuneflow as from Predictor, for every format."""
+    import tensorflow as tf
+
+    from tuneflow.export.graph_decode import decode_bytes, graph_mismatch
+    from tuneflow.imageops import decode_pixels
+    p = tuneflow.load(run.run_dir)
+    size = p.input_size
+    files = _format_zoo(tmp_path / "zoo")
+    graph = tf.function(lambda b: decode_bytes(b, size), input_signature=[tf.TensorSpec([], tf.string)])
+    for name, path in files.items():
+        with Image.open(path) as im:
+            assert graph_mismatch(im) is None, name
+        ours = decode_pixels(path, size=size)
+        theirs = graph(tf.constant(path.read_bytes())).numpy()
+        assert theirs.shape == ours.shape and np.array_equal(theirs, ours), name
+    assert decode_pixels(files["jpeg_progressive"], size=size).shape == (50, 54, 3)  # 1/8 scale of 430 x 400
+    assert decode_pixels(files["jpeg_exif6"], size=size).shape[:2] == (240 // 2, 130 // 2)  # turned upright
+    want = p.predict_proba(list(files.values()))
+    out = tmp_path / "probs.npy"
+    r = subprocess.run([sys.executable, "-c", BYTES_NO_TUNEFLOW, str(run.run_dir / "model"),
+                        json.dumps([str(f) for f in files.values()]), str(out)], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for got in np.load(out):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert list(got.argmax(1)) == list(want.argmax(1))
+    webp = tmp_path / "x.webp"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(webp)
+    with Image.open(webp) as im:
+        assert "WEBP" in graph_mismatch(im)  # the service refuses it by this name

@@ -12,7 +12,7 @@ from tuneflow.cli import main
 from tuneflow.data import DataBundle, Split, load_data
 from tuneflow.errors import RunError
 from tuneflow.runs.pictures import top_losses, top_losses_grid
-from tuneflow.workbench.doctor import doctor
+from tuneflow.workbench.doctor import doctor, label_suspects
 
 FAST = {"input_size": 32, "precision": "float32"}
 
@@ -53,6 +53,34 @@ def test_shuffled_labels_fail_the_label_check(clean, tmp_path):
     assert _status(result)["labels.suspects"] == "fail", result["checks"]
     assert (tmp_path / "suspects.png").stat().st_size > 5_000
     assert result["verdict"].startswith("not ready")
+
+
+def test_labels_flipped_on_disk_are_the_worst_suspects(tmp_path):
+    """Images moved into another class's folder (a wrong label on disk) lead the suspects."""
+    root = make_image_folder(tmp_path / "flipped", classes=("a", "b", "c"), per_class=20)
+    moved = []
+    for src, dst in (("a", "b"), ("b", "c"), ("c", "a")):
+        f = sorted((root / src).iterdir())[0]
+        f.rename(root / dst / f"moved_{f.name}")
+        moved.append(f"moved_{f.name}")
+    result = doctor(root, out=tmp_path, overrides=FAST)
+    check = next(c for c in result["checks"] if c["name"] == "labels.suspects")
+    worst = check["detail"].split("worst: ")[1].split(", ")
+    assert sorted(worst) == sorted(moved), check
+    assert (tmp_path / "suspects.png").stat().st_size > 5_000
+
+
+def test_label_suspects_flags_the_images_the_probe_doubts():
+    """On given probabilities: the two images whose label the probabilities contradict, most
+    doubtful first; none on confident, agreeing probabilities."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 30)
+    probs = np.full((90, 3), 0.05)
+    probs[np.arange(90), y] = 0.9 + rng.uniform(-0.05, 0.05, 90)
+    assert len(label_suspects(probs / probs.sum(1, keepdims=True), y)) == 0
+    probs[4] = [0.03, 0.95, 0.02]  # labelled 0, looks like 1
+    probs[70] = [0.97, 0.02, 0.01]  # labelled 2, looks like 0: more doubtful
+    assert list(label_suspects(probs / probs.sum(1, keepdims=True), y)) == [70, 4]
 
 
 def test_duplicates_across_splits_fail(tmp_path):

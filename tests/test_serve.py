@@ -83,11 +83,12 @@ class FakePredictor:
     """Only for routing checks without TensorFlow: 2 classes, the embedding is the mean colour."""
     classes = ["x", "y"]
     embedding_dim = 3
-    info = {"backbone": "fake", "tuneflow_version": "0"}
+    input_size = 2
+    info = {"backbone": "fake", "tuneflow_version": "0", "source": "/secret/run/model"}
 
     def decode(self, data, max_pixels=None):
         from tuneflow.imageops import decode_pixels
-        return decode_pixels(data, max_pixels=max_pixels)
+        return decode_pixels(data, max_pixels=max_pixels, size=self.input_size)
 
     def prepare(self, images):
         return np.stack([im[:2, :2].astype(np.float32) for im in images])
@@ -294,7 +295,7 @@ def test_server_errors_parity_load_and_drain(serving_run, tmp_path):
         assert drained, "".join(server.lines)[-2000:]
         summary = json.loads(drained[0].split("drained; ", 1)[1])
         assert summary["in_flight"] == 0
-        assert len(received) > 0 and set(received) == {200}
+        assert len(received) > 0 and set(received) == {200}, "".join(server.lines)[-6000:]
         assert summary["answered"]["/v1/classify"] == len(received) + 1  # +1: the parity check's request
     finally:
         server.stop()

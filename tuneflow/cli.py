@@ -126,7 +126,20 @@ def _parser():
     v.add_argument("--checkpoint", default="best")
     v.add_argument("--max-request-bytes", type=int, default=32 * 2**20)
     v.add_argument("--max-images", type=int, default=64, help="images per request")
-    v.add_argument("--max-pixels", type=int, default=40_000_000, help="width x height per image")
+    v.add_argument("--max-pixels", type=int, default=40_000_000, help="width x height per image (413 beyond)")
+    v.add_argument("--max-request-pixels", type=int, default=200_000_000,
+                   help="decoded pixels of one request's images together (413 beyond)")
+    v.add_argument("--max-inflight-pixels", type=int, default=None,
+                   help="decoded pixels the whole server holds at once (default: 8%% of the "
+                        "machine's memory at 40 bytes a pixel; stated in /v1/info)")
+    v.add_argument("--max-queue", type=int, default=256,
+                   help="images waiting for room in that budget; beyond: 503 with Retry-After")
+    v.add_argument("--limit-concurrency", type=int, default=128,
+                   help="connections and requests at once (uvicorn's limit; beyond: 503)")
+    v.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's headers")
+    v.add_argument("--body-timeout", type=float, default=60.0, help="seconds for a request's body (408 beyond)")
+    v.add_argument("--api-key-file", help="file holding the API key (else $TUNEFLOW_API_KEY; none: open)")
+    v.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (behind the key)")
     n = sub.add_parser("index", help="nearest-neighbour index of a gallery's embeddings (faiss)")
     n.add_argument("source", metavar="RUN", help="run folder (with --add: the index folder)")
     n.add_argument("images", nargs="+", metavar="GALLERY", help="image files or folders")

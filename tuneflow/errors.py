@@ -26,6 +26,10 @@ class RunError(TuneflowError):
     """A run folder, checkpoint or artifact cannot be created, resumed or loaded as asked."""
 
 
+class ServeError(TuneflowError):
+    """Settings of ``tuneflow serve`` that cannot work together, or an unreadable API key file."""
+
+
 def is_user_error(exc: BaseException) -> bool:
     """True for the errors the CLI prints as one line."""
     return isinstance(exc, TuneflowError)

@@ -101,12 +101,27 @@ def to_rgb8(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), np.uint8)
 
 
-def decode_pixels(item, max_pixels: int | None = None) -> np.ndarray:
-    """The one decoder: a path, encoded bytes or an array -> RGB uint8 (H, W, 3), full size.
+def draft_size(fmt: str | None, width: int, height: int, size: int | None) -> tuple[int, int]:
+    """The (width, height) :func:`decode_pixels` decodes a ``fmt`` image to for a ``size`` px model:
+    a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= ``size`` (PIL's
+    ``draft()`` rule, which the artifact's graph decoder repeats), anything else at full size."""
+    if not size or fmt not in ("JPEG", "MPO"):
+        return width, height
+    scale = next(s for s in (8, 4, 2, 1) if min(width // size, height // size) >= s or s == 1)
+    return (width + scale - 1) // scale, (height + scale - 1) // scale
+
+
+def decode_pixels(item, max_pixels: int | None = None, size: int | None = None) -> np.ndarray:
+    """The one decoder: a path, encoded bytes or an array -> RGB uint8 (H, W, 3).
 
     PIL reads every format it knows; EXIF orientation is applied; grey, palette, CMYK, alpha and
-    16-bit images become 8-bit RGB. ``max_pixels`` refuses larger images (decompression bombs)
-    from the header, before decoding. Raises :class:`tuneflow.errors.DataError` naming the problem.
+    16-bit images become 8-bit RGB (JPEG with libjpeg's accurate integer IDCT, PIL's default).
+    With ``size`` (the model's input side), a JPEG is decoded at the DCT scale of
+    :func:`draft_size` (a 12 Mpx photo for a 224 px model: 1/8, 64x fewer pixels, never below
+    the model's input); every client of a model passes its size, so training, evaluation,
+    prediction, the HTTP service and the artifact's bytes signatures see the same pixels.
+    ``max_pixels`` refuses larger images (decompression bombs) from the header, before decoding.
+    Raises :class:`tuneflow.errors.DataError` naming the problem.
     """
     import io
     import warnings
@@ -138,6 +153,8 @@ def decode_pixels(item, max_pixels: int | None = None) -> np.ndarray:
                 if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
                     raise DataError(f"{name}: {im.size[0]}x{im.size[1]} = {im.size[0] * im.size[1]} pixels "
                                     f"exceeds the limit of {max_pixels} pixels per image.")
+                if size and im.format in ("JPEG", "MPO"):
+                    im.draft(im.mode, (int(size), int(size)))
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return to_rgb8(im)

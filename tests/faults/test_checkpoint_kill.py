@@ -170,3 +170,12 @@ def test_damaged_best_json_and_best_checkpoint_fall_back(tmp_path, caplog):
         assert again.restore_best()
     assert str(data) in caplog.text and "using the next best" in caplog.text
     assert float(model.get_weights()[0].flat[0]) == tag(0, 3)  # the next best, not the newest by chance
+
+
+def test_a_checkpoint_records_the_metrics_rows_it_was_given(tmp_path):
+    model, opt = tiny_model()
+    ckpts = Checkpoints(tmp_path / "c", model, opt)
+    rows = [{"stage": "0", "epoch": "1", "val_accuracy": "0.5"}]
+    with_rows, without = ckpts.save(0, 1, rows=rows), ckpts.save(0, 2)
+    assert Checkpoints.manifest(with_rows)["metrics_rows"] == rows
+    assert "metrics_rows" not in Checkpoints.manifest(without)

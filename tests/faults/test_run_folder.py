@@ -311,3 +311,64 @@ def test_cli_refuses_a_locked_run_folder_in_one_line(tmp_path):
     assert out.returncode == 2, out.stderr[-3000:]
     assert f"in use by another tuneflow run (pid {holder.pid}" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# -- metrics.csv rebuilt on resume from the rows a checkpoint recorded (#29) ----------------------
+def _three_rows(run):
+    for stage, epoch, acc in [(0, 1, 0.5), (0, 2, 0.625), (1, 1, 0.75)]:
+        run.append_metrics({"stage": stage, "epoch": epoch, "val_accuracy": acc, "lr": 0.001, "seconds": 0.25})
+
+
+def test_the_history_a_checkpoint_records_is_the_file_as_written(tmp_path):
+    with RunDir.open(tmp_path / "r", "x") as run:
+        assert run.metrics_history() == []
+        _three_rows(run)
+        history = run.metrics_history()
+        assert history == run.metrics_rows()
+        assert history[1] == {"stage": "0", "epoch": "2", "loss": "", "accuracy": "", "val_loss": "",
+                              "val_accuracy": "0.625", "lr": "0.001", "seconds": "0.25"}
+        history.clear()  # a copy: the run's own is untouched
+        assert len(run.metrics_history()) == 3
+
+
+@pytest.mark.parametrize("damage", ["second row cut", "header cut", "emptied", "deleted", "rows swapped"])
+def test_rebuild_metrics_writes_back_what_the_file_lost_in_order(tmp_path, caplog, damage):
+    with RunDir.open(tmp_path / "r", "x") as run:
+        _three_rows(run)
+        known, written = run.metrics_history(), (tmp_path / "r" / "metrics.csv").read_bytes()
+    p = tmp_path / "r" / "metrics.csv"
+    lines = written.splitlines(keepends=True)
+    if damage == "second row cut":
+        p.write_bytes(b"".join(lines[:2]) + lines[2][:7])
+    elif damage == "header cut":
+        p.write_bytes(lines[0][:9])
+    elif damage == "emptied":
+        p.write_bytes(b"")
+    elif damage == "deleted":
+        p.unlink()
+    else:
+        p.write_bytes(lines[0] + lines[2] + lines[1] + lines[3])
+    lost = {"second row cut": 2, "header cut": 3, "emptied": 3, "deleted": 3, "rows swapped": 0}[damage]
+    with RunDir.open(tmp_path / "r", "x", resume=True) as run:
+        assert run.rebuild_metrics(lambda s, e: True, known) == lost
+        assert p.read_bytes() == written
+        assert run.metrics_history() == known
+        # resumed at stage 0's end: stage 1's row is dropped (trained again), the rest kept
+        assert run.rebuild_metrics(lambda s, e: s < 1, known) == 0
+        assert [(r["stage"], r["epoch"]) for r in run.metrics_rows()] == [("0", "1"), ("0", "2")]
+        run.append_metrics({"stage": 1, "epoch": 1, "val_accuracy": 0.75, "lr": 0.001, "seconds": 0.25})
+        assert p.read_bytes() == written
+
+
+def test_rebuild_metrics_leaves_a_whole_file_alone_and_ignores_malformed_recorded_rows(tmp_path, caplog):
+    with RunDir.open(tmp_path / "r", "x") as run:
+        _three_rows(run)
+        known = run.metrics_history()
+        p = tmp_path / "r" / "metrics.csv"
+        inode = p.stat().st_ino
+        assert run.rebuild_metrics(lambda s, e: True, known) == 0
+        assert p.stat().st_ino == inode  # nothing to rebuild: not rewritten
+        with caplog.at_level(logging.WARNING):
+            assert run.rebuild_metrics(lambda s, e: True, known + [{"stage": "x", "epoch": 1}, "junk"]) == 0
+        assert caplog.text.count("malformed metrics row") == 2
+        assert run.metrics_rows() == known

@@ -156,7 +156,7 @@ def decode_image(path: str | Path, size: int, resize: str = "crop") -> np.ndarra
     """Decode any file PIL reads to (size, size, 3) uint8 RGB, EXIF orientation applied: the model's
     own decoder (:func:`tuneflow.imageops.decode_pixels`) and resize, so training sees exactly the
     pixels the exported model computes from the same file."""
-    return resize_image(decode_pixels(path), size, resize)
+    return resize_image(decode_pixels(path, size=size), size, resize)
 
 
 def _decode_all(files: list[Path], size: int, desc: str, resize: str = "crop"):

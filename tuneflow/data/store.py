@@ -29,7 +29,7 @@ from ..home import tuneflow_home
 
 log = logging.getLogger("tuneflow.data")
 
-STORE_VERSION = 1  # bump when the decoder or the layout changes: old stores are not reused
+STORE_VERSION = 2  # bump when the decoder or the layout changes: old stores are not reused
 CHUNK_ROWS = 256  # rows decoded and written at a time: 256 x 224^2 x 3 B = 38 MB of buffer
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB of decoded pixels in RAM at most (~6,800 images at 224 px)
 

@@ -27,9 +27,12 @@ running this artifact, see :mod:`tuneflow.export.evaluate`) and it stands on its
   and ``model/tuneflow.json`` (classes, input size, resize mode, backbone, recipe, embedding dims).
 - ``labels.json``: ``{"0": "ants", "1": "bees"}``.
 
-Bytes are decoded in the graph by TensorFlow's decoders (JPEG, PNG, GIF, BMP; EXIF orientation is
-not applied there); tuneflow's own clients (:class:`~tuneflow.export.predictor.Predictor`, the CLI,
-the HTTP service) decode with PIL, honour EXIF, and call the ``*_resized`` signatures.
+Bytes are decoded in the graph (:mod:`.graph_decode`: JPEG with the accurate IDCT at PIL's draft
+scale and its EXIF orientation, PNG 8/16-bit with alpha onto white, GIF's first frame, BMP) to the
+very pixels tuneflow's own clients (:class:`~tuneflow.export.predictor.Predictor`, the CLI, the
+HTTP service) get from PIL (:func:`tuneflow.imageops.decode_pixels`) before they call the
+``*_resized`` signatures; what the graph cannot decode so is named by
+:func:`.graph_decode.graph_mismatch` and refused by the service.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ import numpy as np
 from ..atomic import replace_dir
 from ..imageops import model_input
 from ..runs import names
+from .graph_decode import decode_bytes
 
 SAVEDMODEL_DIR = names.SAVEDMODEL
 KERAS_FILE = names.KERAS
@@ -126,10 +130,8 @@ def export_functions(models: ArtifactModels):
     def to_input(images):  # uint8 batch of one size -> float32 S x S, whole grey levels
         return tf.round(tf.cast(resize_layer(images), tf.float32))
 
-    def decode_one(data):
-        img = tf.io.decode_image(data, channels=3, expand_animations=False)
-        img.set_shape([None, None, 3])
-        return to_input(img[None])[0]
+    def decode_one(data):  # the pixels tuneflow's own decoder gives: see .graph_decode
+        return to_input(decode_bytes(data, size)[None])[0]
 
     def decode(images):
         return tf.map_fn(decode_one, images, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))

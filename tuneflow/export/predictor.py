@@ -63,8 +63,9 @@ class Predictor:
 
     # -- the steps, for clients that batch across requests ---------------------------------
     def decode(self, item, max_pixels: int | None = None) -> np.ndarray:
-        """A path, encoded bytes or an image array -> RGB uint8 (H, W, 3); DataError if unreadable."""
-        return decode_pixels(item, max_pixels=max_pixels)
+        """A path, encoded bytes or an image array -> RGB uint8 (H, W, 3), a JPEG at the DCT scale
+        nearest above the model's input (:func:`tuneflow.imageops.decode_pixels`); DataError if unreadable."""
+        return decode_pixels(item, max_pixels=max_pixels, size=self.input_size)
 
     def prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Decoded images of any sizes -> float32 (N, S, S, 3), by the model's own resize."""

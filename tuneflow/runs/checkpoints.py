@@ -2,7 +2,9 @@
 
 ``RUN/checkpoints/ckpt-000007/`` is one checkpoint (model, optimizer with its slot variables,
 stage, epoch): ``ckpt.index``, ``ckpt.data-*`` and ``manifest.json`` (sha256 of the files, the
-model's variable shapes, stage, epoch, validation metrics, early-stopping state). Numbers only
+model's variable shapes, stage, epoch, validation metrics, early-stopping state, and
+``metrics_rows``: the run's metrics.csv rows up to this checkpoint, from which a resume rebuilds
+rows the file lost). Numbers only
 grow, across stages and resumes. A save writes into a temporary folder, fsyncs it, renames it
 into place and writes the manifest last: a checkpoint exists once its manifest does.
 ``best.json`` names the best checkpoint (val_accuracy, then val_loss) and each stage's best; it
@@ -258,10 +260,12 @@ class Checkpoints:
 
     # -- saving --------------------------------------------------------------------------------------
     def save(self, stage: int, epoch: int, metrics: dict | None = None,
-             early_stopping: dict | None = None) -> str:
+             early_stopping: dict | None = None, rows: list[dict] | None = None) -> str:
         """A training checkpoint: (stage, epoch) means "epoch epochs of stage done"; (stage + 1, 0)
         marks a finished stage. ``metrics`` (val_accuracy, val_loss) make it a candidate for best.
-        Returns its folder. A failed write raises RunError naming the path and leaves nothing."""
+        ``rows``: the run's metrics.csv rows so far (``RunDir.metrics_history()``), recorded in the
+        manifest, written with the checkpoint, all or nothing. Returns its folder. A failed write
+        raises RunError naming the path and leaves nothing."""
         number = max([*self._records, *self._numbers_on_disk(), 0]) + 1
         final = self.folder / f"ckpt-{number:06d}"
         tmp = self.folder / f".{final.name}{TMP_TAG}"
@@ -283,6 +287,8 @@ class Checkpoints:
                         "variables": variable_shapes(self.model)}
             if early_stopping is not None:
                 manifest["early_stopping"] = early_stopping
+            if rows is not None:
+                manifest["metrics_rows"] = rows
             atomic_write(final / MANIFEST, json.dumps(manifest, indent=1), fault_point="mid_manifest")
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -372,7 +378,7 @@ class Checkpoints:
 
     @staticmethod
     def manifest(ckpt) -> dict:
-        """A checkpoint's manifest: stage, epoch, metrics, early_stopping, files, variables."""
+        """A checkpoint's manifest: stage, epoch, metrics, early_stopping, metrics_rows, files, variables."""
         return read_json(_resolve(ckpt)[1], "The checkpoint cannot be used; an older one can.")
 
     def _read_records(self) -> dict[int, dict]:

@@ -5,7 +5,9 @@ Layout (what the later embedding export / serving / workbench read):
   .tuneflow.lock     held (``fcntl.flock``) by the process that runs in this folder; holds its pid
   run.json           status, recipe name, data fingerprint, timestamps, the command line
   recipe.json        the resolved recipe (overrides included); ``--resume`` compares against it
-  metrics.csv        one row per epoch, appended: stage, epoch, loss, accuracy, val_loss, val_accuracy, lr
+  metrics.csv        one row per epoch, appended: stage, epoch, loss, accuracy, val_loss, val_accuracy, lr;
+                     every checkpoint records the rows written before it, so a resume rebuilds what a
+                     cut, torn, emptied or deleted metrics.csv lost (:meth:`RunDir.rebuild_metrics`)
   curves.png, confusion.png, report.json, report.md
   model.keras        the whole classifier (pixels 0..255 in, probabilities out)
   backbone.weights.h5, backbone.json
@@ -33,6 +35,8 @@ import time
 from pathlib import Path
 
 from ..errors import RunError
+from . import names
+from .names import METRICS
 
 log = logging.getLogger("tuneflow")
 
@@ -42,9 +46,9 @@ LOCK = ".tuneflow.lock"
 TMP_TAG = ".tuneflow-tmp"  # in every temporary name tuneflow creates, so leftovers are recognisably ours
 # What tuneflow writes at the top of a run folder, for runs whose marker does not list it (runs made
 # before the marker existed, or files written by code that bypasses RunDir's own writers).
-KNOWN = ("run.json", "recipe.json", "labels.json", "metrics.csv", "curves.png", "confusion.png",
-         "confusion.csv", "report.json", "report.md", "model.keras", "model", "backbone.weights.h5",
-         "backbone.json", "val_predictions.csv", "checkpoints", "tensorboard", "fold-*", "top_losses.png",
+KNOWN = (names.RUN, names.RECIPE, names.LABELS, names.METRICS, names.CURVES, names.CONFUSION,
+         names.CONFUSION_CSV, names.REPORT, names.REPORT_MD, names.KERAS, names.SAVEDMODEL, names.BACKBONE_WEIGHTS,
+         names.BACKBONE_JSON, names.PREDICTIONS, names.CHECKPOINTS, names.TENSORBOARD, "fold-*", names.TOP_LOSSES,
          "lr_find_*.png")
 
 
@@ -212,6 +216,7 @@ class RunDir:
         self._lock: _Lock | None = None
         self._remove_folder = False  # on discard: the folder too, when tuneflow made it
         self._names: set[str] | None = None
+        self._rows: list[dict] | None = None  # metrics.csv's rows as written (see metrics_history)
 
     # -- opening, locking, overwriting ----------------------------------------------------------
     @classmethod
@@ -324,7 +329,7 @@ class RunDir:
             return []
 
     def is_run(self) -> bool:
-        return (self.path / MARKER).exists() or (self.path / "run.json").exists()
+        return (self.path / MARKER).exists() or (self.path / names.RUN).exists()
 
     def _registered(self) -> set[str]:
         if self._names is None:
@@ -459,7 +464,7 @@ class RunDir:
 
     def status(self, status: str, **extra) -> None:
         """Update run.json. A damaged run.json (it holds only status) is rebuilt, with a warning."""
-        p = self.path / "run.json"
+        p = self.path / names.RUN
         info = {}
         if p.exists():
             try:
@@ -468,7 +473,7 @@ class RunDir:
                 log.warning("%s; rebuilding it", exc)
         info.update(status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S"), pid=os.getpid(), **extra)
         info.setdefault("command", " ".join(sys.argv))
-        self.write_json("run.json", info)
+        self.write_json(names.RUN, info)
 
     # -- recipe and data: what a resume must match ------------------------------------------------
     def start(self, recipe: dict, data_fingerprint: str | None = None, force: bool = False,
@@ -477,12 +482,12 @@ class RunDir:
         run is resumed, check that it is the same (:meth:`check_resume`). Sets status "running".
         Returns the differences accepted with ``force`` (also logged and kept in run.json)."""
         changes = [] if self.fresh else self.check_resume(recipe, data_fingerprint, force, ignore)
-        if self.fresh or changes or not (self.path / "recipe.json").exists():
-            self.write_json("recipe.json", recipe)
+        if self.fresh or changes or not (self.path / names.RECIPE).exists():
+            self.write_json(names.RECIPE, recipe)
         extra = {"recipe": recipe.get("name"), "data_fingerprint": data_fingerprint}
         if changes:
             try:
-                resumes = read_json(self.path / "run.json").get("resumed_with_changes", [])
+                resumes = read_json(self.path / names.RUN).get("resumed_with_changes", [])
             except RunError:
                 resumes = []
             extra["resumed_with_changes"] = resumes + [
@@ -499,9 +504,9 @@ class RunDir:
                 "to continue with the new ones, or start a new run (--overwrite or another --out).")
         changes = []
         stored = None
-        if (self.path / "recipe.json").exists():
+        if (self.path / names.RECIPE).exists():
             try:
-                stored = read_json(self.path / "recipe.json", "Add --force to resume with the recipe given now.")
+                stored = read_json(self.path / names.RECIPE, "Add --force to resume with the recipe given now.")
             except RunError:
                 if not force:
                     raise
@@ -518,7 +523,7 @@ class RunDir:
                     changes.append(f"{key}: {_show(old.get(key, _ABSENT))} -> {_show(new.get(key, _ABSENT))}")
         if data_fingerprint is not None:
             try:
-                info = read_json(self.path / "run.json") if (self.path / "run.json").exists() else {}
+                info = read_json(self.path / names.RUN) if (self.path / names.RUN).exists() else {}
             except RunError:
                 if not force:
                     raise RunError(f"{self.path / 'run.json'} is damaged, so the data cannot be checked "
@@ -539,35 +544,24 @@ class RunDir:
 
     # -- metrics.csv: appended, fsynced, a torn last line tolerated --------------------------------
     def metrics_rows(self) -> list[dict]:
-        """The rows of metrics.csv. A torn last line (a kill or a full disk mid-write) or a malformed
-        row is dropped with a warning; the next append repairs the file."""
-        p = self.path / "metrics.csv"
-        try:
-            data = p.read_bytes()
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise RunError(f"Cannot read {p}: {exc.strerror or exc}.") from None
-        complete, _, torn = data.rstrip(b"\0").rpartition(b"\n") if b"\n" in data else (b"", b"", data)
-        if torn.strip(b"\0"):
-            log.warning("%s: dropping a torn last line %r (the run stopped while writing it)", p, torn[:80])
-        text = complete.decode("utf-8", "replace")
-        reader = csv.reader(io.StringIO(text))
-        header = next(reader, None)
-        rows = []
-        for i, values in enumerate(reader, start=2):
-            if not values:
-                continue
-            if header is None or len(values) != len(header) or not _is_row(values, header):
-                log.warning("%s: line %d is malformed, ignored: %s", p, i, ",".join(values)[:80])
-                continue
-            rows.append(dict(zip(header, values)))
-        return rows
+        """The rows of metrics.csv (:func:`read_metrics`, with warnings); the next append repairs the file."""
+        return read_metrics(self.path / METRICS)
+
+    def metrics_history(self) -> list[dict]:
+        """The rows this run has in metrics.csv, oldest first, each as the file holds it (strings):
+        what a checkpoint records so that a resume can rebuild them (:meth:`rebuild_metrics`)."""
+        return [dict(r) for r in self._history()]
+
+    def _history(self) -> list[dict]:
+        if self._rows is None:
+            self._rows = self.metrics_rows()
+        return self._rows
 
     def append_metrics(self, row: dict) -> None:
         """Append one row and fsync it (the file is never rewritten during training)."""
-        p = self.path / "metrics.csv"
-        self.register("metrics.csv")
+        p = self.path / METRICS
+        self.register(METRICS)
+        history = self._history()  # before the append: the row joins it once it is on disk
         try:
             header = self._repair_metrics(p)
             buf = io.StringIO()
@@ -575,7 +569,8 @@ class RunDir:
             if header is None:
                 header = FIELDS
                 w.writerow(header)
-            w.writerow([row.get(k, "") for k in header])
+            cells = ["" if row.get(k) is None else str(row[k]) for k in header]  # as csv writes them
+            w.writerow(cells)
             line = buf.getvalue().encode("utf-8")
             with open(p, "ab") as f:
                 if os.environ.get("TUNEFLOW_FAULT", "").startswith("mid_metrics_row"):
@@ -590,6 +585,7 @@ class RunDir:
                 os.fsync(f.fileno())
         except OSError as exc:
             raise disk_error(p, exc) from None
+        history.append(dict(zip(header, cells)))
 
     def _repair_metrics(self, p: Path) -> list[str] | None:
         """Cut a torn last line (and trailing NULs a crash can leave) so the next row starts on a line
@@ -618,15 +614,42 @@ class RunDir:
         return header or None
 
     def truncate_metrics(self, keep) -> None:
-        """Keep rows for which ``keep(stage_index, epoch)`` is true (used when resuming): one atomic
-        rewrite of the whole file."""
-        rows = [r for r in self.metrics_rows() if keep(int(r["stage"]), int(r["epoch"]))]
+        """Keep rows for which ``keep(stage_index, epoch)`` is true: one atomic rewrite of the file."""
+        self.rebuild_metrics(keep)
+
+    def rebuild_metrics(self, keep, known: list[dict] | None = None) -> int:
+        """metrics.csv as of a resume point: the file's rows for which ``keep(stage_index, epoch)``
+        is true, and every row of ``known`` (the rows the resumed checkpoint recorded: the source of
+        truth) that the file lost to a cut or torn write, an emptied or deleted file; in (stage,
+        epoch) order, rewritten atomically when that changes the file. Returns how many rows came
+        from ``known``."""
+        p = self.path / METRICS
+        rows = {k: r for r in self.metrics_rows() if (k := _row_key(r)) is not None and keep(*k)}
+        restored = 0
+        for r in known or ():
+            k = _row_key(r) if isinstance(r, dict) else None
+            if k is None:
+                log.warning("a checkpoint records a malformed metrics row, ignored: %r", r)
+                continue
+            if keep(*k):
+                restored += k not in rows
+                rows[k] = {f: "" if v is None else str(v) for f, v in r.items()}
+        ordered = [rows[k] for k in sorted(rows)]
+        header = FIELDS + sorted({f for r in ordered for f in r} - set(FIELDS))
         buf = io.StringIO()
-        w = csv.DictWriter(buf, FIELDS, extrasaction="ignore", lineterminator="\n")
+        w = csv.DictWriter(buf, header, lineterminator="\n")
         w.writeheader()
-        w.writerows(rows)
-        self.register("metrics.csv")
-        atomic_write(self.path / "metrics.csv", buf.getvalue())
+        w.writerows(ordered)
+        data = buf.getvalue().encode("utf-8")
+        try:
+            same = p.read_bytes() == data
+        except OSError:
+            same = False
+        if not same:
+            self.register(METRICS)
+            atomic_write(p, data)
+        self._rows = [dict(r) for r in ordered]
+        return restored
 
 
 _ABSENT = object()
@@ -655,6 +678,56 @@ def _key_order(recipe: dict):
 
 def _show(v) -> str:
     return "(absent)" if v is _ABSENT else json.dumps(v) if isinstance(v, (str, list, type(None))) else repr(v)
+
+
+def read_metrics(p: Path, warn: bool = True) -> list[dict]:
+    """The rows of a metrics.csv as the file holds them (strings), the one reader of that file (the
+    run, ``compare``, a search polling its trials). A torn last line (a kill or a full disk
+    mid-write; or a run still writing it) or a malformed row is dropped, with a warning when
+    ``warn``; a missing file has no rows."""
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise RunError(f"Cannot read {p}: {exc.strerror or exc}.") from None
+    complete, _, torn = data.rstrip(b"\0").rpartition(b"\n") if b"\n" in data else (b"", b"", data)
+    if torn.strip(b"\0") and warn:
+        log.warning("%s: dropping a torn last line %r (the run stopped while writing it)", p, torn[:80])
+    reader = csv.reader(io.StringIO(complete.decode("utf-8", "replace")))
+    header = next(reader, None)
+    rows = []
+    for i, values in enumerate(reader, start=2):
+        if not values:
+            continue
+        if header is None or len(values) != len(header) or not _is_row(values, header):
+            if warn:
+                log.warning("%s: line %d is malformed, ignored: %s", p, i, ",".join(values)[:80])
+            continue
+        rows.append(dict(zip(header, values)))
+    return rows
+
+
+def validation_curve(p: Path) -> list[dict]:
+    """metrics.csv's epochs as numbers: ``stage``, ``epoch`` (ints), ``val_accuracy``, ``val_loss``
+    (floats), in file order; rows without them are skipped. What ``compare`` and a search's pruner
+    read, quietly: a running run's last line may be half written."""
+    out = []
+    for r in read_metrics(p, warn=False):
+        try:
+            out.append({"stage": int(r["stage"]), "epoch": int(r["epoch"]),
+                        "val_accuracy": float(r["val_accuracy"]), "val_loss": float(r["val_loss"])})
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def _row_key(row: dict) -> tuple[int, int] | None:
+    """A metrics row's (stage index, epoch), or None when either is missing or not an integer."""
+    try:
+        return int(row["stage"]), int(row["epoch"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _is_row(values: list[str], header: list[str]) -> bool:

@@ -6,18 +6,33 @@ image fails only its own request.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
 import json
+import os
+import re
+import struct
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
 
 from ..errors import DataError
+from ..export.graph_decode import graph_mismatch
+from ..imageops import draft_size
+from .budget import PixelBudget
 from .config import ApiError, ServeConfig
 
-# What PIL identifies and the predictor decodes; anything else PIL knows (TIFF, ICO, PSD...) is 415.
-SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP", "MPO"})
+# What PIL identifies and the artifact's bytes signatures decode to the same pixels (see
+# tuneflow.export.graph_decode); anything else PIL knows (WEBP, TIFF, ICO, PSD...) is 415.
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "MPO"})
+LARGE_PIXELS = 4_000_000  # decoded pixels from which an image goes to the low-priority decode thread
+LARGE_NICE = 10
 
 
 async def read_images(request, cfg: ServeConfig) -> list[bytes]:
@@ -111,16 +126,21 @@ def _signature(data: bytes) -> str | None:
     return None
 
 
-def decode_image(predictor, data: bytes, index: int, cfg: ServeConfig) -> np.ndarray:
-    """Encoded bytes -> uint8 (H, W, 3) through the predictor's own decode, after cheap header
-    checks that name the problem: empty, not an image, unsupported format, too many pixels."""
-    from PIL import Image, UnidentifiedImageError
+def probe_image(data: bytes, index: int, cfg: ServeConfig, size: int) -> int:
+    """The decoded pixels an image will take, read from its header alone (nothing is decoded),
+    after checks that name the problem: empty, not an image, cut short, unsupported, a format the
+    model's own bytes signatures would decode otherwise (:func:`graph_mismatch`), too many pixels."""
     if not data:
         raise ApiError(422, "empty_image", f"image {index} is empty (0 bytes).", image=index)
     try:
-        with Image.open(io.BytesIO(data)) as im:  # reads the header only
-            fmt, (w, h) = im.format, im.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is checked below
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                fmt, (w, h) = im.format, im.size
+                mismatch = graph_mismatch(im) if fmt in SUPPORTED_FORMATS else None
+    except Image.DecompressionBombError as exc:  # PIL's own check (MAX_IMAGE_PIXELS from max_pixels)
+        raise _too_large(index, _claimed_size(str(exc)), cfg) from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         kind = _signature(data)
         if kind:  # the right magic bytes, but the header does not parse: cut off or damaged
             raise ApiError(422, "truncated_image", f"image {index} starts like a {kind} but its header is "
@@ -129,21 +149,74 @@ def decode_image(predictor, data: bytes, index: int, cfg: ServeConfig) -> np.nda
                        f"{data[:12]!r}, in no image format PIL knows.", image=index) from exc
     if fmt not in SUPPORTED_FORMATS:
         raise ApiError(415, "unsupported_image_type", f"image {index} is {fmt}; accepted: "
-                       f"{', '.join(sorted(SUPPORTED_FORMATS))}.", image=index)
+                       f"{', '.join(sorted(SUPPORTED_FORMATS))} (what the model's own bytes signatures "
+                       "decode to the same pixels).", image=index)
     if w * h > cfg.max_pixels:
-        raise ApiError(413, "image_too_large", f"image {index} is {w} x {h} = {w * h} pixels; the "
-                       f"limit max_pixels is {cfg.max_pixels}: send a smaller image.",
-                       limit="max_pixels", value=cfg.max_pixels, image=index)
+        raise _too_large(index, w * h, cfg, f"{w} x {h} = ")
+    if mismatch:
+        raise ApiError(415, "unsupported_image_type", f"image {index} is {mismatch}: the model's bytes "
+                       "signatures would not see the pixels this server sees, so it is refused; convert "
+                       "it to PNG or an RGB JPEG.", image=index)
+    dw, dh = draft_size(fmt, w, h, size)
+    return dw * dh
+
+
+def _claimed_size(message: str) -> int:
+    m = re.search(r"\((\d+) pixels\)", message)  # PIL: "Image size (200000000 pixels) exceeds limit ..."
+    return int(m.group(1)) if m else 0
+
+
+def _too_large(index: int, pixels: int, cfg: ServeConfig, shape: str = "") -> ApiError:
+    return ApiError(413, "image_too_large", f"image {index} is {shape}{pixels or 'over'} pixels; the "
+                    f"limit max_pixels is {cfg.max_pixels}: send a smaller image.",
+                    limit="max_pixels", value=cfg.max_pixels, image=index)
+
+
+def decode_and_resize(predictor, data: bytes, index: int, cfg: ServeConfig) -> np.ndarray:
+    """One image's bytes -> the model's float32 (S, S, 3) input: decoded (a JPEG at its draft scale),
+    then reduced at once, so only this image's decoded pixels are held, and only here."""
     try:
-        return predictor.decode(data, max_pixels=cfg.max_pixels)
+        pixels = predictor.decode(data, max_pixels=cfg.max_pixels)
     except DataError as exc:
         msg = str(exc)
         code = "truncated_image" if "truncat" in msg.lower() else "corrupt_image"
-        raise ApiError(422, code, f"image {index} ({fmt}, {w} x {h}) cannot be decoded: {msg}",
-                       image=index) from exc
+        raise ApiError(422, code, f"image {index} cannot be decoded: {msg}", image=index) from exc
+    return predictor.prepare([pixels])[0]
 
 
-def prepare_request(predictor, blobs: list[bytes], cfg: ServeConfig) -> np.ndarray:
-    """A request's encoded images -> the model's float32 [n, S, S, 3] batch (its own resize)."""
-    return np.asarray(predictor.prepare([decode_image(predictor, b, i, cfg) for i, b in enumerate(blobs)]),
-                      dtype=np.float32)
+def _lower_priority() -> None:
+    """Run this thread at nice 10 (Linux schedules threads on their own): what it decodes yields
+    the CPU to the model and to small images."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LARGE_NICE)
+    except (OSError, AttributeError):  # not Linux, or not permitted: normal priority
+        pass
+
+
+def large_image_pool() -> ThreadPoolExecutor:
+    """The one low-priority thread that decodes large images (>= LARGE_PIXELS decoded pixels)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="tuneflow-large-decode", initializer=_lower_priority)
+
+
+async def prepare_request(predictor, blobs: list[bytes], cfg: ServeConfig, budget: PixelBudget,
+                          large_pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """A request's encoded images -> the model's float32 [n, S, S, 3] batch. Every header is checked
+    first (per-image and per-request pixel limits, before any decode); then each image, in turn,
+    takes its decoded pixels from the server's budget while a worker thread decodes and reduces it
+    (a large image: ``large_pool``'s low-priority thread, one at a time, so a client sending
+    36 Mpx PNGs does not take the CPU from everyone else)."""
+    size = predictor.input_size
+    pixels = await run_in_threadpool(lambda: [probe_image(b, i, cfg, size) for i, b in enumerate(blobs)])
+    total = sum(pixels)
+    if total > cfg.max_request_pixels:
+        raise ApiError(413, "request_too_many_pixels", f"the request's {len(blobs)} images decode to {total} "
+                       f"pixels; the limit max_request_pixels is {cfg.max_request_pixels}: send fewer or "
+                       "smaller images per request.", limit="max_request_pixels", value=cfg.max_request_pixels)
+    out = np.empty((len(blobs), size, size, 3), np.float32)
+    for i, (data, px) in enumerate(zip(blobs, pixels)):
+        async with budget.hold(px):
+            if large_pool is not None and px >= LARGE_PIXELS:
+                out[i] = await asyncio.wrap_future(large_pool.submit(decode_and_resize, predictor, data, i, cfg))
+            else:
+                out[i] = await run_in_threadpool(decode_and_resize, predictor, data, i, cfg)
+    return out

@@ -7,6 +7,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -142,7 +143,7 @@ class EpochHook(keras.callbacks.Callback):
         self.epochs_run = epoch + 1
         if self.every_epoch:
             self.ckpts.save(self.stage_index, epoch + 1, {k: float(v) for k, v in logs.items()},
-                            early_stopping=self.state())
+                            early_stopping=self.state(), rows=self.run.metrics_history())
         if self.patience and self.wait >= self.patience and epoch + 1 < self.params.get("epochs", 0):
             self.stopped_at = epoch + 1
             self.model.stop_training = True
@@ -218,17 +219,53 @@ def _fit_head_lbfgs(plan: Plan, bundle: DataBundle, run: RunDir, trainer, ftr: n
              probe.inner_accuracy or float("nan"), val["val_accuracy"])
 
 
+def resume_point(run: RunDir, resume_from: str | None) -> tuple[int, int, dict | None]:
+    """(stage, epoch, early-stopping state) a run goes on from, with metrics.csv brought back to that
+    point first: rows after it dropped (they are trained again), and the rows the checkpoint
+    recorded that the file lost (cut, torn, emptied or deleted) written back, in order. A resumed
+    run with no usable checkpoint starts over, and so does its metrics.csv."""
+    if resume_from is None:
+        if not run.fresh:
+            run.rebuild_metrics(lambda s, e: False)
+        return 0, 0, None
+    info = Checkpoints.manifest(resume_from)
+    stage, epoch = int(info["stage"]), int(info["epoch"])
+    log.info("resuming from %s (stage %d, epoch %d)", resume_from, stage, epoch)
+    known = info.get("metrics_rows")
+    restored = run.rebuild_metrics(lambda s, e: s < stage or (s == stage and e <= epoch), known)
+    name = Path(resume_from).name
+    if restored:
+        log.warning("metrics.csv: %d row%s restored from checkpoint %s (the file had lost %s: a cut or "
+                    "torn write, or an emptied or deleted file)", restored, "s" * (restored != 1), name,
+                    "them" if restored != 1 else "it")
+    elif known is None:
+        lost = _rows_missing(run.metrics_history(), stage, epoch)
+        if lost:
+            log.warning("metrics.csv: at least %d row%s missing up to stage %d epoch %d, which cannot be "
+                        "restored: checkpoint %s records no metrics rows (written by an earlier tuneflow)",
+                        lost, "s" * (lost != 1), stage, epoch, name)
+        else:
+            log.info("checkpoint %s records no metrics rows (written by an earlier tuneflow): rows "
+                     "metrics.csv lost cannot be restored; none is missing that can be told", name)
+    return stage, epoch, info.get("early_stopping")
+
+
+def _rows_missing(rows: list[dict], stage: int, epoch: int) -> int:
+    """A lower bound on the rows missing before (stage, epoch): every finished stage wrote rows
+    1..its last epoch (at least one), and the resumed stage rows 1..epoch."""
+    have = {(int(r["stage"]), int(r["epoch"])) for r in rows}
+    missing = 0
+    for s in range(stage + (epoch > 0)):
+        last = epoch if s == stage else max([e for t, e in have if t == s], default=1)
+        missing += sum((s, e) not in have for e in range(1, last + 1))
+    return missing
+
+
 def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts: Checkpoints,
                resume_from: str | None, verbose: int) -> Outcome:
     """Train every stage from the resume point on; the model ends on the best validated weights."""
     r, strategy = plan.recipe, plan.strategy
-    start_stage, start_epoch, es_state = 0, 0, None
-    if resume_from is not None:
-        info = Checkpoints.manifest(resume_from)
-        start_stage, start_epoch = int(info["stage"]), int(info["epoch"])
-        es_state = info.get("early_stopping")
-        log.info("resuming from %s (stage %d, epoch %d)", resume_from, start_stage, start_epoch)
-        run.truncate_metrics(lambda s, e: s < start_stage or (s == start_stage and e <= start_epoch))
+    start_stage, start_epoch, es_state = resume_point(run, resume_from)
     out = Outcome()
     extractor = None
     last_cached = None  # (trainer, val features) when the final stage trained on the cache
@@ -296,7 +333,7 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
             if si == start_stage and resume_from is not None and start_epoch > 0:
                 ckpts.restore(resume_from, with_optimizer=False)
             _fit_head_lbfgs(plan, bundle, run, trainer, ftr, si, validate)
-            ckpts.save(si + 1, 0, validate())
+            ckpts.save(si + 1, 0, validate(), rows=run.metrics_history())
             out.stages.append({**stage_info(stage, train, 1, use_cache), "optimizer": "lbfgs",
                                "lr": 0.0, "schedule": "converged"})
             continue
@@ -355,7 +392,8 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
             break
         # Stage complete (a resume starts the next one), with the metrics of the weights it ends on.
         known = hook.best_metrics if hook.restored else hook.last_metrics
-        ckpts.save(si + 1, 0, known if known is not None and hook.epochs_run else validate())
+        ckpts.save(si + 1, 0, known if known is not None and hook.epochs_run else validate(),
+                   rows=run.metrics_history())
         info = stage_info(stage, train, epochs_done, use_cache)
         if prefix_x is not None:
             info["prefix_cache"] = {"boundary": split.boundary, "shape": list(split.shape),

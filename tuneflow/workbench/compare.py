@@ -1,14 +1,13 @@
 """Compare run folders: one table (recipe, differing fields, metrics) and one figure of their val curves."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from pathlib import Path
 
 from ..errors import RunError
 from ..runs import names
+from ..runs.folder import validation_curve
 
 COLUMNS = ("run", "recipe", "backbone", "differs", "val_accuracy", "val_loss", "epochs", "wall_seconds", "status")
 IGNORED = ("name", "description")  # shown in their own column, or free text
@@ -80,22 +79,8 @@ def _load(path: Path) -> dict:
 
 
 def _metrics(path: Path) -> list[dict]:
-    """Rows of metrics.csv with a running epoch index across stages (``step``). Only complete
-    lines count (a running or killed run may have a half-written last line); damaged rows are
-    skipped, as the engine skips them."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    data = data[:data.rfind(b"\n") + 1]
-    out = []
-    for r in csv.DictReader(io.StringIO(data.decode("utf-8", errors="replace"))):
-        try:
-            out.append({"step": len(out) + 1, "stage": int(r["stage"]), "epoch": int(r["epoch"]),
-                        "val_accuracy": float(r["val_accuracy"]), "val_loss": float(r["val_loss"])})
-        except (KeyError, TypeError, ValueError):
-            continue
-    return out
+    """metrics.csv's validation curve with a running epoch index across stages (``step``)."""
+    return [{"step": i, **r} for i, r in enumerate(validation_curve(path), start=1)]
 
 
 def _flatten(recipe: dict) -> dict:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -49,6 +48,7 @@ from ..errors import DataError, RecipeError, RunError
 from ..extras import optional
 from ..recipe import Recipe
 from ..runs import names
+from ..runs.folder import validation_curve
 from ..training.inputs import resolve_recipe
 from . import trial as trial_process
 from .journal import JOURNAL, claim_folder, journal_storage, lock_folder
@@ -332,7 +332,7 @@ class _Runner:
                 child.best = (acc, loss)
             if rc is None and self.pruner_name != "none" and child.trial.should_prune():
                 _kill(child.proc)
-                epochs = len(_read_rows(child.run / names.METRICS))  # the epochs that actually ran
+                epochs = len(validation_curve(child.run / names.METRICS))  # the epochs that actually ran
                 self._finish(study, child, TrialState.PRUNED, epochs=epochs, at=step)
                 return "PRUNED"
         if rc is None:
@@ -354,7 +354,7 @@ class _Runner:
         if stamp == child.stamp:
             return []
         child.stamp = stamp
-        return _read_rows(path)[child.reported:]
+        return validation_curve(path)[child.reported:]
 
     def _finish(self, study, child: _Child, state, epochs: int, report=None, rc=None, at=None):
         from optuna.trial import TrialState
@@ -500,24 +500,6 @@ def _state(name):
     from optuna.trial import TrialState
     return TrialState[name]
 
-
-
-def _read_rows(path: Path) -> list[dict]:
-    """metrics.csv rows (stage, epoch, val_accuracy, val_loss) from its complete lines: the engine
-    appends a row per epoch, so the last line may be half-written when we read it."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    data = data[:data.rfind(b"\n") + 1]
-    rows = []
-    for r in csv.DictReader(io.StringIO(data.decode("utf-8", errors="replace"))):
-        try:
-            rows.append({"stage": int(r["stage"]), "epoch": int(r["epoch"]),
-                         "val_accuracy": float(r["val_accuracy"]), "val_loss": float(r["val_loss"])})
-        except (KeyError, TypeError, ValueError):
-            continue  # a damaged row; the engine skips it too
-    return rows
 
 
 def _read_json(path: Path):
