@@ -30,9 +30,11 @@ EXPECTED = {("conv", "instance"): ("head_conv", keras.layers.GroupNormalization,
 def test_heads_and_norms_train(tmp_path, tiny_folder, head, norm):
     """The model holds the head and norm asked for, and they trained: the hidden layer's weights
     left their (seeded) initial values, the norm's scale or BatchNorm's moving statistics moved,
-    the loss went down. On ImageNet Lite0 features: a random Lite0's pooled features at 32 px are
-    ~1e-14, which a norm's epsilon flattens to zero, so its scale would get no gradient."""
-    ov = {**_fast("small_similar"), "weights": "imagenet", "head": head, "norm": norm, "spatial_dropout": 0.1,
+    the loss went down. On ImageNet Lite0 features at 64 px (a 2x2 map): a random Lite0's pooled
+    features at 32 px are ~1e-14, which a norm's epsilon flattens to zero, and at 32 px the map is
+    1x1, where instance norm outputs zeros: either way its scale would get no gradient."""
+    ov = {**_fast("small_similar"), "weights": "imagenet", "input_size": 64, "head": head, "norm": norm,
+          "spatial_dropout": 0.1,
           "dropout": 0.0,
           "head__epochs": 4, "head__lr": 1e-2, "head__schedule": "constant", "head__patience": 0}
     res = finetune("small_similar", tiny_folder, tmp_path / "r", verbose=0, overrides=ov, export=False)
@@ -63,18 +65,19 @@ def test_heads_and_norms_train(tmp_path, tiny_folder, head, norm):
 
 def test_replace_backbone_bn_with_instance_norm(tmp_path, tiny_folder):
     """Every backbone BatchNorm becomes an instance norm (one group per channel), those in the
-    fine-tuned blocks train, and the model saved as .keras loads and predicts as the trained one."""
+    fine-tuned blocks train, and the model saved as .keras loads and predicts as the trained one.
+    At 64 px: at 32 px the top block's map is 1x1, where an instance norm outputs zeros (no gradient)."""
     res = finetune("large_different", tiny_folder, tmp_path / "r", verbose=0, export=False,
-                   overrides={**_fast("large_different"), "replace_backbone_bn": "instance",
+                   overrides={**_fast("large_different"), "replace_backbone_bn": "instance", "input_size": 64,
                               "finetune__train": "top:1"})
     layers = res.model.layers
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in layers)
     n_bn = sum(isinstance(layer, keras.layers.BatchNormalization)
-               for layer in build_backbone("efficientnet_lite0", weights=None, input_size=32).layers)
+               for layer in build_backbone("efficientnet_lite0", weights=None, input_size=64).layers)
     replaced = [layer for layer in layers if isinstance(layer, keras.layers.GroupNormalization)]
     assert len(replaced) == n_bn > 0
     assert all(layer.groups == layer.gamma.shape[0] for layer in replaced)  # one group per channel
-    x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+    x = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3)).astype(np.uint8)
     res.model.save(tmp_path / "model.keras")  # what export writes (MaskTolerantGroupNormalization included)
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     np.testing.assert_allclose(loaded.predict(x, verbose=0), res.model.predict(x, verbose=0), atol=1e-5)
