@@ -60,10 +60,15 @@ test: $(STAMP) browser
 
 # The inner loop (a few minutes): the unit-level modules and one end-to-end run with its artifact,
 # nothing marked slow. `make test` runs everything.
-FAST_TESTS = tests/test_recipe.py tests/test_data.py tests/test_scale.py tests/test_report.py \
-	tests/test_probe.py tests/test_index.py tests/test_recipes_backbones.py tests/faults/test_bad_data.py \
+FAST_TESTS = tests/test_dependencies.py tests/test_recipe.py tests/test_optim.py tests/test_pipeline.py \
+	tests/test_data.py tests/test_store.py tests/test_pack.py tests/test_extractor.py tests/test_imageops.py \
+	tests/test_atomic.py tests/test_hardware.py tests/test_report.py \
+	tests/test_probe.py tests/test_index.py tests/test_recipes.py tests/faults/test_bad_data.py \
 	tests/faults/test_overrides.py tests/faults/test_run_folder.py tests/faults/test_disk_errors.py \
 	tests/test_artifact.py::test_run_folder_holds_the_portable_artifact \
+	tests/test_cache.py::test_feature_cache_written_as_it_goes_and_read_back_mapped \
+	tests/test_cache.py::test_heads_train_from_a_memory_mapped_cache_without_copying_it \
+	tests/test_cache.py::test_views_of_a_mapped_cache_are_read_with_pread_at_their_own_offsets \
 	tests/test_standardise.py::test_feature_moments_over_views_and_memory_maps \
 	tests/test_standardise.py::test_begin_then_fold_is_exact_and_the_twin_computes_what_the_head_does \
 	tests/test_standardise.py::test_sgd_learns_badly_scaled_features_only_when_standardised

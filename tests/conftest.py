@@ -37,6 +37,17 @@ def make_image_folder(root: Path, classes=("a", "b"), per_class=8, size=40, spli
     return root
 
 
+def truncated_jpeg(path: Path, size=40):
+    """A JPEG whose header reads fine and whose data stops half way: fails only while decoding."""
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
+    data = buf.getvalue()
+    path.write_bytes(data[:len(data) // 2])
+    with Image.open(path) as im:  # the header alone is valid
+        assert im.size == (size, size)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_home(tmp_path_factory):
     """Keep converted weights and caches out of the user's home, shared across the session."""
@@ -46,8 +57,25 @@ def _private_home(tmp_path_factory):
 
 
 @pytest.fixture
+def on_disk(monkeypatch):
+    """Every dataset goes to the memory-mapped store (threshold: 1 byte)."""
+    monkeypatch.setenv("TUNEFLOW_INMEMORY_MAX_BYTES", "1")
+
+
+@pytest.fixture
 def tiny_folder(tmp_path):
     return make_image_folder(tmp_path / "tiny")
+
+
+def fast_overrides(recipe_name: str, **extra) -> dict:
+    """Overrides for a quick run of a recipe: Lite0 with random weights (``random_lite0_weights``)
+    at 32 px, batch 8, float32, one epoch a stage; ``extra`` added last."""
+    import tuneflow.recipes as registry
+    kw = {"input_size": 32, "backbone": "efficientnet_lite0", "weights": random_lite0_weights(),
+          "batch_size": 8, "precision": "float32"}
+    kw.update({f"{s.name}__epochs": 1 for s in registry.get(recipe_name).stages})
+    kw.update(extra)
+    return kw
 
 
 def random_lite0_weights() -> str:
@@ -77,11 +105,32 @@ def random_lite0_weights() -> str:
 
 @pytest.fixture(scope="session")
 def serving_run(tmp_path_factory):
-    """One small real run per session, shared by the serving tests (embed, index, serve, export) (Lite0 ImageNet weights, 64 px)."""
-    base = tmp_path_factory.getbasetemp() / "serving_run"
-    if not (base / "run" / "model" / "saved_model.pb").exists():
-        import tuneflow
-        folder = make_image_folder(base / "images", classes=("a", "b", "c"), per_class=30, size=48)
-        tuneflow.finetune("small_similar", str(folder), str(base / "run"),
-                          overrides={"input_size": 64, "head.epochs": 2}, verbose=0, overwrite=True)
+    """One small real run, shared by the serving tests (embed, index, serve, export) (Lite0 ImageNet
+    weights, 64 px): made once per `make test`, by whichever test process asks first (the others
+    wait on a lock and read it; nobody writes into it)."""
+    import fcntl
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the folder the workers of one session share
+    base = base / "serving_run"
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (base / "run" / "model" / "saved_model.pb").exists():
+            import tuneflow
+            folder = make_image_folder(base / "images", classes=("a", "b", "c"), per_class=30, size=48)
+            tuneflow.finetune("small_similar", str(folder), str(base / "run"),
+                              overrides={"input_size": 64, "head.epochs": 2}, verbose=0, overwrite=True)
     return base / "run", base / "images"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with the most slow tests run first, each file's tests kept together and in order:
+    `make test` hands whole files to two processes in this order (xdist --dist loadfile), so the
+    long files start at once and the short ones fill the end, instead of one long file last."""
+    slow, first = {}, {}
+    for i, item in enumerate(items):
+        path = item.nodeid.split("::")[0]
+        first.setdefault(path, i)
+        slow[path] = slow.get(path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: (-slow[item.nodeid.split("::")[0]], first[item.nodeid.split("::")[0]]))

@@ -1,12 +1,10 @@
 """Checkpoints for real: corruption, mismatches, strategies and a SIGKILL in the middle of an epoch."""
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import keras
@@ -152,43 +150,69 @@ def test_checkpoints_restore_across_strategies(tmp_path, train_s, restore_s):
     assert result["maxdiff"] < 1e-5
 
 
+# `tuneflow finetune` with a batch-level marker: each training batch's (stage, epoch, batch) is
+# appended to MARKER as it ends, and the process SIGKILLs itself at the batch KILL_AT names. The
+# marker is what proves where the kill landed, and where a resumed run starts again.
+MARKER_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import tuneflow.training.stages as stages
+    from tuneflow.cli import main
+
+    marker, kill_at = open(sys.argv[1], "a", buffering=1), sys.argv[2]
+    begin = stages.EpochHook.on_epoch_begin
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.marker_epoch = epoch
+        begin(self, epoch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        at = f"{self.stage_index} {self.marker_epoch} {batch}"
+        marker.write(at + "\\n")
+        if at == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    stages.EpochHook.on_epoch_begin = on_epoch_begin
+    stages.EpochHook.on_train_batch_end = on_train_batch_end
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
+def _marks(path):
+    return [tuple(map(int, line.split())) for line in path.read_text().splitlines()]
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_finishes_like_an_uninterrupted_run(tmp_path):
     # A frozen (random) Lite0 with its top blocks trained through the images (prefix_cache=off: the
-    # cached-prefix path would make an epoch too short to land a kill inside it), 40 steps an epoch.
-    data = make_image_folder(tmp_path / "d", per_class=40, size=32)
+    # cached-prefix path trains on activations, not through the images), 3 fine-tuning epochs.
+    data = make_image_folder(tmp_path / "d", per_class=12, size=32)
     run = tmp_path / "run"
+    script = tmp_path / "marked.py"
+    script.write_text(MARKER_SCRIPT)
     sets = ["input_size=32", "backbone=efficientnet_lite0", f"weights={random_lite0_weights()}", "batch_size=2", "precision=float32",
-            "head.epochs=1", "finetune.epochs=4", "head.patience=0", "finetune.patience=0", "prefix_cache=off"]
-    cmd = [sys.executable, "-m", "tuneflow", "finetune", "large_similar", "--data", str(data),
-           "--out", str(run)] + [a for s in sets for a in ("--set", s)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:  # wait until the fine-tuning stage has finished one epoch
-            rows = list(csv.DictReader(open(run / "metrics.csv"))) if (run / "metrics.csv").exists() else []
-            tuning = [r for r in rows if r["stage"] == "1"]
-            if tuning:
-                break
-            assert proc.poll() is None, "training ended before it could be killed"
-            time.sleep(0.05)
-        time.sleep(0.5 * float(tuning[0]["seconds"]))  # into the middle of the next epoch, on any machine
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    killed_rows = list(csv.DictReader(open(run / "metrics.csv")))
-    assert len(killed_rows) < 5, "the run finished before the kill"
-    refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+            "head.epochs=1", "finetune.epochs=3", "head.patience=0", "finetune.patience=0", "prefix_cache=off"]
+    args = ["finetune", "large_similar", "--data", str(data), "--out", str(run)] + [a for s in sets for a in ("--set", s)]
+    # Killed at the end of the 4th batch of the fine-tuning stage's 2nd epoch (0-based: stage 1, epoch 1, batch 3).
+    killed = subprocess.run([sys.executable, str(script), str(tmp_path / "m1"), "1 1 3", *args],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    marks = _marks(tmp_path / "m1")
+    steps = 1 + max(b for s, e, b in marks if (s, e) == (1, 0))  # batches in an epoch
+    assert steps > 4 and marks[-1] == (1, 1, 3)  # killed mid-epoch: batch 4 of `steps`, not at its end
+    assert [(r["stage"], r["epoch"]) for r in csv.DictReader(open(run / "metrics.csv"))] == [("0", "1"), ("1", "1")]
+    refused = subprocess.run([sys.executable, "-m", "tuneflow", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "--resume" in refused.stderr
-    done = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "m2"), "none", *args, "--resume"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
-    assert [(r["stage"], r["epoch"]) for r in rows] == [("0", "1"), ("1", "1"), ("1", "2"), ("1", "3"), ("1", "4")]
-    assert json.loads((run / "run.json").read_text())["status"] == "finished"
     assert "resuming from" in done.stderr
+    # The resumed run trains from the start of the interrupted epoch: no head stage, no epoch 1 again,
+    # the interrupted epoch whole, then the last one.
+    again = _marks(tmp_path / "m2")
+    assert again == [(1, e, b) for e in (1, 2) for b in range(steps)], again[:5]
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [(r["stage"], r["epoch"]) for r in rows] == [("0", "1"), ("1", "1"), ("1", "2"), ("1", "3")]
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
 
 
 class _Crash(Exception):

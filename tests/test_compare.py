@@ -8,21 +8,21 @@ from conftest import make_image_folder
 from tuneflow import finetune
 from tuneflow.cli import main
 from tuneflow.errors import RunError
-from tuneflow.recipe import Recipe
 from tuneflow.workbench.compare import compare
 
-FAST = {"input_size": 32, "precision": "float32", "head__epochs": 3}
-if "head_solver" in Recipe.__dataclass_fields__:  # trained over epochs (curves to compare), not by L-BFGS
-    FAST["head_solver"] = "sgd"
+# The head trained over epochs (curves to compare), not by L-BFGS; no artifact (compare reads the
+# report and metrics.csv).
+FAST = {"input_size": 32, "precision": "float32", "head__epochs": 3, "head_solver": "sgd"}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     data = make_image_folder(root / "data", per_class=20)
-    a = finetune("small_similar", data, root / "a", overrides={**FAST, "head__lr": 1e-3}, verbose=0).run_dir
+    a = finetune("small_similar", data, root / "a", overrides={**FAST, "head__lr": 1e-3}, verbose=0,
+                 export=False).run_dir
     b = finetune("small_similar", data, root / "b", overrides={**FAST, "head__lr": 3e-2, "dropout": 0.5},
-                 verbose=0).run_dir
+                 verbose=0, export=False).run_dir
     return root, a, b
 
 

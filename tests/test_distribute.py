@@ -1,4 +1,5 @@
-"""MultiWorkerMirroredStrategy for real: two worker processes on 127.0.0.1, each on its own port."""
+"""tuneflow.training.distribute: the precision chosen for the hardware, and MultiWorkerMirroredStrategy
+for real: two worker processes on 127.0.0.1, each on its own port."""
 import json
 import os
 import socket
@@ -12,6 +13,28 @@ import numpy as np
 import pytest
 
 from conftest import REPO, make_image_folder, random_lite0_weights
+from tuneflow.training.distribute import choose_precision
+
+
+
+def test_an_explicit_precision_is_kept():
+    for p in ("float32", "mixed_bfloat16", "mixed_float16"):
+        assert choose_precision(p) == p
+
+
+def test_precision_auto_follows_the_cpu(monkeypatch):
+    """``auto`` is bfloat16 exactly where the CPU computes it (on a machine without a GPU), both ways
+    on any CPU (``TUNEFLOW_CPU_BF16`` stands in for the hardware)."""
+    import tensorflow as tf
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("auto follows the GPU here")
+    monkeypatch.setenv("TUNEFLOW_CPU_BF16", "1")
+    assert choose_precision("auto") == "mixed_bfloat16"
+    monkeypatch.setenv("TUNEFLOW_CPU_BF16", "0")
+    assert choose_precision("auto") == "float32"
+    monkeypatch.delenv("TUNEFLOW_CPU_BF16")
+    flags = open("/proc/cpuinfo").read()
+    assert (choose_precision("auto") == "mixed_bfloat16") == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def _free_ports(n):

@@ -6,6 +6,7 @@ import logging
 
 import keras
 import numpy as np
+import openvino  # a required dependency: if it does not import, this file fails, it does not skip
 import pytest
 
 import tuneflow.recipes as registry
@@ -27,7 +28,6 @@ def run(model, *args, **kwargs):
 def used(model) -> str:
     return _MEMOS[id(model)]["used"]
 
-openvino = pytest.importorskip("openvino")
 
 
 def _pooled(name="efficientnet_lite0", size=48, taps=None):

@@ -23,9 +23,10 @@ from tuneflow.workbench.space import default_space, load_space, narrow_space
 # a good learning rate and stay at the first epoch's accuracy at 1e-6, so good and bad trials
 # differ clearly, and a trial on cached features takes seconds.
 FAST = ["--set", "input_size=32", "--set", "precision=float32", "--set", "head.epochs=3"]
-# The head trained by its optimizer over epochs (curves to prune), where recipes can also fit it by L-BFGS.
-SGD = {"head_solver": "sgd"} if "head_solver" in Recipe.__dataclass_fields__ else {}
-FAST += [x for k, v in SGD.items() for x in ("--set", f"{k}={v}")]
+# The head trained by its optimizer over epochs (curves to prune), where recipes can also fit it by
+# L-BFGS. A recipe without head_solver is a removed feature: the override fails, it does not skip.
+SGD = {"head_solver": "sgd"}
+FAST += ["--set", "head_solver=sgd"]
 
 
 def _cmd(out, data, trials, *extra):
@@ -58,7 +59,6 @@ def test_default_space_fits_every_recipe(name):
     assert space == default_space(recipe)
 
 
-@pytest.mark.skipif(not SGD, reason="recipes have no head_solver")
 def test_default_space_refuses_a_head_fitted_by_lbfgs():
     with pytest.raises(RecipeError, match="head_solver=sgd"):
         default_space(registry.get("small_similar").override("head_solver=lbfgs"))

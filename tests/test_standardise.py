@@ -171,9 +171,9 @@ def test_a_resumed_cached_stage_starts_from_the_restored_classifier(tmp_path, mo
 
     monkeypatch.setattr(train.EpochHook, "on_epoch_end", crash_in_stage_1)
     with pytest.raises(_Crash):
-        tuneflow.finetune(recipe, data, tmp_path / "run", verbose=0)
+        tuneflow.finetune(recipe, data, tmp_path / "run", verbose=0, export=False)
     monkeypatch.setattr(train.EpochHook, "on_epoch_end", original)
-    res = tuneflow.finetune(recipe, data, tmp_path / "run", verbose=0, resume=True)
+    tuneflow.finetune(recipe, data, tmp_path / "run", verbose=0, resume=True, export=False)
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     end0 = [r for r in rows if r["stage"] == "0"][-1]
     again = [r for r in rows if r["stage"] == "1"]

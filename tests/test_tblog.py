@@ -7,16 +7,13 @@ from tensorboard.backend.event_processing import event_accumulator
 from conftest import make_image_folder, random_lite0_weights
 from tuneflow import finetune
 from tuneflow.errors import RecipeError
-from tuneflow.recipe import Recipe
 from tuneflow.recipes import small_similar
 
 # A cached head stage trained by SGD (not L-BFGS: that one has no epochs), then the top block end to end.
 TINY = {"input_size": 32, "backbone": "efficientnet_lite0", "weights": random_lite0_weights(), "batch_size": 4, "precision": "float32",
         "head_solver": "sgd", "head__epochs": 2, "head__patience": 0, "finetune__epochs": 2,
-        "finetune__patience": 0, "finetune__train": "top:1"}
-PREFIX = "prefix_cache" in Recipe.__dataclass_fields__  # fine-tuning on the frozen prefix's cached activations
-if PREFIX:
-    TINY["prefix_cache"] = "off"  # the whole model on pixels; the cached prefix has its own test
+        "finetune__patience": 0, "finetune__train": "top:1",
+        "prefix_cache": "off"}  # the whole model on pixels; the cached prefix has its own test
 
 
 def read(folder):
@@ -44,7 +41,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
-    return finetune("large_similar", data, tmp_path_factory.mktemp("tbrun") / "run", overrides=TINY, verbose=0).run_dir
+    return finetune("large_similar", data, tmp_path_factory.mktemp("tbrun") / "run", overrides=TINY, verbose=0, export=False).run_dir
 
 
 def test_end_to_end_stage_has_weight_gradient_and_activation_histograms(run):
@@ -77,7 +74,7 @@ def test_cached_head_stage_logs_histograms_and_its_scalars(run):
 
 def test_histograms_zero_writes_none(data, tmp_path):
     out = finetune("large_similar", data, tmp_path / "run", overrides={**TINY, "tensorboard_histograms": 0},
-                   verbose=0).run_dir
+                   verbose=0, export=False).run_dir
     assert not list((out / "tensorboard").rglob("histograms"))
     # Keras's own scalars for the end-to-end stage are still written.
     assert list((out / "tensorboard" / "finetune").rglob("events.out.tfevents.*"))
@@ -87,7 +84,7 @@ def test_every_n_epochs_chosen_layers_and_one_hot_labels(data, tmp_path):
     # Label smoothing: the compiled loss takes one-hot labels, and so does the fixed batch's.
     ov = {**TINY, "finetune__epochs": 3, "tensorboard_histograms": 2, "label_smoothing": 0.1,
           "tensorboard_layers": "features,block7a_project_bn,head_classifier"}
-    out = finetune("large_similar", data, tmp_path / "run", overrides=ov, verbose=0).run_dir
+    out = finetune("large_similar", data, tmp_path / "run", overrides=ov, verbose=0, export=False).run_dir
     tags = read(out / "tensorboard" / "finetune" / "histograms")
     check_histograms(tags, "gradients/")
     acts = check_histograms(tags, "activations/")
@@ -101,7 +98,7 @@ def test_every_n_epochs_chosen_layers_and_one_hot_labels(data, tmp_path):
 
 def test_bf16_mixed_precision(data, tmp_path):
     out = finetune("large_similar", data, tmp_path / "run",
-                   overrides={**TINY, "precision": "mixed_bfloat16"}, verbose=0).run_dir
+                   overrides={**TINY, "precision": "mixed_bfloat16"}, verbose=0, export=False).run_dir
     tags = read(out / "tensorboard" / "finetune" / "histograms")
     check_histograms(tags, "weights/")
     check_histograms(tags, "gradients/")
@@ -120,12 +117,11 @@ def test_histogram_interval_is_validated(bad):
         small_similar.override(f"tensorboard_histograms={bad}")
 
 
-@pytest.mark.skipif(not PREFIX, reason="no prefix cache in this version")
 def test_stage_on_cached_prefix_activations(data, tmp_path):
     """The trainer is then the model's trainable top: its backbone layers are probed on its own graph."""
     # top:1 trains Lite0's last block (top_conv, top_bn); block1a lies in the cached frozen prefix.
     ov = {**TINY, "prefix_cache": "on", "tensorboard_layers": "features,top_bn,block1a_project_bn,head_pool"}
-    out = finetune("large_similar", data, tmp_path / "run", overrides=ov, verbose=0).run_dir
+    out = finetune("large_similar", data, tmp_path / "run", overrides=ov, verbose=0, export=False).run_dir
     tags = read(out / "tensorboard" / "finetune" / "histograms")
     grads = check_histograms(tags, "gradients/")
     assert any("top_conv" in t for t in grads)
@@ -139,7 +135,7 @@ import logging, sys
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 from tuneflow import finetune
 data, out, dump, weights = sys.argv[1:5]
-finetune("large_similar", data, out, verbose=0,
+finetune("large_similar", data, out, verbose=0, export=False,
          overrides=dict(input_size=32, backbone="efficientnet_lite0", weights=weights, batch_size=4, precision="float32", strategy="multiworker",
                         head__epochs=1, finetune__epochs=1, head__patience=0, finetune__patience=0, head_solver="sgd"))
 """

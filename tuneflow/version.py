@@ -1,2 +1,2 @@
-"""The package version (one place: setup.cfg reads it as tuneflow.__version__)."""
+"""The package version, in one place (setup.cfg reads it from here; `tuneflow.__version__` is the same)."""
 __version__ = "0.2.0"

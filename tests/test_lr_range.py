@@ -1,4 +1,4 @@
-"""LR range test: restore, smoothers, rules, inconclusive curves, finetune's tap, CLI JSON, stages, lr=auto."""
+"""The LR range test (tuneflow.training.lr_range; `tuneflow lr-find` prints it): restore, smoothers, rules, inconclusive curves, finetune's tap, CLI JSON, stages, lr=auto."""
 import json
 import logging
 import math
@@ -283,7 +283,7 @@ def test_head_stage_uses_the_depth_finetune_keeps(tmp_path, monkeypatch):
     over = {"input_size": 32, "backbone": "efficientnet_lite0", "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32",
             "head_solver": "sgd", "head__epochs": 1}
     found = lr_find("small_different", data, steps=10, out=tmp_path, overrides=over)
-    res = finetune("small_different", data, tmp_path / "run", overrides=over, verbose=0)
+    res = finetune("small_different", data, tmp_path / "run", overrides=over, verbose=0, export=False)
     taps = list(res.report["taps"])
     assert len(taps) > 1 and res.report["tap"] == taps[-1] != taps[0]
     assert found["tap"] == res.report["tap"], (found["tap"], taps)

@@ -1,4 +1,5 @@
-"""Data at any size: the memory-mapped image store, file-list subsampling, sharding, packing, streamed caches."""
+"""The memory-mapped image store (tuneflow.data.store): the same bundle as in memory, file-list
+subsampling, partial and truncated stores, sharding across workers, streamed sources, bounded memory."""
 import json
 import os
 import subprocess
@@ -10,16 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, SHARED, make_image_folder
+from conftest import REPO, SHARED, make_image_folder, truncated_jpeg
 from tuneflow.data import DataError, ImageRows, load_data
-from tuneflow.data.pack import is_packed, load_packed, pack
 from tuneflow.data.sources import load_folder
-
-
-@pytest.fixture
-def on_disk(monkeypatch):
-    """Every dataset goes to the memory-mapped store (threshold: 1 byte)."""
-    monkeypatch.setenv("TUNEFLOW_INMEMORY_MAX_BYTES", "1")
 
 
 def _load_both(monkeypatch, data, size, **kw):
@@ -76,6 +70,7 @@ def test_fraction_picks_files_before_decoding_the_same_images_as_subsampling_aft
 
 
 @pytest.mark.slow
+@pytest.mark.realdata
 @pytest.mark.skipif(not (SHARED / "ants_bees").exists(), reason="needs ../shared/datasets/ants_bees")
 def test_memmap_and_inmemory_agree_on_real_data(monkeypatch):
     mem, disk = _load_both(monkeypatch, SHARED / "ants_bees", 64)
@@ -104,17 +99,6 @@ def test_store_is_reused_and_a_partial_store_is_never_read(tmp_path, monkeypatch
     assert load_folder(root, 16).train.x.path != first.train.x.path
 
 
-def _truncated_jpeg(path: Path, size=40):
-    """A JPEG whose header reads fine and whose data stops half way: fails only while decoding."""
-    import io
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
-    data = buf.getvalue()
-    path.write_bytes(data[:len(data) // 2])
-    with Image.open(path) as im:  # the header alone is valid
-        assert im.size == (size, size)
-
-
 def test_a_source_that_ends_early_mid_store_leaves_no_partial_file(on_disk):
     """Chunks are written by a writer thread while the next decodes: a source that stops after
     600 of the 1,000 images it announced (3 chunks in) raises, naming where it stopped, and leaves
@@ -133,7 +117,7 @@ def test_a_source_that_ends_early_mid_store_leaves_no_partial_file(on_disk):
 def test_corrupt_file_met_mid_decode_is_skipped_and_named(tmp_path, on_disk):
     root = make_image_folder(tmp_path / "d", per_class=10, size=16)
     bad = root / "a" / "a_x_004b.jpg"  # sorts into the middle of class a
-    _truncated_jpeg(bad)
+    truncated_jpeg(bad)
     bundle = load_folder(root, 16)
     assert isinstance(bundle.train.x, ImageRows)
     assert [s for s in bundle.skipped if s.startswith(str(bad))], bundle.skipped
@@ -245,62 +229,6 @@ def test_eval_dataset_streams_store_rows(tmp_path, on_disk):
     np.testing.assert_array_equal(np.concatenate(ys), bundle.train.y)
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_pack_then_load_gives_the_folders_bundle(tmp_path, monkeypatch, split):
-    root = make_image_folder(tmp_path / "d", per_class=9, size=20, split=split)
-    bad = (root / "train" if split else root) / "b" / "b_zz.jpg"
-    _truncated_jpeg(bad)
-    shards = tmp_path / "shards"
-    meta = pack(root, shards, shard_bytes=4000)  # several shards per split
-    assert is_packed(shards) and not is_packed(root)
-    assert len(meta["splits"]["train"]["shards"]) > 1
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
-    for threshold in ("1", str(10**12)):  # into the store, and into RAM
-        monkeypatch.setenv("TUNEFLOW_INMEMORY_MAX_BYTES", threshold)
-        want = load_folder(root, 24)
-        got = load_data(str(shards), 24)
-        assert got.classes == want.classes and got.fingerprint() == want.fingerprint()
-        for name in ("train", "val"):
-            a, b = getattr(want, name), getattr(got, name)
-            np.testing.assert_array_equal(np.asarray(a.x), np.asarray(b.x))
-            assert a.files == b.files
-        assert [s for s in got.skipped if s.startswith(str(bad))]
-    sub = load_packed(shards, 24, classes=["a", "b"], fraction=0.5, seed=1)
-    ref = load_data(root, 24, classes=["a", "b"], fraction=0.5, seed=1)
-    assert sub.train.files == ref.train.files and sub.val.files == ref.val.files
-    with pytest.raises(DataError, match="not an empty folder"):
-        pack(root, shards)
-
-
-def test_pack_cli(tmp_path):
-    from tuneflow.cli import main
-    root = make_image_folder(tmp_path / "d", per_class=4, size=16, classes=("a", "b", "c"))
-    assert main(["pack", str(root), "--out", str(tmp_path / "s"), "--classes", "a,c"]) == 0
-    assert load_data(str(tmp_path / "s"), 16).classes == ["a", "c"]
-    assert main(["pack", str(root), "--out", str(tmp_path / "s")]) == 2  # refuses a non-empty folder
-
-
-def test_feature_cache_written_as_it_goes_and_read_back_mapped(on_disk):
-    from tuneflow.features import cache as fcache
-    calls = []
-
-    def fill(out):
-        for i in range(0, len(out), 7):
-            out[i:i + 7] = np.arange(i, min(len(out), i + 7))[:, None] * np.ones(5, np.float32)
-            calls.append(i)
-    feats, hit = fcache.cached_into("scale-test", (30, 5), np.float32, fill)
-    assert not hit and isinstance(feats, np.memmap) and feats[29, 4] == 29
-    again, hit = fcache.cached_into("scale-test", (30, 5), np.float32, fill)
-    assert hit and len(calls) == 5 and np.array_equal(again, feats)
-    path = fcache.cache_root() / "scale-test.npy"
-    raw = bytearray(path.read_bytes())  # damage one byte on disk: the checksum finds it
-    raw[-1] ^= 0xFF
-    path.write_bytes(bytes(raw))
-    _, hit = fcache.cached_into("scale-test", (30, 5), np.float32, fill)
-    assert not hit and len(calls) == 10
-    assert not list(fcache.cache_root().glob("*.part"))
-
-
 RSS_PROBE = textwrap.dedent("""
     import json, sys
     from tuneflow.data.sources import load_folder
@@ -316,6 +244,7 @@ RSS_PROBE = textwrap.dedent("""
     b = rss()
     print(json.dumps({"small": a, "big": b, "n": [len(small.train) + len(small.val), len(big.train) + len(big.val)]}))
 """)
+
 
 RSS_BOUND_KB = 12_000  # RssAnon growth allowed going from 120 to 1,200 images (their pixels: 33 MB)
 
@@ -362,205 +291,6 @@ def test_tfds_split_streams_into_the_store_and_is_reused(tmp_path):
              for r in runs]
     assert lines[0].startswith("LOADED ['dark', 'light'] 16 6 220") and lines[0] == lines[1], lines
     assert "decoded images: reusing" in runs[1].stderr and "reusing" not in runs[0].stderr
-
-
-def _tiny_feature_model(size=16, dims=64, seed=0):
-    """A small convolutional feature model: pooled vectors of ``dims`` floats."""
-    import keras
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((size, size, 3))
-    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(keras.layers.Rescaling(1 / 255)(inp))
-    out = keras.layers.Dense(dims)(keras.layers.GlobalAveragePooling2D()(h))
-    return keras.Model(inp, out)
-
-
-def _store(path: Path, n: int, size=16, seed=0) -> Path:
-    """An on-disk image store (an .npy of uint8 rows) without decoding files."""
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-    arr[:] = np.random.default_rng(seed).integers(0, 256, arr.shape, dtype=np.uint8)
-    arr.flush()
-    return path
-
-
-def _engines():
-    from tuneflow.features.infer import openvino_available
-    return ["tensorflow"] + (["openvino"] if openvino_available() else [])
-
-
-@pytest.mark.parametrize("engine", _engines())
-def test_streamed_feature_pass_gives_the_in_ram_features_in_a_checksummed_npy(tmp_path, on_disk, engine):
-    import hashlib
-    from tuneflow.data.store import ImageRows
-    from tuneflow.features import cache as fcache
-    from tuneflow.features.extractor import FeatureExtractor
-    x = ImageRows(np.load(_store(tmp_path / "imgs.npy", 37), mmap_mode="r"), path=str(tmp_path / "imgs.npy"))
-    train, val = x.take(np.arange(0, 29)), x.take(np.arange(29, 37))
-    ex = FeatureExtractor(_tiny_feature_model(), engine, batch_size=5)  # batches straddle train and val
-    ref = ex.run(np.asarray(x))  # the whole pass in RAM, as before
-    got = {}
-
-    def fill_train(out_tr):
-        def fill_val(out_va):
-            ex.compute_into([out_tr, out_va], [train, val])
-        got["val"] = fcache.cached_into(f"stream-val-{engine}", (1, 8, 64), np.float32, fill_val)[0]
-    ftr, hit = fcache.cached_into(f"stream-train-{engine}", (1, 29, 64), np.float32, fill_train)
-    assert not hit and isinstance(ftr, np.memmap) and isinstance(got["val"], np.memmap)
-    scale = float(np.abs(ref).max())
-    np.testing.assert_allclose(np.concatenate([ftr[0], got["val"][0]]), ref, atol=1e-5 * scale, rtol=1e-5)
-    assert ex.stats[-1][0] == 37 and ex.used.startswith(engine)
-    np.testing.assert_allclose(ex.compute([train, val])[0], ref, atol=1e-5 * scale, rtol=1e-5)  # in RAM
-    for key, n in ((f"stream-train-{engine}", 29), (f"stream-val-{engine}", 8)):
-        path = fcache.cache_root() / f"{key}.npy"
-        assert np.load(path).shape == (1, n, 64)  # a plain .npy anyone can read
-        assert path.with_suffix(".sha256").read_text() == hashlib.sha256(path.read_bytes()).hexdigest()
-    again, hit = fcache.cached_into(f"stream-train-{engine}", (1, 29, 64), np.float32, fill_train)
-    assert hit and np.array_equal(again, ftr)
-    # views: (views, N, ...) written view by view
-    three = np.empty((3, 29, 64), np.float16)
-    ex.compute_into(three, train, lambda b: b[:, ::-1], views=3)
-    np.testing.assert_allclose(three[0], ref[:29], atol=2e-3 * scale, rtol=2e-3)
-    np.testing.assert_allclose(three[2], ex.run(np.asarray(train)[:, ::-1]), atol=2e-3 * scale, rtol=2e-3)
-
-
-def test_a_nan_batch_is_refused_before_it_is_written(tmp_path, on_disk):
-    import keras
-    from tuneflow.errors import TuneflowError
-    from tuneflow.features import cache as fcache
-    from tuneflow.features.extractor import FeatureExtractor
-    inp = keras.Input((4, 4, 3))
-    out = keras.layers.GlobalAveragePooling2D()(keras.layers.Lambda(lambda t: t / (t - 7.0))(inp))
-    ex = FeatureExtractor(keras.Model(inp, out), "tensorflow", batch_size=4)
-    x = np.zeros((10, 4, 4, 3), np.uint8)
-    x[6] = 7  # 0/0 in image 6 (second batch)
-    with pytest.raises(TuneflowError, match="first at index 6"):
-        fcache.cached_into("nan-pass", (1, 10, 3), np.float32, lambda o: ex.compute_into(o, x))
-    assert not fcache.exists("nan-pass") and not list(fcache.cache_root().glob("nan-pass*"))
-
-
-KILL_PROBE = textwrap.dedent("""
-    import sys, time
-    import numpy as np
-    from tuneflow.features import cache as fcache
-
-    def fill(out):
-        out[:50] = 1.0
-        print("HALF", flush=True)
-        time.sleep(60)
-        out[50:] = 2.0
-    fcache.cached_into("killed-pass", (100, 8), np.float32, fill)
-""")
-
-
-def test_a_killed_feature_pass_leaves_no_cache_file_and_its_leftover_is_removed(tmp_path, monkeypatch):
-    import signal
-    from tuneflow.features import cache as fcache
-    home = tmp_path / "home"
-    env = {**os.environ, "TUNEFLOW_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.Popen([sys.executable, "-c", KILL_PROBE], stdout=subprocess.PIPE, env=env, cwd=REPO)
-    try:
-        assert proc.stdout.readline().decode().strip() == "HALF"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    monkeypatch.setenv("TUNEFLOW_HOME", str(home))
-    root = fcache.cache_root()
-    assert not fcache.exists("killed-pass") and not (root / "killed-pass.sha256").exists()
-    assert len(list(root.glob("killed-pass-*.npy.part"))) == 1  # what the killed pass left
-    feats, hit = fcache.cached_into("killed-pass", (100, 8), np.float32, lambda o: o.__setitem__(slice(0, 100), 3.0))
-    assert not hit and (np.asarray(feats) == 3.0).all()
-    assert not list(root.glob("*.part"))  # the dead writer's leftover was removed
-
-
-def _plan(batch=8, sampling="shuffle", replicas=1, class_weights=None):
-    from types import SimpleNamespace
-    return SimpleNamespace(global_batch=batch, class_weights=class_weights, replicas=replicas,
-                           recipe=SimpleNamespace(sampling=sampling))
-
-
-@pytest.mark.parametrize("sampling", ["shuffle", "balanced"])
-def test_heads_train_from_a_memory_mapped_cache_without_copying_it(tmp_path, monkeypatch, sampling):
-    import keras
-    from tuneflow.training.cached import cached_dataset
-    from tuneflow.training.stages import call_direct
-    rng = np.random.default_rng(0)
-    n, d = 203, 16
-    y = (np.arange(n) % 3).astype(np.int32)
-    feats = rng.normal(size=(n, d)).astype(np.float32) + y[:, None]  # separable by class
-    path = tmp_path / "f.npy"
-    np.save(path, feats[None])
-    mm = np.load(path, mmap_mode="r")[0]  # (N, d) view of a (1, N, d) cache, as stages uses it
-    assert isinstance(mm, np.memmap)
-    import tensorflow as tf
-
-    def copied(*a, **k):
-        raise AssertionError("the memory-mapped cache was copied into a tensor")
-    monkeypatch.setattr(tf.data.Dataset, "from_tensor_slices", copied)
-    ds, steps = cached_dataset(_plan(sampling=sampling), mm, y, seed=3)
-    assert steps == 26
-    rows = [(a.numpy(), b.numpy()) for a, b in ds]  # one epoch
-    xs, ys = np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
-    assert len(rows) == steps and len(ys) == n
-    if sampling == "shuffle":  # every row exactly once, with its own label
-        order = np.argsort(xs[:, 0])
-        np.testing.assert_array_equal(xs[order], feats[np.argsort(feats[:, 0])])
-    np.testing.assert_array_equal(ys, np.array([y[np.flatnonzero((feats == r).all(1))[0]] for r in xs]))
-    keras.utils.set_random_seed(0)
-    head = keras.Sequential([keras.Input((d,)), keras.layers.Dense(3, activation="softmax")])
-    head.compile("adam", "sparse_categorical_crossentropy")
-    hist = head.fit(ds, epochs=4, verbose=0).history["loss"]
-    assert hist[-1] < hist[0]
-    np.testing.assert_allclose(call_direct(head, mm, chunk=50), np.asarray(head(feats)), rtol=1e-5, atol=1e-6)
-
-
-RSS_PASS = textwrap.dedent("""
-    import json, sys
-    import numpy as np
-    import tuneflow.training.distribute as dist
-    from tuneflow.data.store import ImageRows
-    from tuneflow.features import cache as fcache
-    from tuneflow.features.extractor import FeatureExtractor
-    sys.path.insert(0, "tests")
-    from test_scale import _tiny_feature_model
-
-    dist.STREAM_OUTPUT_BYTES = 1 << 20  # TensorFlow engine: 1 MB of outputs a predict call
-    engine, mode = sys.argv[3], sys.argv[4]
-
-    def hwm():
-        return int(dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)["VmHWM"].split()[0])
-
-    ex = FeatureExtractor(_tiny_feature_model(dims=2048), engine, batch_size=64)
-    peaks = []
-    for i, path in enumerate(sys.argv[1:3]):
-        x = ImageRows(np.load(path, mmap_mode="r"), path=path)
-        if mode == "streamed":
-            fcache.cached_into(f"rss-{i}", (1, len(x), 2048), np.float32, lambda o: ex.compute_into(o, x))
-        else:  # everything in RAM: what the test must be able to tell apart
-            ex.compute(x)
-        peaks.append(hwm())
-    print(json.dumps({"hwm_kb": peaks}))
-""")
-
-PASS_BOUND_KB = 16_000  # VmHWM growth allowed from 400 to 4,000 images (their 2048-d features: 31 MB)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", _engines())
-def test_feature_pass_over_a_10x_larger_store_keeps_peak_rss_flat(tmp_path, engine):
-    small, big = _store(tmp_path / "small.npy", 400), _store(tmp_path / "big.npy", 4000, seed=1)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TUNEFLOW_HOME": str(tmp_path / "home"),
-           "TUNEFLOW_INMEMORY_MAX_BYTES": "1"}
-    grown = {}
-    for mode in ("streamed", "in_ram"):
-        out = subprocess.run([sys.executable, "-c", RSS_PASS, str(small), str(big), engine, mode],
-                             capture_output=True, env=env, cwd=REPO, timeout=300)
-        assert out.returncode == 0, out.stderr.decode()[-3000:]
-        peaks = json.loads(out.stdout.decode().strip().splitlines()[-1])["hwm_kb"]
-        grown[mode] = peaks[1] - peaks[0]
-    print(engine, "VmHWM growth, kB:", grown)
-    assert grown["streamed"] < PASS_BOUND_KB, grown
-    assert grown["in_ram"] > 4000 * 2048 * 4 / 1024 * 0.9, grown  # the probe sees features held in RAM
 
 
 SHARD_WORKER = textwrap.dedent("""
@@ -620,59 +350,3 @@ def test_two_workers_each_read_their_own_share_of_the_training_images(tmp_path):
         assert set(a) | set(b) == set(range(n)), (a, b)  # every training image, once ...
         assert len(a) + len(b) <= n + 1, (a, b)  # ... but for at most one padded repeat (odd n)
     assert len(reads[0]) >= 3  # the two epochs were read (after the build's read)
-
-
-def test_a_recipe_runs_from_the_store_and_a_memory_mapped_cache(tmp_path, on_disk, caplog):
-    """small_similar with everything on disk: images in the store, features written as they are
-    computed and read back mapped, and the linear head (too big for L-BFGS under this limit)
-    trained by its optimizer from the mapped cache."""
-    import logging
-
-    from conftest import random_lite0_weights
-    from tuneflow import finetune
-    from tuneflow.features import cache as fcache
-    data = make_image_folder(tmp_path / "d", per_class=10, size=24)
-    ov = {"input_size": 32, "backbone": "efficientnet_lite0", "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32",
-          "head__epochs": 2}
-    before = set(fcache.cache_root().glob("*.npy")) if fcache.cache_root().exists() else set()
-    with caplog.at_level(logging.INFO, logger="tuneflow"):
-        res = finetune("small_similar", data, tmp_path / "r", overrides=ov, verbose=0)
-    assert "memory-mapped" in caplog.text and "trained by the stage's optimizer instead" in caplog.text
-    assert res.report["stages"][0]["optimizer"] != "lbfgs"
-    rows = (tmp_path / "r" / "metrics.csv").read_text().strip().splitlines()[1:]
-    assert len(rows) == 2  # two optimizer epochs, not one L-BFGS row
-    new = set(fcache.cache_root().glob("*.npy")) - before
-    assert len(new) == 2 and all(isinstance(np.load(p, mmap_mode="r"), np.memmap) for p in new)
-    assert 0.0 <= res.report["val_accuracy"] <= 1.0
-
-
-def test_views_of_a_mapped_cache_are_read_with_pread_at_their_own_offsets(tmp_path):
-    """A (V, N, ...) cache (a cached prefix's augmented views): each view becomes a map of its
-    own at its true offset, read with pread (not paged into the process through the map), and
-    the training batches read view e % V in epoch e, cast to float32."""
-    from tuneflow.features.cache import rows_view, split_views
-    from tuneflow.training.cached import cached_dataset
-    rng = np.random.default_rng(1)
-    views, n, d = 3, 37, 5
-    acts = rng.normal(size=(views, n, d)).astype(np.float16)
-    path = tmp_path / "acts.npy"
-    np.save(path, acts)
-    mm = np.load(path, mmap_mode="r")
-    # a plain slice carries the file's offset, wrong for view 1: rows_view must not pread it
-    assert not isinstance(rows_view(mm[1]), ImageRows)
-    parts = split_views(mm)
-    assert len(parts) == views
-    for v, part in enumerate(parts):
-        src = rows_view(part)
-        assert isinstance(src, ImageRows)
-        np.testing.assert_array_equal(src[np.array([0, 5, 36])], acts[v, [0, 5, 36]])
-        np.testing.assert_array_equal(np.asarray(src), acts[v])
-    y = (np.arange(n) % 2).astype(np.int32)
-    ds, steps = cached_dataset(_plan(sampling="shuffle"), parts, y, seed=0, dtype=np.float32)
-    for epoch in range(4):  # each epoch one view, every row once
-        xs = np.concatenate([a.numpy() for a, _ in ds])
-        assert xs.dtype == np.float32 and len(xs) == n
-        want = acts[epoch % views].astype(np.float32)
-        np.testing.assert_array_equal(xs[np.lexsort(xs.T)], want[np.lexsort(want.T)])
-    # in RAM, the same function takes the plain arrays
-    assert [p.shape for p in split_views(acts)] == [(n, d)] * views
