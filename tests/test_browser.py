@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from playwright.sync_api import sync_playwright
 
 from conftest import REPO
 
@@ -42,10 +43,6 @@ def _no_browser(why: str):
 
 @pytest.fixture(scope="module")
 def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as exc:
-        _no_browser(f"playwright is not installed ({exc}); pip install -e '.[test]'")
     path = chromium_path()
     if path is None:
         _no_browser(f"none of {', '.join(CHROMIUM_NAMES)} is on PATH")
