@@ -170,8 +170,10 @@ function renderCard() {
         lineChart(card.curves || [], "accuracy", "accuracy"))));
   }
   const s = info.serving || {};
-  $("limits").textContent = `Up to ${s.max_images} images and ${(s.max_request_bytes / 2 ** 20).toFixed(0)} MiB a request; ` +
-    "JPEG, PNG, GIF, BMP or WebP. Nothing leaves this service.";
+  const b = s.max_request_bytes;
+  const size = b >= 2 ** 20 ? `${(b / 2 ** 20).toFixed(0)} MiB` : `${Math.max(1, Math.round(b / 1024))} KiB`;
+  $("limits").textContent = `Up to ${s.max_images} images and ${size} a request; ` +
+    "JPEG, PNG, GIF or BMP (the formats the model decodes as its report did). Nothing leaves this service.";
   $("model-name").textContent = `· ${info.recipe} · ${info.backbone}`;
 }
 
@@ -260,7 +262,7 @@ async function analyse(file) {
 async function analyseAll(files) {
   const images = [...files].filter((f) => !f.type || f.type.startsWith("image/") || /\.(jpe?g|png|gif|bmp|webp)$/i.test(f.name));
   if (!images.length) {
-    showError("None of those is an image: drop JPEG, PNG, GIF, BMP or WebP files.");
+    showError("None of those is an image: drop JPEG, PNG, GIF or BMP files.");
     return;
   }
   showError("");
