@@ -125,7 +125,7 @@ def test_a_killed_feature_pass_leaves_no_cache_file_and_its_leftover_is_removed(
 RSS_PASS = textwrap.dedent("""
     import json, sys
     import numpy as np
-    import tuneflow.training.distribute as dist
+    import tuneflow.features.predict as dist
     from tuneflow.data.store import ImageRows
     from tuneflow.features import cache as fcache
     from tuneflow.features.extractor import FeatureExtractor
