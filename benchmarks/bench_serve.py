@@ -59,6 +59,11 @@ def offline(run, paths, repeats=2) -> dict:
     return out
 
 
+def _hwm_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
 class Server:
     def __init__(self, run, *flags):
         self.proc = subprocess.Popen([sys.executable, "-m", "tuneflow", "serve", str(run), "--port", "0",
@@ -77,8 +82,14 @@ class Server:
         return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
 
     def hwm_mb(self) -> float:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+        return _hwm_mb(self.proc.pid)
+
+    def child_hwm_mb(self) -> float:
+        """Peak RSS of the server's children (the low-priority process decoding large images)."""
+        kids = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            kids += (task / "children").read_text().split()
+        return sum(_hwm_mb(int(pid)) for pid in kids)
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
@@ -198,6 +209,12 @@ def hostile(url, seconds, stop_event) -> dict:
     return counts
 
 
+def _hostile_process(url, seconds, queue):
+    """The attackers in a process of their own (as they would be on another machine): their Python
+    does not share the well-behaved clients' interpreter lock; their CPU is still this machine's."""
+    queue.put(hostile(url, seconds, threading.Event()))
+
+
 def abuse(run, blobs, seconds, clients=4) -> dict:
     """Well-behaved throughput and the server's peak RSS alone, then with hostile clients."""
     server = Server(run)
@@ -208,23 +225,30 @@ def abuse(run, blobs, seconds, clients=4) -> dict:
         base_hwm = server.hwm_mb()
         alone = well_behaved(server.url, blobs, clients, seconds)
         alone["peak_rss_mb"] = server.hwm_mb()
-        stop = threading.Event()
-        attack: dict = {}
-        attacker = threading.Thread(target=lambda: attack.update(hostile(server.url, seconds + 5, stop)))
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")
+        answers = ctx.Queue()
+        attacker = ctx.Process(target=_hostile_process, args=(server.url, seconds + 5, answers))
         attacker.start()
         time.sleep(5)  # the attack under way
         under = well_behaved(server.url, blobs, clients, seconds)
-        attacker.join()
+        attack = answers.get(timeout=600)
+        attacker.join(60)
         under["peak_rss_mb"] = server.hwm_mb()
+        under["large_image_process_peak_rss_mb"] = server.child_hwm_mb()
         under["hostile_answers"] = attack
     finally:
         server.stop()
     out = {"serving": {k: info[k] for k in ("max_pixels", "max_request_pixels", "max_inflight_pixels", "max_queue",
-                                            "limit_concurrency", "bytes_per_pixel", "inflight_budget_bytes")},
+                                            "limit_concurrency", "bytes_per_pixel", "inflight_budget_bytes",
+                                            "large_image_pixels", "large_image_nice")},
            "baseline_peak_rss_mb": base_hwm, "alone": alone, "under_attack": under,
            "throughput_ratio": under["images_per_s"] / max(alone["images_per_s"], 1e-9),
            "peak_rss_over_baseline_mb": under["peak_rss_mb"] - base_hwm,
-           "goals": {"throughput_ratio": ">= 0.7", "peak_rss_over_baseline_mb": "<= 2048"}}
+           # the server and its large-image process together (that process did not exist at baseline)
+           "peak_rss_with_child_over_baseline_mb": under["peak_rss_mb"] + under["large_image_process_peak_rss_mb"]
+           - base_hwm,
+           "goals": {"throughput_ratio": ">= 0.7", "peak_rss_with_child_over_baseline_mb": "<= 2048"}}
     return out
 
 

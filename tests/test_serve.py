@@ -84,6 +84,7 @@ class FakePredictor:
     classes = ["x", "y"]
     embedding_dim = 3
     input_size = 2
+    resize = "squash"
     info = {"backbone": "fake", "tuneflow_version": "0", "source": "/secret/run/model"}
 
     def decode(self, data, max_pixels=None):

@@ -50,6 +50,11 @@ def vm_hwm(pid: int) -> int:
     return int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) * 1024
 
 
+def children(pid: int) -> list[int]:
+    """The process ids of ``pid``'s children (/proc/PID/task/*/children)."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
 def test_pixel_budget_lets_what_fits_pass_queues_the_rest_then_refuses_with_retry_after():
     async def scenario():
         budget = PixelBudget(10, max_queue=1, retry_after_s=2)
@@ -174,6 +179,8 @@ MAX_PIXELS = 10_000_000      # one image: 3000 x 3000 (9 Mpx) passes
 BUDGET = 20_000_000          # decoded pixels in flight: two such images at once
 MARGIN = 400 * 2**20         # peak RSS allowed over the warmed-up server's peak, besides the budget:
 #                              the request threads' own buffers, request bodies, allocator slack
+LANE_RUNTIME = 900 * 2**20   # the large-image process's own Python, TensorFlow and libraries, before
+#                              any image (its pixels are in the budget): 749 MB measured here
 
 
 def _slow_headers(url: str, seconds: float) -> float:
@@ -281,11 +288,15 @@ def test_a_real_server_survives_hostile_clients_within_its_memory_budget(serving
         assert took < 15
         still_serving()
 
-        peak = vm_hwm(server.proc.pid)
-        allowed = baseline + BUDGET * BYTES_PER_PIXEL + MARGIN
+        # the server and its large-image process together (the 9 Mpx PNGs were decoded there)
+        lanes = children(server.proc.pid)
+        assert len(lanes) == 1, lanes
+        peak = vm_hwm(server.proc.pid) + vm_hwm(lanes[0])
+        allowed = baseline + LANE_RUNTIME + BUDGET * BYTES_PER_PIXEL + MARGIN
         assert peak <= allowed, f"peak RSS {peak / 2**20:.0f} MB over {allowed / 2**20:.0f} MB " \
-                                f"(baseline {baseline / 2**20:.0f} MB + budget + margin)"
-        print(f"peak RSS {peak / 2**20:.0f} MB; baseline {baseline / 2**20:.0f} MB; allowed {allowed / 2**20:.0f} MB")
+                                f"(baseline {baseline / 2**20:.0f} MB + large-image process + budget + margin)"
+        print(f"peak RSS {peak / 2**20:.0f} MB (large-image process {vm_hwm(lanes[0]) / 2**20:.0f} MB); "
+              f"baseline {baseline / 2**20:.0f} MB; allowed {allowed / 2**20:.0f} MB")
         c.close()
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(60) == 0  # drained, then a normal exit

@@ -49,6 +49,11 @@ class Predictor:
         return int(self.info_obj.input_size)
 
     @property
+    def resize(self) -> str:
+        """The model's resize mode (``crop`` or ``squash``, :data:`tuneflow.imageops.RESIZE_MODES`)."""
+        return str(self.info_obj.resize)
+
+    @property
     def embedding_dim(self) -> int:
         return int(self.info_obj.embedding_dim)
 

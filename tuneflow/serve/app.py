@@ -35,7 +35,8 @@ from .budget import PixelBudget
 from .card import model_card
 from .config import ApiError, ServeConfig
 from .explain import LazyExplainer, explain_router
-from .inputs import large_image_pool, prepare_request, read_images
+from .inputs import prepare_request, read_images
+from .lane import LANE_NICE, LARGE_PIXELS, LargeImageLane
 from .memory import BYTES_PER_PIXEL, Trimmer
 from .metrics import Metrics, MetricsMiddleware
 from .page import page_router
@@ -124,14 +125,14 @@ async def readyz(request: Request):
 
 
 def api_router(predictor, cfg: ServeConfig, index, metrics: Metrics, budget: PixelBudget,
-               large_pool=None, card: dict | None = None) -> APIRouter:
+               lane=None, card: dict | None = None) -> APIRouter:
     """embed, classify, search, info and metrics (and the docs with ``cfg.docs``), behind the API key."""
     api = APIRouter(dependencies=[Depends(require_api_key)])
     classes = list(predictor.classes)
 
     async def infer(request: Request, key: tuple) -> np.ndarray:
         blobs = await read_images(request, cfg)
-        batch = await prepare_request(predictor, blobs, cfg, budget, large_pool)
+        batch = await prepare_request(predictor, blobs, cfg, budget, lane)
         del blobs  # the encoded bytes are not kept while the batch waits for the model
         batcher = request.app.state.batcher
         try:
@@ -172,7 +173,9 @@ def api_router(predictor, cfg: ServeConfig, index, metrics: Metrics, budget: Pix
     async def info():
         out = _private(predictor.info)
         out["serving"] = {**cfg.as_dict(), "bytes_per_pixel": BYTES_PER_PIXEL,
-                          "inflight_budget_bytes": cfg.max_inflight_pixels * BYTES_PER_PIXEL}
+                          "inflight_budget_bytes": cfg.max_inflight_pixels * BYTES_PER_PIXEL,
+                          # images from this many decoded pixels go to the low-priority child process
+                          "large_image_pixels": LARGE_PIXELS, "large_image_nice": LANE_NICE}
         out["index"] = None if index is None else _private({**index.meta, "count": len(index)})
         out["card"] = card  # what the run measured, for the page's model card (None: no run folder)
         return out
@@ -211,7 +214,7 @@ def create_app(predictor, cfg: ServeConfig | None = None, index=None, on_stop=No
     Image.MAX_IMAGE_PIXELS = cfg.max_pixels
     metrics = Metrics(ENDPOINTS)
     budget = PixelBudget(cfg.max_inflight_pixels, cfg.max_queue)
-    large_pool = large_image_pool()
+    lane = LargeImageLane(predictor.input_size, predictor.resize, cfg.max_pixels)
 
     def embed_fn(x, layer, normalize):
         return predictor.embed_prepared(x, layer=layer, normalize=normalize)
@@ -233,7 +236,7 @@ def create_app(predictor, cfg: ServeConfig | None = None, index=None, on_stop=No
         finally:
             app.state.ready = False
             await run_in_threadpool(app.state.batcher.stop, cfg.drain_timeout_s)
-            large_pool.shutdown(wait=False)
+            lane.close()
             if on_stop is not None:
                 on_stop(app)
 
@@ -243,6 +246,7 @@ def create_app(predictor, cfg: ServeConfig | None = None, index=None, on_stop=No
     app.state.ready = False
     app.state.metrics = metrics
     app.state.budget = budget
+    app.state.lane = lane
     app.state.api_key = api_key
     app.state.config = cfg
 
@@ -265,8 +269,8 @@ def create_app(predictor, cfg: ServeConfig | None = None, index=None, on_stop=No
 
     app.include_router(health)
     card = model_card(run_dir) if run_dir is not None else None
-    app.include_router(api_router(predictor, cfg, index, metrics, budget, large_pool, card))
-    explain = explain_router(predictor, cfg, LazyExplainer(explainer or _no_explainer), index, budget, large_pool)
+    app.include_router(api_router(predictor, cfg, index, metrics, budget, lane, card))
+    explain = explain_router(predictor, cfg, LazyExplainer(explainer or _no_explainer), index, budget, lane)
     app.include_router(page_router())
     for router in (explain, *routers):
         app.include_router(router, dependencies=[Depends(require_api_key)])

@@ -46,7 +46,7 @@ class LazyExplainer:
 
 
 def explain_router(predictor, cfg: ServeConfig, explainer: LazyExplainer, index=None, budget=None,
-                   large_pool=None) -> APIRouter:
+                   lane=None) -> APIRouter:
     """The routes (mounted behind the API key, as the other ``/v1/*`` routes); images are read and
     decoded as for ``/v1/classify``, within the server's pixel ``budget``."""
     router = APIRouter()
@@ -75,7 +75,7 @@ def explain_router(predictor, cfg: ServeConfig, explainer: LazyExplainer, index=
             raise ApiError(422, "bad_parameter", f"class={target!r} is not one of the model's classes "
                            f"({', '.join(classes)}).")
         blobs = await read_images(request, cfg)
-        batch = await prepare_request(predictor, blobs, cfg, budget, large_pool)
+        batch = await prepare_request(predictor, blobs, cfg, budget, lane)
         del blobs
         return {"explanations": await run_in_threadpool(run, batch, target)}
 

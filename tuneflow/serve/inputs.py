@@ -6,17 +6,13 @@ image fails only its own request.
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import io
 import json
-import os
 import re
 import struct
-import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -27,12 +23,11 @@ from ..export.graph_decode import graph_mismatch
 from ..imageops import draft_size
 from .budget import PixelBudget
 from .config import ApiError, ServeConfig
+from .lane import LARGE_PIXELS, LaneDied, LargeImageLane
 
 # What PIL identifies and the artifact's bytes signatures decode to the same pixels (see
 # tuneflow.export.graph_decode); anything else PIL knows (WEBP, TIFF, ICO, PSD...) is 415.
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "MPO"})
-LARGE_PIXELS = 4_000_000  # decoded pixels from which an image goes to the low-priority decode thread
-LARGE_NICE = 10
 
 
 async def read_images(request, cfg: ServeConfig) -> list[bytes]:
@@ -172,39 +167,39 @@ def _too_large(index: int, pixels: int, cfg: ServeConfig, shape: str = "") -> Ap
                     limit="max_pixels", value=cfg.max_pixels, image=index)
 
 
+def _undecodable(exc: Exception, index: int) -> ApiError:
+    msg = str(exc)
+    code = "truncated_image" if "truncat" in msg.lower() else "corrupt_image"
+    return ApiError(422, code, f"image {index} cannot be decoded: {msg}", image=index)
+
+
 def decode_and_resize(predictor, data: bytes, index: int, cfg: ServeConfig) -> np.ndarray:
     """One image's bytes -> the model's float32 (S, S, 3) input: decoded (a JPEG at its draft scale),
     then reduced at once, so only this image's decoded pixels are held, and only here."""
     try:
         pixels = predictor.decode(data, max_pixels=cfg.max_pixels)
     except DataError as exc:
-        msg = str(exc)
-        code = "truncated_image" if "truncat" in msg.lower() else "corrupt_image"
-        raise ApiError(422, code, f"image {index} cannot be decoded: {msg}", image=index) from exc
+        raise _undecodable(exc, index) from exc
     return predictor.prepare([pixels])[0]
 
 
-def _lower_priority() -> None:
-    """Run this thread at nice 10 (Linux schedules threads on their own): what it decodes yields
-    the CPU to the model and to small images."""
+async def _decode_large(lane: LargeImageLane, data: bytes, index: int) -> np.ndarray:
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LARGE_NICE)
-    except (OSError, AttributeError):  # not Linux, or not permitted: normal priority
-        pass
-
-
-def large_image_pool() -> ThreadPoolExecutor:
-    """The one low-priority thread that decodes large images (>= LARGE_PIXELS decoded pixels)."""
-    return ThreadPoolExecutor(1, thread_name_prefix="tuneflow-large-decode", initializer=_lower_priority)
+        return (await lane.run(data)).astype(np.float32)
+    except DataError as exc:
+        raise _undecodable(exc, index) from exc
+    except LaneDied as exc:
+        raise ApiError(422, "corrupt_image", f"image {index} cannot be decoded: {exc} (the image may crash "
+                       "the decoder, or the machine ran out of memory); check the image.", image=index) from exc
 
 
 async def prepare_request(predictor, blobs: list[bytes], cfg: ServeConfig, budget: PixelBudget,
-                          large_pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+                          lane: LargeImageLane | None = None) -> np.ndarray:
     """A request's encoded images -> the model's float32 [n, S, S, 3] batch. Every header is checked
     first (per-image and per-request pixel limits, before any decode); then each image, in turn,
     takes its decoded pixels from the server's budget while a worker thread decodes and reduces it
-    (a large image: ``large_pool``'s low-priority thread, one at a time, so a client sending
-    36 Mpx PNGs does not take the CPU from everyone else)."""
+    (a large image, >= LARGE_PIXELS: in ``lane``'s low-priority child process, one at a time, so a
+    client sending 36 Mpx PNGs does not take the CPU from everyone else)."""
     size = predictor.input_size
     pixels = await run_in_threadpool(lambda: [probe_image(b, i, cfg, size) for i, b in enumerate(blobs)])
     total = sum(pixels)
@@ -215,8 +210,8 @@ async def prepare_request(predictor, blobs: list[bytes], cfg: ServeConfig, budge
     out = np.empty((len(blobs), size, size, 3), np.float32)
     for i, (data, px) in enumerate(zip(blobs, pixels)):
         async with budget.hold(px):
-            if large_pool is not None and px >= LARGE_PIXELS:
-                out[i] = await asyncio.wrap_future(large_pool.submit(decode_and_resize, predictor, data, i, cfg))
+            if lane is not None and px >= LARGE_PIXELS:
+                out[i] = await _decode_large(lane, data, i)
             else:
                 out[i] = await run_in_threadpool(decode_and_resize, predictor, data, i, cfg)
     return out
