@@ -40,6 +40,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ from ..recipe import Recipe
 from ..runs import names
 from ..runs.folder import validation_curve
 from ..runs.html import write_report_html
+from ..suggest import apply_suggestion, probe_choices
 from ..training.inputs import resolve_recipe
 from . import trial as trial_process
 from .journal import JOURNAL, claim_folder, journal_storage, lock_folder
@@ -63,6 +65,7 @@ SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 PRUNE_ON = ("val_loss", "val_accuracy")  # the per-epoch figure the pruner compares trials on
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+SUGGESTION = "suggest.json"  # a search of "auto": what `tuneflow suggest` answered (the recipe it resolved to)
 # The child: the public CLI in a fresh interpreter (-P: the working directory is not on sys.path).
 
 
@@ -78,6 +81,7 @@ class SearchResult:
     plot: Path | None
     counts: dict = field(default_factory=dict)  # COMPLETE / PRUNED / FAIL -> number of trials
     epochs: int = 0  # epochs run by all finished trials
+    auto: dict | None = None  # for recipe "auto": the recipe and backbone it resolved to, and why
 
 
 def default_prune_warmup(recipe, prune_on: str = "val_loss") -> int:
@@ -151,18 +155,24 @@ def search(recipe, data, trials: int, *, jobs: int = 1, out=None, sampler: str =
         raise RecipeError(f"--pruner {pruner!r}: choose one of {', '.join(PRUNERS)}.")
     if prune_on not in PRUNE_ON:
         raise RecipeError(f"--prune-on {prune_on!r}: choose one of {', '.join(PRUNE_ON)}.")
-    if str(recipe) == "auto":
-        raise RecipeError("search needs a recipe: run `tuneflow suggest DATA` and search the recipe it names.")
-    full = resolve_recipe(recipe, _pairs(overrides)).validate()
+    pairs = _pairs(overrides)
+    data = _data_arg(data)
+    suggestion = None
+    if isinstance(recipe, str) and recipe == "auto":
+        suggestion = _suggest(data, pairs, Path(out) if out is not None else None, verbose)
+        recipe, pairs = apply_suggestion(suggestion, pairs)
+    full = resolve_recipe(recipe, pairs).validate()
     base = full
     if fraction is not None:
         base = base.override(f"fraction={fraction}")
     if classes:
         base = base.override(f"classes={classes if isinstance(classes, str) else ','.join(classes)}")
-    space0 = load_space(space, base)
-    data = _data_arg(data)
+    fixed = [p.split("=", 1)[0].strip() for p in _pairs(overrides)]  # the user's --set: not searched
+    space0 = load_space(space, base, fixed)
     out = Path(out) if out is not None else Path("searches") / f"{base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = {"base_recipe": base.to_dict(), "full_recipe": full.to_dict(), "data": data, "space": space0}
+    if suggestion is not None:
+        config["auto"] = _auto_summary(suggestion)
 
     claim_folder(out)
     lock = lock_folder(out)
@@ -173,15 +183,48 @@ def search(recipe, data, trials: int, *, jobs: int = 1, out=None, sampler: str =
         runner = _Runner(out, storage, base, config, data, jobs, sampler, seed, pruner, prune_warmup,
                          prune_startup, prune_on, verbose)
         runner.check_config()
+        if suggestion is not None:
+            _write_atomic(out / SUGGESTION, json.dumps(suggestion, indent=2))
         for r in range(narrow + 1):
             runner.run_round(r, trials)
         result = runner.write_outputs(final=True)
     finally:
         optuna.logging.set_verbosity(level)
         lock.close()  # releases the flock
+    result.auto = config.get("auto")
     if verbose:
         _summary(result, base.name, data)
     return result
+
+
+def _suggest(data: str, pairs: list[str], out: Path | None, verbose: bool) -> dict:
+    """What ``auto`` resolves to on ``data``: ``tuneflow suggest`` (as ``tuneflow finetune auto``
+    runs it, with the backbone and input size ``--set`` pins) in a child process, so TensorFlow
+    never runs in the search's process; a search continued in ``out`` reuses its first answer."""
+    saved = out / SUGGESTION if out is not None else None
+    if saved is not None and (out / JOURNAL).exists() and saved.exists():
+        return json.loads(saved.read_text())
+    probe = probe_choices(pairs)
+    cmd = [sys.executable, "-P", "-m", "tuneflow", "suggest", data, "--json"]
+    if "backbone" in probe:
+        cmd += ["--backbone", probe["backbone"]]
+    if "input_size" in probe:
+        cmd += ["--input-size", str(probe["input_size"])]
+    if verbose:
+        log.info("auto: probing %s to choose the recipe (%s)", data, " ".join(cmd[3:]))
+    p = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RunError(f"search auto: `tuneflow {' '.join(cmd[4:])}` failed (exit {p.returncode}): {last}")
+    suggestion = json.loads(p.stdout)
+    if verbose:
+        log.info("auto: %s -> %s; %s", suggestion["reason"], suggestion["recipe"], suggestion["backbone_reason"])
+    return suggestion
+
+
+def _auto_summary(suggestion: dict) -> dict:
+    """What a search report says of ``auto``: the recipe and backbone it resolved to, and why."""
+    return {k: suggestion[k] for k in ("recipe", "backbone", "reason", "backbone_reason")}
 
 
 class _Child:
@@ -403,9 +446,10 @@ class _Runner:
         import optuna
         if self.pruner_name == "median":
             return optuna.pruners.MedianPruner(n_startup_trials=self.prune_startup, n_warmup_steps=self.prune_warmup)
-        if self.pruner_name == "hyperband":
-            return optuna.pruners.HyperbandPruner(min_resource=self.prune_warmup,
-                                                  max_resource=sum(s.epochs for s in self.base.stages))
+        if self.pruner_name == "hyperband":  # the most epochs a trial may run (the space may search epochs)
+            most = sum(max(s.epochs, self.spaces[-1].get(f"{s.name}.epochs", {}).get("high", 0))
+                       for s in self.base.stages)
+            return optuna.pruners.HyperbandPruner(min_resource=self.prune_warmup, max_resource=most)
         return optuna.pruners.NopPruner()
 
     def trials(self) -> list[tuple[int, object]]:
@@ -455,9 +499,11 @@ class _Runner:
         r, t = best
         recipe = Recipe.from_dict(self.config["full_recipe"]).override(
             *[f"{k}={fmt(v)}" for k, v in t.params.items()])
+        auto = self.config.get("auto")
+        resolved = (f" (auto: {auto['recipe']} with {recipe.backbone}; {auto['reason']})" if auto else "")
         recipe = dataclasses.replace(
             recipe, description=f"tuneflow search {self.out}: best trial {run.name} "
-                                f"(val accuracy {t.value:.4f}) of {recipe.name}")
+                                f"(val accuracy {t.value:.4f}) of {recipe.name}{resolved}")
         _write_atomic(path, recipe.validate().to_json())
 
 
@@ -541,6 +587,8 @@ def _summary(result: SearchResult, name: str, data: str):
     c = result.counts
     print(line)
     print(f"tuneflow search {name} on {data}  ->  {result.out}")
+    if result.auto:
+        print(f"  auto: {result.auto['recipe']} with backbone {result.auto['backbone']} ({result.auto['reason']})")
     print(f"  {sum(c.values())} trials: {c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, "
           f"{c.get('FAIL', 0)} failed; {result.epochs} epochs run")
     if result.best_value is not None:
