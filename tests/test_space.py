@@ -133,5 +133,6 @@ def test_search_runs_every_recipe_and_auto_at_its_defaults_on_digits(tmp_path, n
         resolved = json.loads((out / "suggest.json").read_text())
         assert best["name"] == resolved["recipe"] and f"auto: {resolved['recipe']}" in p.stdout
         assert "auto: " + resolved["recipe"] in best["description"]
+        assert f"auto: {resolved['recipe']} with backbone" in (out / "report.html").read_text()
     else:
         assert best["name"] == name

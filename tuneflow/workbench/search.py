@@ -65,7 +65,7 @@ SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 PRUNE_ON = ("val_loss", "val_accuracy")  # the per-epoch figure the pruner compares trials on
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
-SUGGESTION = "suggest.json"  # a search of "auto": what `tuneflow suggest` answered (the recipe it resolved to)
+SUGGESTION = names.SEARCH_SUGGESTION  # a search of "auto": what `tuneflow suggest` answered
 # The child: the public CLI in a fresh interpreter (-P: the working directory is not on sys.path).
 
 
@@ -118,14 +118,18 @@ def search(recipe, data, trials: int, *, jobs: int = 1, out=None, sampler: str =
     """Search recipe fields with Optuna, one ``tuneflow finetune`` process per trial.
 
     Args:
-      recipe: a recipe name, a recipe JSON file, or a :class:`Recipe`.
+      recipe: a recipe name, ``"auto"`` (resolved as ``tuneflow finetune auto`` resolves it, by
+        ``tuneflow suggest`` in a child process; the result's ``auto`` says what it chose), a
+        recipe JSON file, or a :class:`Recipe`.
       data: what ``tuneflow finetune --data`` takes.
       trials: finished trials wanted per round (complete, pruned, or failed on their own).
       jobs: trials running at once.
       out: the search folder (default ``searches/<recipe>-<timestamp>``); the same ``out``
         continues a search.
       sampler: ``tpe`` | ``random`` | ``grid`` (3 values per numeric range).
-      space: a preset (``default``, ``lr``, ``regularization``), a JSON file or a dict.
+      space: a preset (``default``, ``lr``, ``regularization``: derived from what the recipe's
+        stages train, less the keys ``overrides`` fix; :func:`~tuneflow.workbench.space.default_space`),
+        a JSON file or a dict.
       overrides: ``--set`` values applied to every trial (list of ``key=value`` or a dict).
       fraction, classes: subsample every trial's data for speed; ``best_recipe.json`` keeps the
         recipe's own values, so it trains on all the data.
