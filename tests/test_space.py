@@ -10,12 +10,13 @@ import sys
 import pytest
 
 import tuneflow.recipes as registry
-from conftest import REPO, fast_overrides
-from tuneflow.errors import RecipeError
+from conftest import REPO, fast_overrides, make_image_folder
+from tuneflow.errors import RecipeError, RunError
 from tuneflow.recipe import Recipe
 from tuneflow.suggest import apply_suggestion, probe_choices, suggest
 from tuneflow.training.inputs import resolve_recipe
 from tuneflow.training.probe import DEFAULT_GRID, grid_between
+from tuneflow.workbench.search import search
 from tuneflow.workbench.space import default_space, fmt, load_space
 
 DIGITS = REPO / "data" / "digits"  # committed (data/make_digits.py remakes it): absent is a failure
@@ -97,6 +98,20 @@ def test_an_empty_space_names_the_recipe_and_what_to_do():
                                           r"it would search \(backbone, cache_views, head,"):
         default_space(registry.get("small_different"), fixed=everything)
     assert "finetune.lr" in default_space(registry.get("large_similar"), "lr")  # its fine-tuning stage
+
+
+def test_auto_probes_what_set_pins_and_a_failed_probe_says_why(tmp_path):
+    assert probe_choices(["head.lr=0.01"]) == {} and probe_choices({"input_size": 0}) == {}
+    assert probe_choices(["backbone=efficientnet_lite1", "input_size=64"]) == {
+        "backbone": "efficientnet_lite1", "input_size": 64}
+    found = {"recipe": "large_similar", "backbone": "efficientnet_lite0"}
+    assert apply_suggestion(found, ["backbone=efficientnet_lite2"]) == (  # the user's backbone comes last: it wins
+        "large_similar", ["backbone=efficientnet_lite0", "backbone=efficientnet_lite2"])
+    one = make_image_folder(tmp_path / "one", classes=("a",), per_class=4)
+    with pytest.raises(RunError, match=r"^search auto: `tuneflow suggest .*one --json` failed \(exit 2\): .*single "
+                                       r"class folder"):
+        search("auto", one, 1, out=tmp_path / "s", verbose=False)
+    assert not (tmp_path / "s").exists()
 
 
 def test_head_c_range_sets_the_lbfgs_grid():

@@ -218,7 +218,7 @@ def _suggest(data: str, pairs: list[str], out: Path | None, verbose: bool) -> di
         log.info("auto: probing %s to choose the recipe (%s)", data, " ".join(cmd[3:]))
     p = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        last = (p.stderr.strip().splitlines() or ["(no output)"])[-1].removeprefix("tuneflow: error: ")
         raise RunError(f"search auto: `tuneflow {' '.join(cmd[4:])}` failed (exit {p.returncode}): {last}")
     suggestion = json.loads(p.stdout)
     if verbose:
