@@ -17,7 +17,7 @@ from tuneflow.suggest import apply_suggestion, probe_choices, suggest
 from tuneflow.training.inputs import resolve_recipe
 from tuneflow.training.probe import DEFAULT_GRID, grid_between
 from tuneflow.workbench.search import search
-from tuneflow.workbench.space import default_space, fmt, load_space
+from tuneflow.workbench.space import default_space, fmt, load_space, own_point
 
 DIGITS = REPO / "data" / "digits"  # committed (data/make_digits.py remakes it): absent is a failure
 LBFGS_KEYS = {"backbone", "input_size", "resize", "cache_views", "head", "head_c_range"}
@@ -59,6 +59,7 @@ def test_default_space_is_what_the_recipe_trains_and_every_point_builds(name):
         recipe = registry.get(name)
     space = default_space(recipe)
     assert space and space == load_space("default", recipe)
+    assert set(own_point(recipe, space)) == set(space)  # the defaults lie in it: a search's first trial
     # every recipe's head stage is an L-BFGS head at its defaults: searched by what changes its fit
     assert LBFGS_KEYS <= set(space) and "head.lr" not in space
     assert space["backbone"]["choices"][0] == recipe.backbone
@@ -83,6 +84,10 @@ def test_sgd_heads_search_their_lr_schedule_and_epochs_and_set_keys_are_not_sear
     assert {"head.lr", "head.schedule", "head.epochs", "dropout", "l2", "batch_size"} <= set(space)
     assert not LBFGS_KEYS & set(space)  # an SGD head: its optimizer's fields, not the probe's
     assert space["head.epochs"] == {"type": "int", "low": 30, "high": 120, "log": False}
+    assert own_point(sgd, space) == {"head.lr": 1e-3, "head.schedule": "one_cycle", "head.epochs": 60, "l2": 1e-4,
+                                     "dropout": 0.2, "label_smoothing": 0.0, "batch_size": 32}
+    # a value outside the space is not the first trial's: only the keys whose own value fits are given
+    assert own_point(sgd, load_space({"head.lr": [0.01], "dropout": {"low": 0.0, "high": 0.5}}, sgd)) == {"dropout": 0.2}
     pinned = default_space(sgd, fixed=["head.epochs", "stages.0.lr", "batch_size"])
     assert set(space) - set(pinned) == {"head.epochs", "head.lr", "batch_size"}
     lbfgs = default_space(registry.get("large_similar"), fixed=["input_size", "backbone", "finetune__train"])
@@ -142,6 +147,8 @@ def test_search_runs_every_recipe_and_auto_at_its_defaults_on_digits(tmp_path, n
     pinned = {kv.split("=")[0] for kv in sets}
     assert searched and not searched & pinned, (searched, pinned)
     assert "resize" in searched and "cache_views" in searched  # every recipe's head is L-BFGS at its defaults
+    first = {k: rows[0][k] for k in ("resize", "cache_views", "head", "head_c_range")}
+    assert first == {"resize": "crop", "cache_views": "1", "head": "linear", "head_c_range": "0.001,10.0"}  # defaults
     best = json.loads((out / "best_recipe.json").read_text())
     assert best["input_size"] == 32 and best["batch_size"] == 8  # --set kept
     if name == "auto":

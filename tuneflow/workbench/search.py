@@ -25,6 +25,9 @@ Design (why each piece is the way it is):
   cached-feature child may run an epoch or two more. Only complete lines are read (the engine
   appends a row per epoch, so the last line may be half-written). Epoch counts in ``trials.csv`` are the
   epochs that actually ran.
+- The first trial of a new search runs the recipe's own value of each searched key the space
+  holds (:func:`~tuneflow.workbench.space.own_point`; not on a grid), so the best trial is never
+  below the recipe as given.
 - Coarse to fine: ``narrow=K`` adds K rounds, each its own study (``round1``, ...) over the
   previous round's numeric ranges narrowed to its top 25% trials (on the log scale where the
   range is logarithmic), widened by 10% of the old width; its first trial re-runs the previous
@@ -56,7 +59,7 @@ from ..training.inputs import resolve_recipe
 from . import trial as trial_process
 from .journal import JOURNAL, claim_folder, journal_storage, lock_folder
 from .search_plot import plot_search
-from .space import distribution, finite, fmt, grid_points, load_space, narrow_space, short_value
+from .space import distribution, finite, fmt, grid_points, load_space, narrow_space, own_point, short_value
 
 log = logging.getLogger("tuneflow")
 
@@ -293,6 +296,11 @@ class _Runner:
         if r == 0:
             space = self.config["space"]
             study.set_user_attr("config", self.config)
+            own = own_point(self.base, space)
+            if own and self.sampler_name != "grid" and not study.get_trials(deepcopy=False):
+                study.enqueue_trial(own)  # the first trial: the recipe as given, so the best is never below it
+                log.info("trial 0000 runs the recipe's own values: %s",
+                         ", ".join(f"{k}={short_value(v)}" for k, v in own.items()))
         elif "space" in study.user_attrs:
             space = study.user_attrs["space"]
         else:  # a new round: narrow around the previous round's best, start from the best so far

@@ -19,6 +19,7 @@ OFFLINE_BACKBONES = tuple(n for n, s in BACKBONES.items() if not s.weights_file)
 CACHE_VIEWS = (1, 2, 4)  # augmented views per image in the feature cache
 # The L-BFGS head's C ranges (head_c_range): stronger L2, the default 1e-3..10, weaker L2.
 C_RANGES = ("0.0001,0.1", "0.001,10.0", "0.1,1000.0")
+DEFAULT_C_RANGE = "0.001,10.0"  # what head_c_range=() means (training.probe.DEFAULT_GRID's ends)
 GRID_POINTS = 3  # values per numeric range for --sampler grid: low, middle (on its scale), high
 TOP_FRACTION = 0.25  # --narrow keeps the range of the best quarter of a round's trials ...
 WIDEN = 0.10  # ... widened by 10% of the old range's width on each side
@@ -134,6 +135,36 @@ def _canonical(recipe: Recipe, key: str) -> str:
     if len(parts) == 3 and parts[0] == "stages" and parts[1].isdigit() and int(parts[1]) < len(recipe.stages):
         return f"{recipe.stages[int(parts[1])].name}.{parts[2]}"
     return key
+
+
+def own_point(recipe: Recipe, space: dict) -> dict:
+    """The recipe's own value of each key of ``space`` that lies in it (a search's first trial:
+    the defaults, where the space allows them); ``head_c_range=()`` is its default range.
+
+    >>> from tuneflow.recipes import small_similar
+    >>> own_point(small_similar, default_space(small_similar))["head_c_range"]
+    '0.001,10.0'
+    """
+    point = {}
+    for key, s in space.items():
+        if "." in key:
+            stage, name = key.split(".", 1)
+            found = [st for st in recipe.stages if st.name == stage]
+            if not found or not hasattr(found[0], name):
+                continue
+            value = getattr(found[0], name)
+        elif key == "head_c_range" and not recipe.head_c_range:
+            value = DEFAULT_C_RANGE
+        else:
+            value = getattr(recipe, key, None)
+        if isinstance(value, tuple):
+            value = fmt(value)
+        if s["type"] == "categorical":
+            if value in s["choices"]:
+                point[key] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and s["low"] <= value <= s["high"]:
+            point[key] = int(value) if s["type"] == "int" else float(value)
+    return point
 
 
 def load_space(spec, recipe: Recipe, fixed=()) -> dict:
