@@ -5,7 +5,9 @@ the parent process's memory over many trials.
         [--sampler random] [--pruner median] [--set KEY=VALUE ...]
     (DATA defaults to ../shared/datasets/ants_bees; JSON in benchmarks/results/search_<data>.json)
 
-Both arms run ``tuneflow search small_similar`` with the default space, its head trained by its
+The verdict compares the two arms' best trials on val accuracy, val loss and parameters
+(``compare_best``): pruning kept the best trial only if all three agree. Both arms run
+``tuneflow search small_similar`` with the default space, its head trained by its
 optimizer over epochs (``head_solver=sgd`` where recipes have that field: an L-BFGS head has no
 epochs to prune). With ``--sampler random``
 (the default here) both arms draw the same configurations, so "same best accuracy" means the best
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+NOT_PARAMS = ("round", "number", "state", "val_accuracy", "val_loss", "epochs", "seconds", "run")  # trials.csv
 
 
 def rss_mb(pid: int) -> float:
@@ -71,8 +74,7 @@ def summarize(out: Path, command: str, wall: float | None, first: float | None, 
         rows = list(csv.DictReader(f))
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     best = max(complete, key=lambda r: (float(r["val_accuracy"]), -float(r["val_loss"])))
-    params = [k for k in rows[0] if k not in ("round", "number", "state", "val_accuracy", "val_loss", "epochs",
-                                             "seconds", "run")]
+    params = [k for k in rows[0] if k not in NOT_PARAMS]
     return {"command": command, "wall_seconds": round(wall, 1) if wall is not None else None, "trials": len(rows),
             "states": {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")},
             "epochs": sum(int(r["epochs"] or 0) for r in rows),
@@ -82,6 +84,29 @@ def summarize(out: Path, command: str, wall: float | None, first: float | None, 
             "rss_peak_mb": round(peak, 1) if peak else None,
             "rss_growth_mb": round(peak - first, 1) if first else None,
             "per_trial": [{k: r[k] for k in ("number", "state", "val_accuracy", "epochs", "seconds")} for r in rows]}
+
+
+LOSS_TOLERANCE = 0.01  # relative: best val losses this close are the same (thread-order rounding)
+
+
+def compare_best(none: dict, pruned: dict) -> dict:
+    """Whether pruning kept the search's best trial: the same (or better) best val accuracy, a best
+    val loss no worse (within LOSS_TOLERANCE), and the same best parameters (with the random
+    sampler both arms draw the same configurations, so the same best trial has the same ones)."""
+    same_acc = pruned["best_val_accuracy"] >= none["best_val_accuracy"]
+    same_loss = pruned["best_val_loss"] <= none["best_val_loss"] * (1 + LOSS_TOLERANCE)
+    same_params = pruned["best_params"] == none["best_params"]
+    differ = {k: [none["best_params"].get(k), pruned["best_params"].get(k)]
+              for k in sorted(set(none["best_params"]) | set(pruned["best_params"]))
+              if none["best_params"].get(k) != pruned["best_params"].get(k)}
+    kept = same_acc and same_loss and same_params
+    verdict = (f"best trial {'KEPT' if kept else 'NOT kept'} by pruning: val accuracy "
+               f"{none['best_val_accuracy']:.4f} -> {pruned['best_val_accuracy']:.4f} "
+               f"({'same' if same_acc else 'LOST'}), val loss {none['best_val_loss']:.4f} -> "
+               f"{pruned['best_val_loss']:.4f} ({'same' if same_loss else 'WORSE'}), parameters "
+               + ("the same" if same_params else f"differ: {differ}"))
+    return {"same_best_accuracy": same_acc, "same_best_val_loss": same_loss, "same_best_params": same_params,
+            "best_params_differ": differ, "best_trial_kept": kept, "verdict": verdict}
 
 
 def replay_pruner(out: Path, startup: int, warmup: int, on: str = "val_loss") -> dict:
@@ -95,7 +120,7 @@ def replay_pruner(out: Path, startup: int, warmup: int, on: str = "val_loss") ->
         rows = list(csv.DictReader(f))
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(
         n_startup_trials=startup, n_warmup_steps=warmup))
-    epochs, best, pruned = 0, None, 0
+    epochs, best, pruned, kept = 0, None, 0, []
     for r in rows:
         with open(out / r["run"] / "metrics.csv", newline="") as f:
             curve = [float(m["val_accuracy"]) if on == "val_accuracy" else -float(m["val_loss"])
@@ -110,8 +135,13 @@ def replay_pruner(out: Path, startup: int, warmup: int, on: str = "val_loss") ->
         else:
             study.tell(trial, float(r["val_accuracy"]))
             epochs, best = epochs + len(curve), max(best or 0.0, float(r["val_accuracy"]))
+            kept.append(r)
+    # the best trial as the search ranks them (accuracy, then the lower loss): its loss and parameters too
+    top = max(kept, key=lambda r: (float(r["val_accuracy"]), -float(r["val_loss"])), default=None)
+    params = {k: v for k, v in (top or {}).items() if k not in NOT_PARAMS}
     return {"prune_on": on, "prune_startup": startup, "prune_warmup": warmup, "epochs": epochs, "pruned": pruned,
-            "best_val_accuracy": best}
+            "best_val_accuracy": best, "best_val_loss": float(top["val_loss"]) if top else None,
+            "best_params": params}
 
 
 def replay_searches(dirs: list[Path]):
@@ -131,11 +161,16 @@ def replay_searches(dirs: list[Path]):
             for w in sorted({1, 2, 3, 6, after_rise}):
                 r = replay_pruner(d, 5, w, on)
                 r["saved"] = round(1 - r["epochs"] / total, 3)
-                r["same_best"] = r["best_val_accuracy"] >= best
+                r["same_best"] = r["best_val_accuracy"] >= best  # accuracy; loss and parameters below
+                r["same_best_val_loss"] = r["best_val_loss"] is not None and (
+                    r["best_val_loss"] <= done["best_val_loss"] * (1 + LOSS_TOLERANCE))
+                r["same_best_params"] = r["best_params"] == done["best_params"]
                 r["default"] = w == default_prune_warmup(recipe, on) and on == "val_loss"
                 rows.append(r)
                 print(f"{d.name}: {on} from epoch {w}: {100 * r['saved']:.0f}% saved, best "
-                      f"{r['best_val_accuracy']:.4f} ({'same' if r['same_best'] else 'LOST'} as {best:.4f})")
+                      f"{r['best_val_accuracy']:.4f} ({'same' if r['same_best'] else 'LOST'} as {best:.4f}), "
+                      f"its val loss {r['best_val_loss']} ({'same' if r['same_best_val_loss'] else 'WORSE'} as "
+                      f"{done['best_val_loss']:.4f}), parameters {'same' if r['same_best_params'] else 'DIFFER'}")
         stage = recipe.stages[0]
         first = json.loads((d / "trials" / "0000" / "report.json").read_text())
         out["searches"].append({"folder": str(d), "data": first["data"], "schedule": stage.schedule,
@@ -176,11 +211,11 @@ def main():
             result["no_pruning"], result["pruning"] = none, pruned
             result["epochs_saved"] = round(1 - pruned["epochs"] / none["epochs"], 3)
             result["wall_saved"] = round(1 - pruned["wall_seconds"] / none["wall_seconds"], 3)
-            result["same_best_accuracy"] = pruned["best_val_accuracy"] >= none["best_val_accuracy"]
+            result.update(compare_best(none, pruned))
             print(f"epochs: {none['epochs']} without pruning, {pruned['epochs']} with "
                   f"({100 * result['epochs_saved']:.0f}% saved); wall {none['wall_seconds']} s vs "
-                  f"{pruned['wall_seconds']} s; best val accuracy {none['best_val_accuracy']:.4f} vs "
-                  f"{pruned['best_val_accuracy']:.4f}", flush=True)
+                  f"{pruned['wall_seconds']} s", flush=True)
+            print(result["verdict"], flush=True)
             import tuneflow.recipes as registry
             from tuneflow.workbench.search import default_prune_warmup
             recipe = registry.get("small_similar").override("head_solver=sgd", *args.overrides)

@@ -59,9 +59,11 @@ def test_default_space_fits_every_recipe(name):
     assert space == default_space(recipe)
 
 
-def test_default_space_refuses_a_head_fitted_by_lbfgs():
-    with pytest.raises(RecipeError, match="head_solver=sgd"):
-        default_space(registry.get("small_similar").override("head_solver=lbfgs"))
+def test_default_space_of_a_head_fitted_by_lbfgs_has_no_lr():
+    space = default_space(registry.get("small_similar").override("head_solver=lbfgs"))
+    assert "head.lr" not in space and {"backbone", "input_size", "head_c_range"} <= set(space)
+    with pytest.raises(RecipeError, match="head_solver=sgd"):  # nothing else to search (tests/test_space.py)
+        default_space(registry.get("small_similar").override("head_solver=lbfgs"), "lr")
     space = default_space(registry.get("large_similar").override("head_solver=lbfgs"))
     assert "finetune.lr" in space and "head.lr" not in space  # only the trained stage's LR
 

@@ -54,6 +54,8 @@ def _parser():
     s.add_argument("--backbone", default=None,
                    help="probe this backbone only (default: compare the EfficientNet-Lites, name the best per second; "
                         "the named recipe keeps its own backbone unless one probes clearly above it)")
+    s.add_argument("--input-size", type=int, default=0,
+                   help="probe at this size in pixels (default: each backbone's own)")
     s.add_argument("--json", action="store_true")
     a = sub.add_parser("augment-preview", help="write a PNG grid of augmented samples")
     a.add_argument("--data", required=True)
@@ -62,13 +64,15 @@ def _parser():
     a.add_argument("--size", type=int, default=160)
     a.add_argument("--out", default="augment-preview.png")
     se = sub.add_parser("search", help="hyperparameter search over recipe fields (Optuna), one process per trial")
-    se.add_argument("recipe", help="recipe name or recipe JSON file")
+    se.add_argument("recipe", help="recipe name (see `tuneflow recipes`), 'auto' (as `tuneflow finetune auto` "
+                    "resolves it), or a recipe JSON file")
     se.add_argument("--data", required=True, help="folder of class folders, or tfds:NAME[:SPLIT]")
     se.add_argument("--trials", type=int, required=True, help="finished trials wanted (per round)")
     se.add_argument("--jobs", type=int, default=1, help="trials running at once")
     se.add_argument("--out", help="search folder (default searches/<recipe>-<timestamp>); the same --out continues a search")
     se.add_argument("--sampler", default="tpe", choices=["tpe", "random", "grid"])
-    se.add_argument("--space", help="preset (default, lr, regularization) or a JSON file of key -> range")
+    se.add_argument("--space", help="preset (default, lr, regularization; default: derived from what the recipe "
+                    "trains, less the keys --set fixes) or a JSON file of key -> range")
     se.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                     help="fixed override for every trial")
     se.add_argument("--fraction", type=float, help="share of the images each trial uses (fast tuning)")
@@ -234,7 +238,7 @@ def _run(args) -> int:
         return 0
     if args.cmd == "suggest":
         from .suggest import suggest
-        result = suggest(args.data, args.backbone)
+        result = suggest(args.data, args.backbone, input_size=args.input_size)
         if args.json:
             print(json.dumps(result, indent=2))
         else:

@@ -83,6 +83,9 @@ RANGES = {
 }
 
 
+C_BOUNDS = Bounds(1e-6, 1e6)  # the L-BFGS head's inverse L2 strengths (head_c_range)
+
+
 ONE_CYCLE_PCT_START = 0.25  # fastai's fit_one_cycle default: the share of a stage spent rising
 
 
@@ -137,6 +140,9 @@ class Recipe:
     # seconds; the stage's epochs/lr/optimizer/dropout/l2 do not apply); "sgd" = the stage's
     # optimizer for its epochs; "auto" = lbfgs where it applies (linear head, cached stage).
     head_solver: str = "auto"
+    # The inverse L2 strengths (C, on standardised features) the L-BFGS head's cross-validation
+    # chooses from: (low, high), tried at half-decade steps (1, 3, 10, ...); () = 1e-3..10.
+    head_c_range: tuple[float, ...] = ()
     dropout: float = 0.2  # before the classifier: 0.2 for small models, 0.5 for big heads
     spatial_dropout: float = 0.0  # on the feature map (conv head only)
     l1: float = 0.0  # on new layers
@@ -201,6 +207,7 @@ class Recipe:
         for f in fields(self):
             if f.name in RANGES:
                 _number(f.name, getattr(self, f.name))
+        _check_c_range(self.head_c_range)
         spec = get_spec(self.backbone)
         if self.input_size and self.input_size < spec.min_size:
             raise RecipeError(f"input_size={self.input_size} is too small for {self.backbone}; use 0 "
@@ -291,6 +298,15 @@ def _number(key: str, value, bounds: Bounds | None = None) -> None:
         raise RecipeError(f"{key}={value!r} is not a finite number; use a value in {bounds}.")
     if not bounds.holds(value):
         raise RecipeError(f"{key}={value!r} is out of range: it must be in {bounds}.")
+
+
+def _check_c_range(c_range: tuple) -> None:
+    """``head_c_range`` is () or two numbers low < high within :data:`C_BOUNDS`."""
+    if c_range == ():
+        return
+    if len(c_range) != 2 or not all(C_BOUNDS.holds(c) and math.isfinite(c) for c in c_range) or not c_range[0] < c_range[1]:
+        raise RecipeError(f"head_c_range={','.join(map(str, c_range))}: expected two numbers LOW,HIGH with "
+                          f"LOW < HIGH, both in {C_BOUNDS} (e.g. head_c_range=0.001,10), or empty for 1e-3..10.")
 
 
 def _check_types(obj) -> None:

@@ -98,6 +98,29 @@ def prefer_recipe_backbone(choice: dict, recipe: str) -> tuple[str, str]:
                        f"({probes[better[0]]['accuracy']:.3f} vs {mine:.3f}), so it replaces it")
 
 
+def probe_choices(overrides) -> dict:
+    """What ``auto`` probes with, from a run's overrides (``["key=value", ...]`` or a dict): the
+    backbone and input size they pin (the run's own), else ``{}`` (compare the candidates at
+    their default size). ``suggest(data, **probe_choices(overrides))``."""
+    pairs = overrides.items() if isinstance(overrides, dict) else (
+        p.split("=", 1) for p in overrides if "=" in p)
+    pinned = {k.strip(): str(v).strip() for k, v in pairs}
+    out = {}
+    if pinned.get("backbone"):
+        out["backbone"] = pinned["backbone"]
+    if pinned.get("input_size", "0").isdigit() and int(pinned.get("input_size", "0")):
+        out["input_size"] = int(pinned["input_size"])
+    return out
+
+
+def apply_suggestion(suggestion: dict, overrides):
+    """``(recipe name, overrides)`` for a run of ``auto``: the suggested recipe, and the suggested
+    backbone before the user's overrides (a backbone they name comes later and wins)."""
+    if isinstance(overrides, dict):
+        return suggestion["recipe"], {"backbone": suggestion["backbone"], **overrides}
+    return suggestion["recipe"], [f"backbone={suggestion['backbone']}", *overrides]
+
+
 def suggest(data, backbone: str | None = None, input_size: int = 0, seed: int = 0,
             candidates=CANDIDATES, budget_seconds: float = BUDGET_SECONDS) -> dict:
     """Name the recipe (and, unless ``backbone`` is given, the backbone) for ``data``."""

@@ -16,7 +16,7 @@ from ..export.predictor import load
 from ..runs import names, report as rep
 from ..runs.folder import RunDir
 from ..runs.html import write_html
-from ..suggest import suggest
+from ..suggest import apply_suggestion, probe_choices, suggest
 from ..training.distribute import worker_role
 from ..training.inputs import prepare
 from ..training.isolation import preserved_global_state
@@ -87,13 +87,10 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, e
         if isinstance(data, (DataBundle, tuple, list, dict)):
             raise RecipeError("recipe='auto' measures a folder or tfds: dataset; for arrays or a DataBundle "
                               "name the recipe (see `tuneflow recipes`).")
-        suggestion = suggest(data)
+        suggestion = suggest(data, **probe_choices(overrides))
         log.info("auto: %s -> %s", suggestion["reason"], suggestion["recipe"])
         log.info("auto: %s", suggestion["backbone_reason"])
-        recipe = suggestion["recipe"]
-        # The suggested backbone, unless the user's overrides name one (theirs come later and win).
-        overrides = ({"backbone": suggestion["backbone"], **overrides} if isinstance(overrides, dict)
-                     else [f"backbone={suggestion['backbone']}", *overrides])
+        recipe, overrides = apply_suggestion(suggestion, overrides)
     lr_plots = None
     if _has_auto_lr(overrides):  # `--set head.lr=auto`: an LR range test per such stage first
         lr_plots = Path(tempfile.mkdtemp(prefix="tuneflow-lr-find-"))

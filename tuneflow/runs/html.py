@@ -223,6 +223,12 @@ def search_html(folder: Path) -> str:
     done = sum(r.get("state") == "COMPLETE" for r in rows)
     body = [f"<h1>tuneflow search</h1><p class='sub'>{escape(str(folder.resolve()))} · {len(rows)} trials, "
             f"{done} complete</p>"]
+    try:
+        auto = json.loads((folder / names.SEARCH_SUGGESTION).read_text())
+        body.append(f"<p>auto: {escape(str(auto['recipe']))} with backbone {escape(str(auto['backbone']))} "
+                    f"({escape(str(auto['reason']))})</p>")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # a search of a named recipe
     if rows and acc(rows[0]) >= 0:
         body.append(f'<div class="verdict good">Best trial {escape(rows[0].get("number", ""))}: val accuracy '
                     f'{acc(rows[0]):.4f} ({escape(rows[0].get("run", ""))}). Train it on all the data with '

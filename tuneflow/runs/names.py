@@ -18,3 +18,4 @@ BACKBONE_WEIGHTS = "backbone.weights.h5"
 BACKBONE_JSON = "backbone.json"
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
+SEARCH_SUGGESTION = "suggest.json"  # a search of "auto": what `tuneflow suggest` answered

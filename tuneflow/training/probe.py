@@ -20,6 +20,7 @@ Keras ``Dense(K, softmax)`` on the raw features and the saved model needs no ext
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -106,6 +107,17 @@ class LinearProbe:
             raise RunError(f"Layer {layer.name!r} has activation {activation!r}; a probe's weights "
                            "give probabilities only through a softmax.")
         layer.set_weights([kernel, bias])
+
+
+def grid_between(low: float, high: float) -> tuple[float, ...]:
+    """C values from ``low`` to ``high`` (both kept exactly) at half-decade steps, the steps
+    between rounded to one significant digit as in :data:`DEFAULT_GRID` (a recipe's ``head_c_range``).
+
+    >>> grid_between(1e-3, 10.0) == DEFAULT_GRID
+    True
+    """
+    inner = [float(f"{low * 10 ** (i / 2):.0e}") for i in range(1, math.ceil(2 * math.log10(high / low)))]
+    return tuple(sorted({low, *(c for c in inner if low < c < high), high}))
 
 
 def fit_probe(x_train, y_train, *, sample_weight=None, n_classes: int | None = None, seed: int = 0,

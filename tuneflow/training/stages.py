@@ -197,7 +197,7 @@ def _fit_head_lbfgs(plan: Plan, bundle: DataBundle, run: RunDir, trainer, ftr: n
     """The linear head fitted to convergence on the cached features (every augmented view), its
     L2 strength chosen by cross-validation on the training features only; written into the
     head's classifier (standardisation folded into its weights). One metrics row records it."""
-    from .probe import fit_probe
+    from .probe import DEFAULT_GRID, fit_probe, grid_between
     t0 = time.time()
     x = ftr.reshape((-1, ftr.shape[-1])).astype(np.float32)
     y = np.tile(bundle.train.y, ftr.shape[0])
@@ -207,7 +207,8 @@ def _fit_head_lbfgs(plan: Plan, bundle: DataBundle, run: RunDir, trainer, ftr: n
     elif plan.recipe.sampling == "balanced":  # the same expected loss as oversampling, exactly
         counts = np.bincount(y, minlength=len(plan.classes)).astype(np.float64)
         w = (len(y) / (len(plan.classes) * np.maximum(counts, 1)))[y].astype(np.float32)
-    probe = fit_probe(x, y, sample_weight=w, n_classes=len(plan.classes), seed=plan.recipe.seed)
+    grid = grid_between(*plan.recipe.head_c_range) if plan.recipe.head_c_range else DEFAULT_GRID
+    probe = fit_probe(x, y, sample_weight=w, n_classes=len(plan.classes), seed=plan.recipe.seed, grid=grid)
     probe.write_into(trainer.layers[-1])
     p = probe.predict_proba(x)
     train_loss = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-7, 1))))

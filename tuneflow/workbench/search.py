@@ -25,6 +25,9 @@ Design (why each piece is the way it is):
   cached-feature child may run an epoch or two more. Only complete lines are read (the engine
   appends a row per epoch, so the last line may be half-written). Epoch counts in ``trials.csv`` are the
   epochs that actually ran.
+- The first trial of a new search runs the recipe's own value of each searched key the space
+  holds (:func:`~tuneflow.workbench.space.own_point`; not on a grid), so the best trial is never
+  below the recipe as given.
 - Coarse to fine: ``narrow=K`` adds K rounds, each its own study (``round1``, ...) over the
   previous round's numeric ranges narrowed to its top 25% trials (on the log scale where the
   range is logarithmic), widened by 10% of the old width; its first trial re-runs the previous
@@ -40,6 +43,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +54,12 @@ from ..recipe import Recipe
 from ..runs import names
 from ..runs.folder import validation_curve
 from ..runs.html import write_report_html
+from ..suggest import apply_suggestion, probe_choices
 from ..training.inputs import resolve_recipe
 from . import trial as trial_process
 from .journal import JOURNAL, claim_folder, journal_storage, lock_folder
 from .search_plot import plot_search
-from .space import distribution, finite, fmt, grid_points, load_space, narrow_space, short_value
+from .space import distribution, finite, fmt, grid_points, load_space, narrow_space, own_point, short_value
 
 log = logging.getLogger("tuneflow")
 
@@ -63,6 +68,7 @@ SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 PRUNE_ON = ("val_loss", "val_accuracy")  # the per-epoch figure the pruner compares trials on
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+SUGGESTION = names.SEARCH_SUGGESTION  # a search of "auto": what `tuneflow suggest` answered
 # The child: the public CLI in a fresh interpreter (-P: the working directory is not on sys.path).
 
 
@@ -78,6 +84,7 @@ class SearchResult:
     plot: Path | None
     counts: dict = field(default_factory=dict)  # COMPLETE / PRUNED / FAIL -> number of trials
     epochs: int = 0  # epochs run by all finished trials
+    auto: dict | None = None  # for recipe "auto": the recipe and backbone it resolved to, and why
 
 
 def default_prune_warmup(recipe, prune_on: str = "val_loss") -> int:
@@ -114,14 +121,18 @@ def search(recipe, data, trials: int, *, jobs: int = 1, out=None, sampler: str =
     """Search recipe fields with Optuna, one ``tuneflow finetune`` process per trial.
 
     Args:
-      recipe: a recipe name, a recipe JSON file, or a :class:`Recipe`.
+      recipe: a recipe name, ``"auto"`` (resolved as ``tuneflow finetune auto`` resolves it, by
+        ``tuneflow suggest`` in a child process; the result's ``auto`` says what it chose), a
+        recipe JSON file, or a :class:`Recipe`.
       data: what ``tuneflow finetune --data`` takes.
       trials: finished trials wanted per round (complete, pruned, or failed on their own).
       jobs: trials running at once.
       out: the search folder (default ``searches/<recipe>-<timestamp>``); the same ``out``
         continues a search.
       sampler: ``tpe`` | ``random`` | ``grid`` (3 values per numeric range).
-      space: a preset (``default``, ``lr``, ``regularization``), a JSON file or a dict.
+      space: a preset (``default``, ``lr``, ``regularization``: derived from what the recipe's
+        stages train, less the keys ``overrides`` fix; :func:`~tuneflow.workbench.space.default_space`),
+        a JSON file or a dict.
       overrides: ``--set`` values applied to every trial (list of ``key=value`` or a dict).
       fraction, classes: subsample every trial's data for speed; ``best_recipe.json`` keeps the
         recipe's own values, so it trains on all the data.
@@ -151,18 +162,24 @@ def search(recipe, data, trials: int, *, jobs: int = 1, out=None, sampler: str =
         raise RecipeError(f"--pruner {pruner!r}: choose one of {', '.join(PRUNERS)}.")
     if prune_on not in PRUNE_ON:
         raise RecipeError(f"--prune-on {prune_on!r}: choose one of {', '.join(PRUNE_ON)}.")
-    if str(recipe) == "auto":
-        raise RecipeError("search needs a recipe: run `tuneflow suggest DATA` and search the recipe it names.")
-    full = resolve_recipe(recipe, _pairs(overrides)).validate()
+    pairs = _pairs(overrides)
+    data = _data_arg(data)
+    suggestion = None
+    if isinstance(recipe, str) and recipe == "auto":
+        suggestion = _suggest(data, pairs, Path(out) if out is not None else None, verbose)
+        recipe, pairs = apply_suggestion(suggestion, pairs)
+    full = resolve_recipe(recipe, pairs).validate()
     base = full
     if fraction is not None:
         base = base.override(f"fraction={fraction}")
     if classes:
         base = base.override(f"classes={classes if isinstance(classes, str) else ','.join(classes)}")
-    space0 = load_space(space, base)
-    data = _data_arg(data)
+    fixed = [p.split("=", 1)[0].strip() for p in _pairs(overrides)]  # the user's --set: not searched
+    space0 = load_space(space, base, fixed)
     out = Path(out) if out is not None else Path("searches") / f"{base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = {"base_recipe": base.to_dict(), "full_recipe": full.to_dict(), "data": data, "space": space0}
+    if suggestion is not None:
+        config["auto"] = _auto_summary(suggestion)
 
     claim_folder(out)
     lock = lock_folder(out)
@@ -173,15 +190,48 @@ def search(recipe, data, trials: int, *, jobs: int = 1, out=None, sampler: str =
         runner = _Runner(out, storage, base, config, data, jobs, sampler, seed, pruner, prune_warmup,
                          prune_startup, prune_on, verbose)
         runner.check_config()
+        if suggestion is not None:
+            _write_atomic(out / SUGGESTION, json.dumps(suggestion, indent=2))
         for r in range(narrow + 1):
             runner.run_round(r, trials)
         result = runner.write_outputs(final=True)
     finally:
         optuna.logging.set_verbosity(level)
         lock.close()  # releases the flock
+    result.auto = config.get("auto")
     if verbose:
         _summary(result, base.name, data)
     return result
+
+
+def _suggest(data: str, pairs: list[str], out: Path | None, verbose: bool) -> dict:
+    """What ``auto`` resolves to on ``data``: ``tuneflow suggest`` (as ``tuneflow finetune auto``
+    runs it, with the backbone and input size ``--set`` pins) in a child process, so TensorFlow
+    never runs in the search's process; a search continued in ``out`` reuses its first answer."""
+    saved = out / SUGGESTION if out is not None else None
+    if saved is not None and (out / JOURNAL).exists() and saved.exists():
+        return json.loads(saved.read_text())
+    probe = probe_choices(pairs)
+    cmd = [sys.executable, "-P", "-m", "tuneflow", "suggest", data, "--json"]
+    if "backbone" in probe:
+        cmd += ["--backbone", probe["backbone"]]
+    if "input_size" in probe:
+        cmd += ["--input-size", str(probe["input_size"])]
+    if verbose:
+        log.info("auto: probing %s to choose the recipe (%s)", data, " ".join(cmd[3:]))
+    p = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["(no output)"])[-1].removeprefix("tuneflow: error: ")
+        raise RunError(f"search auto: `tuneflow {' '.join(cmd[4:])}` failed (exit {p.returncode}): {last}")
+    suggestion = json.loads(p.stdout)
+    if verbose:
+        log.info("auto: %s -> %s; %s", suggestion["reason"], suggestion["recipe"], suggestion["backbone_reason"])
+    return suggestion
+
+
+def _auto_summary(suggestion: dict) -> dict:
+    """What a search report says of ``auto``: the recipe and backbone it resolved to, and why."""
+    return {k: suggestion[k] for k in ("recipe", "backbone", "reason", "backbone_reason")}
 
 
 class _Child:
@@ -246,6 +296,11 @@ class _Runner:
         if r == 0:
             space = self.config["space"]
             study.set_user_attr("config", self.config)
+            own = own_point(self.base, space)
+            if own and self.sampler_name != "grid" and not study.get_trials(deepcopy=False):
+                study.enqueue_trial(own)  # the first trial: the recipe as given, so the best is never below it
+                log.info("trial 0000 runs the recipe's own values: %s",
+                         ", ".join(f"{k}={short_value(v)}" for k, v in own.items()))
         elif "space" in study.user_attrs:
             space = study.user_attrs["space"]
         else:  # a new round: narrow around the previous round's best, start from the best so far
@@ -403,9 +458,10 @@ class _Runner:
         import optuna
         if self.pruner_name == "median":
             return optuna.pruners.MedianPruner(n_startup_trials=self.prune_startup, n_warmup_steps=self.prune_warmup)
-        if self.pruner_name == "hyperband":
-            return optuna.pruners.HyperbandPruner(min_resource=self.prune_warmup,
-                                                  max_resource=sum(s.epochs for s in self.base.stages))
+        if self.pruner_name == "hyperband":  # the most epochs a trial may run (the space may search epochs)
+            most = sum(max(s.epochs, self.spaces[-1].get(f"{s.name}.epochs", {}).get("high", 0))
+                       for s in self.base.stages)
+            return optuna.pruners.HyperbandPruner(min_resource=self.prune_warmup, max_resource=most)
         return optuna.pruners.NopPruner()
 
     def trials(self) -> list[tuple[int, object]]:
@@ -455,9 +511,11 @@ class _Runner:
         r, t = best
         recipe = Recipe.from_dict(self.config["full_recipe"]).override(
             *[f"{k}={fmt(v)}" for k, v in t.params.items()])
+        auto = self.config.get("auto")
+        resolved = (f" (auto: {auto['recipe']} with {recipe.backbone}; {auto['reason']})" if auto else "")
         recipe = dataclasses.replace(
             recipe, description=f"tuneflow search {self.out}: best trial {run.name} "
-                                f"(val accuracy {t.value:.4f}) of {recipe.name}")
+                                f"(val accuracy {t.value:.4f}) of {recipe.name}{resolved}")
         _write_atomic(path, recipe.validate().to_json())
 
 
@@ -541,6 +599,8 @@ def _summary(result: SearchResult, name: str, data: str):
     c = result.counts
     print(line)
     print(f"tuneflow search {name} on {data}  ->  {result.out}")
+    if result.auto:
+        print(f"  auto: {result.auto['recipe']} with backbone {result.auto['backbone']} ({result.auto['reason']})")
     print(f"  {sum(c.values())} trials: {c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, "
           f"{c.get('FAIL', 0)} failed; {result.epochs} epochs run")
     if result.best_value is not None:

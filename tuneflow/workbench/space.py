@@ -6,64 +6,170 @@ import json
 import math
 from pathlib import Path
 
+from ..backbones import BACKBONES, FreezeSpec, get_spec
 from ..errors import RecipeError, RunError
 from ..extras import optional
-from ..recipe import Recipe
+from ..imageops import RESIZE_MODES
+from ..recipe import RANGES, Recipe
 
 PRESETS = ("default", "lr", "regularization")
+# The backbones whose ImageNet weights ship with tuneflow's dependencies (the EfficientNet-Lites):
+# the ones a search may switch to without a download.
+OFFLINE_BACKBONES = tuple(n for n, s in BACKBONES.items() if not s.weights_file)
+CACHE_VIEWS = (1, 2, 4)  # augmented views per image in the feature cache
+# The L-BFGS head's C ranges (head_c_range): stronger L2, the default 1e-3..10, weaker L2.
+C_RANGES = ("0.0001,0.1", "0.001,10.0", "0.1,1000.0")
+DEFAULT_C_RANGE = "0.001,10.0"  # what head_c_range=() means (training.probe.DEFAULT_GRID's ends)
 GRID_POINTS = 3  # values per numeric range for --sampler grid: low, middle (on its scale), high
 TOP_FRACTION = 0.25  # --narrow keeps the range of the best quarter of a round's trials ...
 WIDEN = 0.10  # ... widened by 10% of the old range's width on each side
 
 
-def default_space(recipe: Recipe, preset: str = "default") -> dict:
-    """The search space for ``recipe``: each stage's learning rate over two decades around its
-    default (log), L2 on a log scale, dropout and label smoothing linear, batch size categorical.
-    Stages whose linear head is fitted by L-BFGS (``head_solver``) have no learning rate, and a
-    recipe made only of such stages has nothing here to search: that is an error saying so.
+def default_space(recipe: Recipe, preset: str = "default", fixed=()) -> dict:
+    """The search space for ``recipe``, derived from what each of its stages trains.
+
+    - A stage whose linear head is fitted by L-BFGS (``head_solver``; no learning rate, epochs or
+      batches): the choices that change its result: the backbone (those whose ImageNet weights
+      work offline, when the recipe uses ImageNet weights), the input size (32 px either side of
+      the recipe's, and the backbone's default), the resize mode, the cached augmented views, the
+      head kind (``mlp`` trains the head by the stage's optimizer instead) and the range of C
+      (inverse L2 strength) its cross-validation chooses from (``head_c_range``).
+    - A stage trained by its optimizer (an SGD head, a fine-tuning stage): its learning rate over
+      two decades around the recipe's (log), its schedule, its epochs (half to twice the
+      recipe's) and, for ``top:N`` stages, the unfrozen depth (N/2, N, 2N blocks); then the new
+      layers' L2 (log), dropout and label smoothing (linear), weight decay where the stage has
+      one, and the batch size.
+
+    Presets: ``default`` (all of it), ``lr`` (the learning rates), ``regularization`` (C's
+    range, augmented views, L2, dropout, label smoothing, weight decay). Keys in ``fixed`` (what
+    ``--set`` pins) are left out. A space left empty is a RecipeError naming the recipe.
 
     >>> from tuneflow.recipes import small_similar
-    >>> default_space(small_similar.override("head_solver=sgd"))["head.lr"]  # doctest: +SKIP
+    >>> default_space(small_similar)["resize"]
+    {'type': 'categorical', 'choices': ['crop', 'squash']}
+    >>> default_space(small_similar.override("head_solver=sgd"))["head.lr"]
     {'type': 'float', 'low': 0.0001, 'high': 0.01, 'log': True}
     """
     if preset not in PRESETS:
         raise RecipeError(f"Unknown search space preset {preset!r}; choose one of {', '.join(PRESETS)}, "
                           "or give a JSON file.")
-    trained = [s for s in recipe.stages if not _solved_in_closed_form(recipe, s)]
-    if not trained:
-        raise RecipeError(
-            f"{recipe.name} fits its linear head by L-BFGS (head_solver={recipe.head_solver}): it has no "
-            "learning rate, dropout, L2 or batch size to search, and chooses its L2 strength itself. Search "
-            "with --set head_solver=sgd (the stage's optimizer and epochs), or give --space over fields that "
-            "apply (input_size, resize, head, ...).")
+    solved = [s for s in recipe.stages if _solved_in_closed_form(recipe, s)]
+    trained = [s for s in recipe.stages if s not in solved]
     space: dict = {}
-    if preset in ("default", "lr"):
-        for s in trained:
-            space[f"{s.name}.lr"] = {"type": "float", "low": sig(s.lr / 10), "high": sig(min(s.lr * 10, 1.0)),
-                                     "log": True}
-    if preset in ("default", "regularization"):
-        space["l2"] = {"type": "float", "low": 1e-6, "high": 1e-2, "log": True}
-        space["dropout"] = {"type": "float", "low": 0.0, "high": 0.5}
-        space["label_smoothing"] = {"type": "float", "low": 0.0, "high": 0.2}
+    if solved and preset == "default":
+        spec = get_spec(recipe.backbone)
+        if recipe.weights == "imagenet":  # a weights file or run folder fits one backbone only
+            space["backbone"] = {"choices": [recipe.backbone] + [n for n in OFFLINE_BACKBONES if n != recipe.backbone]}
+        size = spec.input_size(recipe.input_size)
+        sizes = {recipe.input_size, size - 32, size + 32} | ({spec.default_size} if recipe.input_size else set())
+        space["input_size"] = {"choices": sorted(v for v in sizes if v == 0 or (RANGES["input_size"].holds(v)
+                                                                                  and v >= spec.min_size))}
+        space["resize"] = {"choices": [recipe.resize] + [m for m in RESIZE_MODES if m != recipe.resize]}
+        space["cache_views"] = {"choices": sorted({recipe.cache_views, *CACHE_VIEWS})}
+        space["head"] = {"choices": ["linear", "mlp"]}  # conv: its cache holds whole feature maps
+    if solved and preset in ("default", "regularization"):
+        own = fmt(recipe.head_c_range) if recipe.head_c_range else None
+        space["head_c_range"] = {"choices": list(dict.fromkeys([own, *C_RANGES] if own else C_RANGES))}
+        if preset == "regularization":
+            space["cache_views"] = {"choices": sorted({recipe.cache_views, *CACHE_VIEWS})}
+    for s in trained:
+        if preset in ("default", "lr"):
+            space[f"{s.name}.lr"] = {"low": sig(s.lr / 10), "high": sig(min(s.lr * 10, 1.0)), "log": True}
+        if preset == "default":
+            space[f"{s.name}.schedule"] = {"choices": list(dict.fromkeys([s.schedule, "one_cycle", "cosine"]))}
+            low = max(1, math.ceil(s.epochs / 2), math.ceil(s.warmup_epochs))
+            space[f"{s.name}.epochs"] = {"low": low, "high": max(low + 1, 2 * s.epochs)}
+            depths = _depths(recipe, s)
+            if depths:
+                space[f"{s.name}.train"] = {"choices": depths}
+    if trained and preset in ("default", "regularization"):
+        space["l2"] = {"low": 1e-6, "high": 1e-2, "log": True}
+        space["dropout"] = {"low": 0.0, "high": 0.5}
+        space["label_smoothing"] = {"low": 0.0, "high": 0.2}
         for s in trained:
             if s.weight_decay > 0:
-                space[f"{s.name}.weight_decay"] = {"type": "float", "low": sig(s.weight_decay / 10),
-                                                   "high": sig(s.weight_decay * 10), "log": True}
-    if preset == "default":
-        space["batch_size"] = {"type": "categorical", "choices": sorted({16, 32, 64, recipe.batch_size})}
+                space[f"{s.name}.weight_decay"] = {"low": sig(s.weight_decay / 10), "high": sig(s.weight_decay * 10),
+                                                   "log": True}
+    if trained and preset == "default":
+        space["batch_size"] = {"choices": sorted({16, 32, 64, recipe.batch_size})}
+    pinned = {_canonical(recipe, k) for k in fixed}
+    dropped = sorted(k for k in space if k in pinned)
+    space = {k: v for k, v in space.items() if k not in pinned}
+    if not space:
+        if dropped:
+            what = (f"--set fixes every key it would search ({', '.join(dropped)}); --set fewer of them, "
+                    "or give --space a JSON file of the fields to search")
+        elif solved and not trained:
+            what = (f"its head is fitted by L-BFGS (head_solver={recipe.head_solver}), which has no learning "
+                    "rate; use --space default (backbone, input size, views, head, C range), --set "
+                    "head_solver=sgd, or a JSON file of the fields to search")
+        else:
+            what = "use --space default, or give --space a JSON file of the fields to search"
+        raise RecipeError(f"Nothing to search in recipe {recipe.name} with --space {preset}: {what}.")
     return {k: normalize_entry(k, v, "default search space") for k, v in space.items()}
 
 
 def _solved_in_closed_form(recipe: Recipe, stage) -> bool:
     """True where the recipe fits the stage's linear head on cached features by L-BFGS, so its
     optimizer fields do not apply (``Recipe.head_solver``: "auto" means exactly these stages)."""
-    solver = getattr(recipe, "head_solver", "sgd")  # recipes from before head_solver train by epochs
     applies = recipe.head == "linear" and recipe.feature_cache and stage.train == "frozen"
-    return applies and solver in ("lbfgs", "auto")  # a trained backbone stage always runs epochs
+    return applies and recipe.head_solver in ("lbfgs", "auto")  # a trained backbone stage always runs epochs
 
 
-def load_space(spec, recipe: Recipe) -> dict:
-    """A space from a preset name, a JSON file, or a dict, checked against ``recipe``.
+def _depths(recipe: Recipe, stage) -> list[str]:
+    """Unfrozen depths around a ``top:N`` stage's: N/2, N and 2N blocks (at most all of them)."""
+    try:
+        fs = FreezeSpec.parse(stage.train)
+    except ValueError:
+        return []
+    if fs.kind != "top" or fs.n < 1:
+        return []
+    blocks = len(get_spec(recipe.backbone).block_names)
+    return [f"top:{n}" for n in sorted({max(1, fs.n // 2), fs.n, min(blocks, 2 * fs.n)})]
+
+
+def _canonical(recipe: Recipe, key: str) -> str:
+    """An override's key as the space names it: ``stages.0.lr`` -> ``head.lr``."""
+    key = key.replace("__", ".")
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] == "stages" and parts[1].isdigit() and int(parts[1]) < len(recipe.stages):
+        return f"{recipe.stages[int(parts[1])].name}.{parts[2]}"
+    return key
+
+
+def own_point(recipe: Recipe, space: dict) -> dict:
+    """The recipe's own value of each key of ``space`` that lies in it (a search's first trial:
+    the defaults, where the space allows them); ``head_c_range=()`` is its default range.
+
+    >>> from tuneflow.recipes import small_similar
+    >>> own_point(small_similar, default_space(small_similar))["head_c_range"]
+    '0.001,10.0'
+    """
+    point = {}
+    for key, s in space.items():
+        if "." in key:
+            stage, name = key.split(".", 1)
+            found = [st for st in recipe.stages if st.name == stage]
+            if not found or not hasattr(found[0], name):
+                continue
+            value = getattr(found[0], name)
+        elif key == "head_c_range" and not recipe.head_c_range:
+            value = DEFAULT_C_RANGE
+        else:
+            value = getattr(recipe, key, None)
+        if isinstance(value, tuple):
+            value = fmt(value)
+        if s["type"] == "categorical":
+            if value in s["choices"]:
+                point[key] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and s["low"] <= value <= s["high"]:
+            point[key] = int(value) if s["type"] == "int" else float(value)
+    return point
+
+
+def load_space(spec, recipe: Recipe, fixed=()) -> dict:
+    """A space from a preset name, a JSON file, or a dict, checked against ``recipe``; a preset
+    leaves out the keys in ``fixed`` (those ``--set`` pins).
 
     The JSON maps recipe keys (as for ``--set``) to ranges or choices::
 
@@ -80,7 +186,7 @@ def load_space(spec, recipe: Recipe) -> dict:
     if isinstance(spec, (str, Path)):
         text = str(spec)
         if text in PRESETS:
-            spec = default_space(recipe, text)
+            spec = default_space(recipe, text, fixed)
         else:
             where = f"search space file {text}"
             try:
