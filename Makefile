@@ -14,7 +14,7 @@ ARGS   ?=
 # (VENV and STAMP are make targets, which cannot hold spaces; the repository's own path may.)
 q = '$(subst ','\'',$(1))'
 
-.PHONY: install browser finetune test test-fast bench data docs layers clean lock
+.PHONY: install browser finetune test test-slow test-all test-fast bench data docs layers clean lock
 
 install: $(STAMP)
 
@@ -54,12 +54,23 @@ finetune: $(STAMP)
 # Two test processes (pytest-xdist), a test file per process at a time (module fixtures are built
 # once): most of a small test's time is single-threaded Python (tracing, export, process start-up),
 # so two processes use both cores. TEST_JOBS=1 runs them in one process.
+# `make test` is the suite every change must pass (within 15 minutes on 2 cores): everything not
+# marked slow. `make test-slow` is the rest (tests over ~30 s: fine-tuning recipes, real ImageNet
+# weights, real data, subprocess fleets, kill -9 fault injection, multi-worker training); CI runs
+# both (.ci/run). `make test-all` runs the two tiers in one pytest session.
 TEST_JOBS ?= 2
+XDIST = $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile)
 test: $(STAMP) browser
-	$(call q,$(BIN)/python) -m pytest $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile) $(PYTEST_ARGS)
+	$(call q,$(BIN)/python) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP) browser
+	$(call q,$(BIN)/python) -m pytest $(XDIST) -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP) browser
+	$(call q,$(BIN)/python) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The inner loop (a few minutes): the unit-level modules and one end-to-end run with its artifact,
-# nothing marked slow. `make test` runs everything.
+# nothing marked slow. `make test` runs the whole quick tier, `make test-all` everything.
 FAST_TESTS = tests/test_dependencies.py tests/test_recipe.py tests/test_optim.py tests/test_pipeline.py \
 	tests/test_data.py tests/test_store.py tests/test_pack.py tests/test_extractor.py tests/test_imageops.py \
 	tests/test_atomic.py tests/test_hardware.py tests/test_report.py \
@@ -73,7 +84,7 @@ FAST_TESTS = tests/test_dependencies.py tests/test_recipe.py tests/test_optim.py
 	tests/test_standardise.py::test_begin_then_fold_is_exact_and_the_twin_computes_what_the_head_does \
 	tests/test_standardise.py::test_sgd_learns_badly_scaled_features_only_when_standardised
 test-fast: $(STAMP)
-	$(call q,$(BIN)/python) -m pytest $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile) -m "not slow" -x -q $(FAST_TESTS) $(PYTEST_ARGS)
+	$(call q,$(BIN)/python) -m pytest $(XDIST) -m "not slow" -x -q $(FAST_TESTS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(call q,$(BIN)/python) benchmarks/bench_recipes.py

@@ -159,6 +159,7 @@ def test_load_from_the_last_checkpoint_and_clear_errors(run, tmp_path):
         tuneflow.load(tmp_path / "empty")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["strings", "onehot"])
 def test_numpy_labels_as_strings_or_one_hot(tmp_path, form):
     rng = np.random.default_rng(0)
@@ -172,6 +173,7 @@ def test_numpy_labels_as_strings_or_one_hot(tmp_path, form):
     assert res.report["classes"] == want and res.classes == want
 
 
+@pytest.mark.slow
 def test_a_loaded_data_bundle_and_a_recipe_file_are_accepted(tmp_path, run):
     from tuneflow.data import load_data
     data = make_image_folder(tmp_path / "d", per_class=6)
@@ -183,6 +185,7 @@ def test_a_loaded_data_bundle_and_a_recipe_file_are_accepted(tmp_path, run):
         tuneflow.finetune("small_similar", bundle, tmp_path / "r2", overrides={**FAST, "input_size": 64}, verbose=0)
 
 
+@pytest.mark.slow
 def test_nothing_global_survives_a_run(tmp_path):
     import matplotlib
     data = make_image_folder(tmp_path / "d", per_class=6)
@@ -201,6 +204,7 @@ def test_nothing_global_survives_a_run(tmp_path):
     assert matplotlib.get_backend() == backend
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "float32"])
 def test_artifact_is_float32_whatever_the_training_precision(tmp_path, precision):
     data = make_image_folder(tmp_path / "d", per_class=8)
@@ -270,6 +274,7 @@ def test_real_data_report_equals_the_loaded_artifact(tmp_path, recipe, dataset):
     assert acc == pytest.approx(res.report["val_accuracy"])
 
 
+@pytest.mark.slow
 def test_export_of_another_checkpoint(run, tmp_path):
     exe = str(Path(sys.executable).parent / "tuneflow")
     r = subprocess.run([exe, "export", str(run.run_dir), "--out", str(tmp_path / "x"), "--checkpoint", "last"],

@@ -1,6 +1,7 @@
 """The browser face in a real browser (Playwright driving headless Chromium): the page of a real `tuneflow serve`, and report.html opened from disk.
 
-Screenshots go to docs/img/ (the README's and the guides' pictures). Without a browser these tests
+Screenshots go to a temporary folder, or to docs/img/ (the README's and the guides' pictures) with
+TUNEFLOW_SCREENSHOTS=1, so a test run leaves the working tree as it was. Without a browser these tests
 skip, except under CI (the CI variable set), where they fail: `make test` installs the system's
 Chromium when it is missing (apt-get), so a CI run that cannot start one is broken, not excused.
 """
@@ -11,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +24,8 @@ from playwright.sync_api import sync_playwright
 
 from conftest import REPO
 
-SHOTS = REPO / "docs" / "img"
+SHOTS = REPO / "docs" / "img" if os.environ.get("TUNEFLOW_SCREENSHOTS") == "1" else \
+    Path(tempfile.mkdtemp(prefix="tuneflow-shots-"))
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
@@ -115,6 +118,7 @@ def _shot(pg, name):
     Image.open(SHOTS / name).convert("RGB").quantize(256).save(SHOTS / name, optimize=True)
 
 
+@pytest.mark.slow
 def test_page_shows_predictions_heatmaps_and_neighbours_equal_to_the_api(server, page):
     url, run, images = server
     files = [sorted((images / c).glob("*.png"))[3] for c in ("a", "b")]

@@ -27,6 +27,7 @@ def trained(tmp_path_factory):
     return res, data
 
 
+@pytest.mark.slow
 def test_last_and_best_checkpoints_exist_and_best_is_never_worse(trained):
     res, _ = trained
     ck = res.run_dir / "checkpoints"
@@ -219,6 +220,7 @@ class _Crash(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_early_stopping_state_survives_a_crash_and_resume(tmp_path, monkeypatch):
     """lr ~ 0 keeps val accuracy constant: epoch 1 is the best, patience 2 stops after epoch 3.
     Crash after epoch 2 (wait = 1): the resumed stage must stop at epoch 3 too, not restart its count."""

@@ -50,6 +50,7 @@ def quadrant_run(tmp_path_factory):
     return base / "run"
 
 
+@pytest.mark.slow
 def test_heatmap_mass_lies_in_the_quadrant_holding_the_object(quadrant_run):
     from tuneflow.export.explain import Explainer
     ex = Explainer.from_run(quadrant_run)

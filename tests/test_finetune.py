@@ -12,7 +12,10 @@ from tuneflow import finetune
 from tuneflow.runs.folder import RunExistsError
 
 
-@pytest.mark.parametrize("name", registry.NAMES)
+# small_similar (the default) in the quick suite; the other three recipes, which train the backbone
+# (tens of seconds each), in the slow tier
+@pytest.mark.parametrize("name", [n if n == "small_similar" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in registry.NAMES])
 def test_every_recipe_runs_each_stage_and_writes_a_readable_run(tmp_path, tiny_folder, name):
     res = finetune(name, tiny_folder, tmp_path / "run", overrides=_fast(name), verbose=0)
     run = res.run_dir
@@ -98,6 +101,7 @@ def test_nan_loss_stops_training_with_a_diagnosis(tmp_path, tiny_folder, seed):
     assert json.loads((res.run_dir / "run.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_a_diverging_stage_is_named_in_the_report_and_not_kept(tmp_path, tiny_folder):
     """A real divergence (plain SGD at lr 1 on the top blocks: the training loss climbs from ~0.002
     to thousands): the model keeps the head's weights, and the report names the stage, its losses

@@ -63,6 +63,7 @@ def test_heads_and_norms_train(tmp_path, tiny_folder, head, norm):
     assert len(losses) == 4 and losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow
 def test_replace_backbone_bn_with_instance_norm(tmp_path, tiny_folder):
     """Every backbone BatchNorm becomes an instance norm (one group per channel), those in the
     fine-tuned blocks train, and the model saved as .keras loads and predicts as the trained one.

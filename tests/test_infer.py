@@ -166,6 +166,7 @@ def test_engine_choice_and_its_errors(monkeypatch):
         infer.resolve_engine("openvino")
 
 
+@pytest.mark.slow
 def test_the_engine_is_part_of_the_cache_key_and_named_in_the_report(tmp_path, tiny_folder, monkeypatch):
     monkeypatch.setenv("TUNEFLOW_HOME", str(tmp_path / "home"))  # an empty cache: no other test's features
     base = {"input_size": 32, "backbone": "efficientnet_lite0", "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32", "head__epochs": 2}
@@ -188,6 +189,7 @@ def test_the_engine_is_part_of_the_cache_key_and_named_in_the_report(tmp_path, t
         _close(arrays[0], arrays[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["tensorflow", "openvino"])
 def test_augmented_views_in_the_cache(tmp_path, tiny_folder, engine):
     over = {"input_size": 32, "backbone": "efficientnet_lite0", "weights": random_lite0_weights(), "batch_size": 8, "precision": "float32", "head__epochs": 2,
@@ -266,6 +268,7 @@ def test_a_float32_extractor_under_a_bf16_run_computes_what_the_float32_artifact
         keras.mixed_precision.set_global_policy(before)
 
 
+@pytest.mark.slow
 def test_a_bf16_run_reports_the_precision_openvino_computed_at(tmp_path, tiny_folder, cpu_bf16, monkeypatch):
     """The report names what ran: ``openvino/bf16`` only where the CPU computes bf16."""
     monkeypatch.setenv("TUNEFLOW_HOME", str(tmp_path / "home"))  # a feature pass runs (no cache hit)

@@ -2,11 +2,13 @@
 import json
 
 import numpy as np
+import pytest
 
 from conftest import fast_overrides as _fast, make_image_folder
 from tuneflow import finetune
 
 
+@pytest.mark.slow
 def test_kfold_reports_mean_and_spread_and_the_run_holds_the_best_folds_model(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=6)
     res = finetune("small_similar", root, tmp_path / "r", verbose=0, overrides={**_fast("small_similar"), "folds": 2})

@@ -153,6 +153,10 @@ def test_bombs_heavy_requests_and_formats_the_model_decodes_otherwise_are_refuse
         status, body = post(*[big_png(1000)] * 4)  # 4 Mpx decoded from a few kB
         assert status == 413 and (body["code"], body["limit"]) == ("request_too_many_pixels", "max_request_pixels")
         assert "4000000" in body["error"] and body["value"] == 3_000_000
+        # refused as soon as the total passes the limit: the damaged 7th image is never probed
+        status, body = post(*[big_png(1000)] * 6, bomb_png(500, 500)[:40])
+        assert status == 413 and body["code"] == "request_too_many_pixels", body
+        assert "first 4 of its 7 images decode to 4000000 pixels" in body["error"], body
         status, body = post(big_png(1000), bomb_png(500, 500)[:40])  # a header cut short
         assert status == 422 and body["code"] == "truncated_image" and body["image"] == 1
         lying = bomb_png(900, 900)  # claims 0.8 Mpx, holds 64 bytes of image data

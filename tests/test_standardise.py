@@ -90,6 +90,7 @@ def _layer(model, name):
     return next(layer for layer in model._flatten_layers() if layer.name == name)
 
 
+@pytest.mark.slow
 def test_finetune_with_an_sgd_head_exports_the_model_it_measured(tmp_path):
     """End to end: the SGD head trains standardised and is folded at the stage's end; the run's
     artifact (raw features in, no extra layer, no Keras penalty on the classifier) predicts what

@@ -80,6 +80,7 @@ def test_histograms_zero_writes_none(data, tmp_path):
     assert list((out / "tensorboard" / "finetune").rglob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_every_n_epochs_chosen_layers_and_one_hot_labels(data, tmp_path):
     # Label smoothing: the compiled loss takes one-hot labels, and so does the fixed batch's.
     ov = {**TINY, "finetune__epochs": 3, "tensorboard_histograms": 2, "label_smoothing": 0.1,
@@ -96,6 +97,7 @@ def test_every_n_epochs_chosen_layers_and_one_hot_labels(data, tmp_path):
     assert h[:, 0].min() >= 0 and h[:, 1].max() <= 1
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision(data, tmp_path):
     out = finetune("large_similar", data, tmp_path / "run",
                    overrides={**TINY, "precision": "mixed_bfloat16"}, verbose=0, export=False).run_dir

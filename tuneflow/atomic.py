@@ -1,9 +1,42 @@
-"""Atomic replacement of folders: a reader finds the old folder or the new one, never half of one."""
+"""Atomic replacement of files and folders: a reader finds the old one or the new one, never half of one; writers racing for one name each write their own temporary file."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from pathlib import Path
+
+
+def write_file(path: str | Path, data: bytes | str, durable: bool = False) -> Path:
+    """Write ``data`` to ``path`` all or nothing: into a temporary file of this writer's own (its
+    pid and a random tag: several processes writing one name never rename each other's file),
+    then renamed over ``path``. ``durable``: fsync the file and its folder too. On any failure the
+    temporary file is removed and the error raised; ``path`` is the old file or absent."""
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if durable:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return path
 
 
 def replace_dir(tmp: str | Path, target: str | Path) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..atomic import write_file
 from ..errors import DataError
 from ..home import tuneflow_home
 
@@ -340,9 +341,7 @@ def decode_rows(items, names, size: int, resize: str, decode, desc: str = "decod
             meta = {"version": STORE_VERSION, "shape": [n, size, size, 3], "resize": resize,
                     "ok": np.where(ok)[0].tolist(), "skipped": skipped, "complete": True,
                     "extra": extra() if extra else {}}
-            mtmp = path.with_suffix(".json.part")
-            mtmp.write_text(json.dumps(meta))
-            os.replace(mtmp, path.with_suffix(".json"))  # written last: the completion marker
+            write_file(path.with_suffix(".json"), json.dumps(meta))  # written last: the completion marker
             x = ImageRows(np.load(path, mmap_mode="r"), None, str(path))
             x.meta = meta["extra"]
     finally:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_file
 from ..data.store import ImageRows, inmemory_max_bytes
 from ..home import tuneflow_home
 
@@ -77,9 +78,7 @@ def _commit(tmp: Path, path: Path) -> None:
     """A finished array file into place, then its checksum (what makes it a cache hit)."""
     digest = _digest(tmp)
     os.replace(tmp, path)
-    sums_tmp = path.with_suffix(".sha256.part")
-    sums_tmp.write_text(digest)
-    os.replace(sums_tmp, path.with_suffix(".sha256"))
+    write_file(path.with_suffix(".sha256"), digest)  # several processes may finish one key at once
 
 
 def _load_verified(path: Path) -> np.ndarray | None:

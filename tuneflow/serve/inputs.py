@@ -193,6 +193,22 @@ async def _decode_large(lane: LargeImageLane, data: bytes, index: int) -> np.nda
                        "the decoder, or the machine ran out of memory); check the image.", image=index) from exc
 
 
+def _probe_request(blobs: list[bytes], cfg: ServeConfig, size: int) -> list[int]:
+    """Every image's decoded pixels, from the headers; a 413 as soon as the running total passes
+    ``max_request_pixels`` (the rest of a request of 64 huge images is not even probed)."""
+    pixels, total = [], 0
+    for i, data in enumerate(blobs):
+        pixels.append(probe_image(data, i, cfg, size))
+        total += pixels[-1]
+        if total > cfg.max_request_pixels:
+            first = "" if i + 1 == len(blobs) else f"first {i + 1} of its "
+            raise ApiError(413, "request_too_many_pixels", f"the request's {first}{len(blobs)} images decode to "
+                           f"{total} pixels; the limit max_request_pixels is {cfg.max_request_pixels}: send fewer "
+                           "or smaller images per request.", limit="max_request_pixels",
+                           value=cfg.max_request_pixels)
+    return pixels
+
+
 async def prepare_request(predictor, blobs: list[bytes], cfg: ServeConfig, budget: PixelBudget,
                           lane: LargeImageLane | None = None) -> np.ndarray:
     """A request's encoded images -> the model's float32 [n, S, S, 3] batch. Every header is checked
@@ -201,12 +217,7 @@ async def prepare_request(predictor, blobs: list[bytes], cfg: ServeConfig, budge
     (a large image, >= LARGE_PIXELS: in ``lane``'s low-priority child process, one at a time, so a
     client sending 36 Mpx PNGs does not take the CPU from everyone else)."""
     size = predictor.input_size
-    pixels = await run_in_threadpool(lambda: [probe_image(b, i, cfg, size) for i, b in enumerate(blobs)])
-    total = sum(pixels)
-    if total > cfg.max_request_pixels:
-        raise ApiError(413, "request_too_many_pixels", f"the request's {len(blobs)} images decode to {total} "
-                       f"pixels; the limit max_request_pixels is {cfg.max_request_pixels}: send fewer or "
-                       "smaller images per request.", limit="max_request_pixels", value=cfg.max_request_pixels)
+    pixels = await run_in_threadpool(_probe_request, blobs, cfg, size)
     out = np.empty((len(blobs), size, size, 3), np.float32)
     for i, (data, px) in enumerate(zip(blobs, pixels)):
         async with budget.hold(px):

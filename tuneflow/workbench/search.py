@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -48,6 +49,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import write_file
 from ..errors import DataError, RecipeError, RunError
 from ..extras import optional
 from ..recipe import Recipe
@@ -580,18 +582,15 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_file(path, text)
 
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict]):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fields)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fields)
+    w.writeheader()
+    w.writerows(rows)
+    write_file(path, buf.getvalue())
 
 
 def _summary(result: SearchResult, name: str, data: str):
