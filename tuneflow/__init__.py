@@ -18,6 +18,7 @@ __all__ = ["BACKBONES", "DataError", "RecipeError", "RunError", "TuneflowError",
 
 def finetune(recipe, data, out=None, **kwargs):
     """Train a recipe on data; see :func:`tuneflow.fit.finetune.finetune`."""
+    # lazy: `import tuneflow` stays light (no TensorFlow), and the package face sits below fit
     from .fit.finetune import finetune as _finetune
     return _finetune(recipe, data, out, **kwargs)
 
@@ -25,6 +26,7 @@ def finetune(recipe, data, out=None, **kwargs):
 def load(run_dir, checkpoint: str = "best"):
     """A run's model, ready to use: ``.classes``, ``.predict(paths or arrays)``, ``.embed(...)``;
     see :func:`tuneflow.export.predictor.load`."""
+    # lazy: `import tuneflow` stays light (no TensorFlow), and the package face sits below export
     from .export.predictor import load as _load
     return _load(run_dir, checkpoint)
 

@@ -10,10 +10,10 @@ import sys
 from .data.augment import BACKENDS
 from .errors import is_user_error
 from .extras import require
+from .version import __version__
 
 
 def _parser():
-    from .version import __version__
     p = argparse.ArgumentParser(prog="tuneflow", description="Fine-tuning recipes for pretrained CNNs.")
     p.add_argument("--version", action="version", version=f"tuneflow {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -286,7 +286,7 @@ def _run(args) -> int:
     if args.cmd == "predict":
         from .export.cli import predict_command
         return predict_command(args)
-    from .fit.finetune import finetune
+    from .fit.finetune import finetune  # lazy, as every command's modules (see _run)
     finetune(args.recipe, args.data, args.out, overwrite=args.overwrite, resume=args.resume,
              force=args.force, overrides=args.overrides, export=not args.no_export)
     return 0

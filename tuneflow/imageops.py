@@ -14,6 +14,8 @@ import functools
 import numpy as np
 from PIL import Image
 
+from .errors import DataError
+
 RESIZE_MODES = ("crop", "squash")
 
 
@@ -23,7 +25,6 @@ def resizing_layer(size: int, mode: str = "crop", name: str = "resize"):
     antialiasing (what PIL does when it shrinks), computed in float32 under any precision policy."""
     import keras
     if mode not in RESIZE_MODES:
-        from .errors import DataError
         raise DataError(f"resize={mode!r} is not a resize mode; choose one of {', '.join(RESIZE_MODES)}.")
     return keras.layers.Resizing(int(size), int(size), interpolation="bilinear",
                                  crop_to_aspect_ratio=(mode == "crop"), antialias=True,
@@ -129,7 +130,6 @@ def decode_pixels(item, max_pixels: int | None = None, size: int | None = None) 
 
     from PIL import ImageOps, UnidentifiedImageError
 
-    from .errors import DataError
     if isinstance(item, np.ndarray):
         a = item
         if a.ndim == 2:

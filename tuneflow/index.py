@@ -25,7 +25,9 @@ import numpy as np
 
 from .atomic import replace_dir
 from .errors import DataError, RunError
+from .export.embed import embed_files, list_images, load_predictor
 from .extras import optional
+from .imageops import decode_pixels
 
 INDEX_FILE, PATHS_FILE, META_FILE = "index.faiss", "paths.txt", "meta.json"
 THUMBS_DIR = "thumbs"
@@ -130,7 +132,6 @@ def thumb_name(item: int) -> str:
 def _thumbnail(path: str, target: Path) -> bool:
     from PIL import Image
 
-    from .imageops import decode_pixels
     try:
         im = Image.fromarray(decode_pixels(path))
     except Exception:  # noqa: BLE001 - a gallery file gone or unreadable since it was embedded: no thumbnail
@@ -211,7 +212,6 @@ def build_index(run, gallery, out, *, checkpoint: str = "best", layer: str = "po
                 normalize: bool = True, approximate_above: int = APPROXIMATE_ABOVE,
                 batch_size: int | None = None, progress: bool = False, strict: bool = False):
     """Embed the gallery's images with a run and write an index folder -> (Index, skipped files)."""
-    from .export.embed import embed_files, list_images, load_predictor
     predictor = load_predictor(run, checkpoint)
     result = embed_files(predictor, list_images(gallery), layer=layer, normalize=normalize,
                          batch_size=batch_size, progress=progress, strict=strict)
@@ -229,7 +229,6 @@ def build_index(run, gallery, out, *, checkpoint: str = "best", layer: str = "po
 def add_to_index(index_dir, images, *, batch_size: int | None = None, progress: bool = False, strict: bool = False):
     """Embed more images with the run, checkpoint and layer the index was built with and add them
     in place (no rebuild); images already in the index are left out -> (Index, added, skipped)."""
-    from .export.embed import embed_files, list_images, load_predictor
     index = load_index(index_dir)
     meta = index.meta
     known = set(index.paths)
@@ -252,7 +251,6 @@ def add_to_index(index_dir, images, *, batch_size: int | None = None, progress: 
 
 def similar(index_dir, images, k: int = 5) -> list[list[dict]]:
     """Embed query images with the index's own run and settings -> per image, its ``k`` nearest."""
-    from .export.embed import embed_files, load_predictor
     index = load_index(index_dir)
     predictor = load_predictor(index.meta["run"], index.meta["checkpoint"])
     result = embed_files(predictor, [Path(p) for p in images], layer=index.meta["layer"],

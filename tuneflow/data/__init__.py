@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DataError
+from .pack import is_packed, load_packed
 from .sources import (IMAGE_EXTENSIONS, RESIZE_MODES, DataBundle, Split, check_bundle, check_resize, decode_image,
                       find_leaks, hash_split, load_arrays, load_folder, split_fraction, stratified_pick, to_rgb8,
                       to_square)
@@ -33,10 +34,9 @@ def load_data(data, size: int, val_fraction: float = 0.2, fraction: float = 1.0,
     if isinstance(data, (tuple, list, dict)) and not isinstance(data, str):
         bundle = load_arrays(data, size, val_fraction, resize=resize, keep=classes)
     elif str(data).startswith("tfds:"):
-        from .tfds_source import load_tfds
+        from .tfds_source import load_tfds  # lazy: tensorflow_datasets is the optional [tfds] extra
         bundle = load_tfds(str(data), size, val_fraction, resize, keep=classes)
     else:
-        from .pack import is_packed, load_packed
         if is_packed(data):
             return load_packed(data, size, val_fraction, resize, classes=classes, fraction=fraction, seed=seed)
         return load_folder(data, size, val_fraction, resize, classes=classes, fraction=fraction, seed=seed)

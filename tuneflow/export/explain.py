@@ -27,6 +27,7 @@ from PIL import Image
 from ..errors import DataError, RunError
 from ..imageops import decode_pixels, resize_image
 from .artifact import INFO_FILE, KERAS_FILE, SAVEDMODEL_DIR, ArtifactInfo
+from .embed import list_images
 
 COLORMAP = "jet"        # blue (no evidence) to red (most): the Grad-CAM paper's and most tools' choice
 OVERLAY_ALPHA = 0.45    # share of the heatmap's colour in an overlay, the image stays readable beneath
@@ -204,7 +205,6 @@ def explanation_figure(image: np.ndarray, grid: np.ndarray, top: list, title: st
 def explain_files(run, images, out, top: int = 3) -> list[Path]:
     """``tuneflow explain``: one overlay PNG per image file in ``out`` (``<stem>.explain.png``:
     the image, its heatmap for the predicted class, the top classes) -> the files written."""
-    from .embed import list_images
     paths = list_images(images)
     if not paths:
         raise DataError(f"no image files in {' '.join(map(str, images))}; give image files or folders.")

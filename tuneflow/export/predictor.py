@@ -17,8 +17,11 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import DataError, RunError
+from ..features.extractor import infer_batch
 from ..imageops import decode_pixels, resize_image
+from ..version import __version__
 from .artifact import INFO_FILE, SAVEDMODEL_DIR, ArtifactInfo
+from .restore import functions_from_checkpoint
 
 LAYERS = ("pooled", "penultimate")
 
@@ -59,7 +62,6 @@ class Predictor:
 
     @property
     def info(self) -> dict:
-        from ..version import __version__
         i = self.info_obj
         return {"backbone": i.backbone, "recipe": i.recipe, "classes": self.classes,
                 "embedding_dim": i.embedding_dim, "penultimate_dim": i.penultimate_dim,
@@ -127,7 +129,6 @@ class Predictor:
     def batch_size(self) -> int:
         """Images a batch when the caller gives none: 64 at 224 px, fewer for larger inputs or
         when memory is short (:func:`tuneflow.features.extractor.infer_batch`)."""
-        from ..features.extractor import infer_batch
         return infer_batch(self.input_size)
 
     def _batched(self, items, batch_size, progress, fn):
@@ -191,6 +192,5 @@ def load(run_dir: str | Path, checkpoint: str = "best") -> Predictor:
         predictor = Predictor(fns, info, str(model_dir))
         predictor._loaded = loaded  # keeps the restored variables alive
         return predictor
-    from .restore import functions_from_checkpoint
     fns, info = functions_from_checkpoint(run_dir, checkpoint)
     return Predictor(fns, info, f"{run_dir} ({checkpoint})")

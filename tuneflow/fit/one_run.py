@@ -1,12 +1,10 @@
 """One model trained, exported and measured in a run folder (a whole run, or one fold of a k-fold run)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..data import DataBundle
 from ..export.evaluate import evaluate
-from ..runs import names
 from ..runs.checkpoints import Checkpoints
 from ..runs.folder import RunDir
 from ..training import assemble as asm_mod
@@ -40,7 +38,4 @@ def train_and_evaluate(plan: Plan, bundle: DataBundle, run: RunDir, verbose, res
 
 def _stored_tap(run: RunDir):
     """The tap an interrupted run chose (its depth probe is not run again on resume)."""
-    try:
-        return json.loads((run / names.RUN).read_text()).get("tap")
-    except (OSError, ValueError):
-        return None
+    return run.run_info().get("tap")

@@ -462,6 +462,13 @@ class RunDir:
     def read_json(self, name: str) -> dict:
         return read_json(self.path / name)
 
+    def run_info(self) -> dict:
+        """run.json as it stands ({} when absent or damaged: status() rebuilds it)."""
+        try:
+            return read_json(self.path / names.RUN)
+        except RunError:
+            return {}
+
     def status(self, status: str, **extra) -> None:
         """Update run.json. A damaged run.json (it holds only status) is rebuilt, with a warning."""
         p = self.path / names.RUN

@@ -13,14 +13,21 @@ import logging
 import socket
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import RunError, TuneflowError
+from ..export.embed import load_predictor
+from ..export.explain import Explainer
+from ..export.restore import artifact_from_checkpoint
+from ..index import load_index
 from .auth import ENV_VAR, load_api_key
+from .app import create_app
 from .config import ServeConfig
+from .memory import limit_arenas
 
 log = logging.getLogger("tuneflow.serve")
 
@@ -28,7 +35,6 @@ log = logging.getLogger("tuneflow.serve")
 def load_for_serving(run, checkpoint: str = "best", index_dir=None):
     """Load the predictor (and index), then run one image through every function the service
     calls, so a missing, damaged or mismatched model fails here and the first request is not slow."""
-    from ..export.embed import load_predictor
     try:
         predictor = load_predictor(run, checkpoint)
     except TuneflowError:
@@ -38,7 +44,6 @@ def load_for_serving(run, checkpoint: str = "best", index_dir=None):
                        f"{type(exc).__name__}: {exc}. Re-export the run or choose another checkpoint.") from exc
     index = None
     if index_dir is not None:
-        from ..index import load_index
         index = load_index(index_dir)
     t0 = time.perf_counter()
     try:
@@ -114,13 +119,10 @@ class Server(uvicorn.Server):
 def load_explainer(run, checkpoint: str = "best"):
     """The Grad-CAM explainer of the model the service serves: the run's ``model.keras`` (for
     ``best``), or the checkpoint's graphs built in memory."""
-    from pathlib import Path
 
-    from ..export.explain import Explainer
     run = Path(run)
     if checkpoint == "best":
         return Explainer.from_run(run if (run / "model.keras").is_file() else run.parent)
-    from ..export.restore import artifact_from_checkpoint
     models = artifact_from_checkpoint(run, checkpoint)
     return Explainer(models.classifier, models.info)
 
@@ -128,8 +130,6 @@ def load_explainer(run, checkpoint: str = "best"):
 def serve(run, *, host: str = "127.0.0.1", port: int = 8080, checkpoint: str = "best",
           index_dir=None, cfg: ServeConfig | None = None, api_key_file=None) -> int:
     """Serve until SIGTERM or Ctrl-C; accepted requests are answered before it returns 0."""
-    from .app import create_app
-    from .memory import limit_arenas
     limit_arenas()  # before the model's and the request pool's threads exist: see .memory
     cfg = (cfg or ServeConfig()).checked()
     api_key = load_api_key(api_key_file)

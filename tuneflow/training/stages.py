@@ -18,7 +18,7 @@ from ..data import DataBundle
 from ..data.pipeline import train_dataset
 from ..features.extractor import FeatureExtractor
 from ..features.predict import predict as dist_predict
-from ..features.cache import split_views
+from ..features.cache import rows_view, split_views, weights_digest
 from ..runs import report as rep
 from ..runs.checkpoints import Checkpoints
 from ..runs.folder import RunDir
@@ -29,6 +29,7 @@ from .distribute import multiworker_reduce_fixed, patch_symbolic_build, worker_s
 from . import prefix
 from .optim import current_lr, make_optimizer
 from .plan import Plan
+from .probe import DEFAULT_GRID, fit_probe, grid_between
 from .standardise import StandardisedHead, standardises
 from .tblog import histograms_for_stage
 
@@ -72,7 +73,6 @@ def call_direct(model, x, chunk: int = 4096) -> np.ndarray:
     ``predict`` would build a dataset and retrace its function every epoch. Chunk by chunk (at
     most CALL_CHUNK_BYTES of inputs each); a memory-mapped cache is read with ``pread``, so its
     pages never join this process's memory."""
-    from ..features.cache import rows_view
     src = rows_view(x)
     row_bytes = int(np.prod(x.shape[1:], dtype=np.int64)) * np.dtype(x.dtype).itemsize
     chunk = max(1, min(chunk, CALL_CHUNK_BYTES // max(1, row_bytes)))
@@ -197,7 +197,6 @@ def _fit_head_lbfgs(plan: Plan, bundle: DataBundle, run: RunDir, trainer, ftr: n
     """The linear head fitted to convergence on the cached features (every augmented view), its
     L2 strength chosen by cross-validation on the training features only; written into the
     head's classifier (standardisation folded into its weights). One metrics row records it."""
-    from .probe import DEFAULT_GRID, fit_probe, grid_between
     t0 = time.time()
     x = ftr.reshape((-1, ftr.shape[-1])).astype(np.float32)
     y = np.tile(bundle.train.y, ftr.shape[0])
@@ -431,5 +430,4 @@ def model_from(record: dict | None, stages) -> dict | None:
 
 
 def _digest(model) -> str:
-    from ..features.cache import weights_digest
     return weights_digest(model)
