@@ -73,6 +73,19 @@ def test_cli_reports_bad_numbers_and_weights_in_one_line(tmp_path):
         assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("recipe, msg", [
+    ("small_similar", "backbone='nope' is not valid; choose one of densenet121"),
+    ("auto", "Unknown backbone 'nope'. Available: densenet121"),  # auto probes with it first
+])
+def test_an_unknown_backbone_is_one_line_for_a_recipe_and_for_auto(tmp_path, recipe, msg):
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    r = _cli("finetune", recipe, "--data", str(data), "--out", str(tmp_path / "run"), "--set", "backbone=nope",
+             cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "tuneflow: error: " in r.stderr and msg in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 # -- the feature-pass batch adapts to input size and to memory ---------------------------------
 
 def test_feature_pass_batch_shrinks_with_input_size_and_free_memory(caplog):

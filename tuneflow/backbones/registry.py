@@ -12,6 +12,7 @@ from typing import Callable
 
 import keras
 
+from ..errors import RecipeError
 from . import efficientnet_lite
 
 
@@ -105,9 +106,8 @@ def get_spec(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name]
     except KeyError:
-        raise ValueError(
-            f"Unknown backbone {name!r}. Available: {', '.join(sorted(BACKBONES))}."
-        ) from None
+        raise RecipeError(f"Unknown backbone {name!r}. Available: {', '.join(sorted(BACKBONES))}; "
+                          "choose one (--set backbone=NAME), or leave it to the recipe.") from None
 
 
 def block_of(spec: BackboneSpec, layer_name: str) -> str | None:
