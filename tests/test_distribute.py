@@ -5,7 +5,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -50,10 +49,12 @@ def _free_ports(n):
 def _workers(cmd, ports, tmp_path, timeout=420):
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs, logs = [], []
+    scratch = tmp_path / "tmp"  # the workers' own temporary folder: tests running beside this one have theirs
+    scratch.mkdir(exist_ok=True)
     try:
         for i in range(len(ports)):
             env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
-                   "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+                   "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "TMPDIR": str(scratch)}
             log = open(tmp_path / f"worker{i}.log", "w")
             logs.append(log)
             procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -100,7 +101,6 @@ def _assert_same_weights(tmp_path):
 @pytest.mark.slow
 def test_two_workers_train_one_run_in_sync_and_only_the_chief_writes_it(tmp_path):
     data, out, cmd = _worker_command(tmp_path, WORKER)
-    scratch_before = set(Path(tempfile.gettempdir()).glob("tuneflow-worker1-*"))
     codes, logs = _workers(cmd, _free_ports(2), tmp_path)
     assert codes == [0, 0], "\n\n".join(log[-3000:] for log in logs)
     report = json.loads((out / "report.json").read_text())
@@ -108,8 +108,9 @@ def test_two_workers_train_one_run_in_sync_and_only_the_chief_writes_it(tmp_path
     assert report["replicas"] == 2 and report["global_batch"] == 8
     rows = (out / "metrics.csv").read_text().strip().splitlines()[1:]
     assert len(rows) == 4  # 2 + 2 epochs, written once (by the chief)
-    # The other worker left nothing behind: its scratch run folder is removed.
-    assert set(Path(tempfile.gettempdir()).glob("tuneflow-worker1-*")) == scratch_before
+    # The other worker left nothing behind: its scratch run folder (in the workers' TMPDIR, which
+    # no other test shares) is removed.
+    assert not list((tmp_path / "tmp").glob("tuneflow-worker*")), list((tmp_path / "tmp").iterdir())
     # Gradients were all-reduced: both workers end with the same weights (BN moving statistics
     # differ only by float rounding of their all-reduce).
     _assert_same_weights(tmp_path)
