@@ -7,6 +7,7 @@ from tuneflow.recipe import Recipe, Stage
 recipe = Recipe(
     name="small_similar",
     description="Frozen backbone, linear head on pooled features (cached).",
+    backbone="auto",  # Lite0/1/2 probed on the folder's own training images; --set backbone=NAME pins one
     # 288 px, not the 224 of ImageNet training: the backbone was trained on random-resized crops,
     # which show objects larger than a centre crop at the same size does; testing at a higher
     # resolution matches the apparent object size ("FixRes", Touvron et al. 2019). Measured with

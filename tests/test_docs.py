@@ -52,7 +52,7 @@ def digits_run(tmp_path_factory) -> Path:
     (base / "data").mkdir()
     (base / "data" / "digits").symlink_to(REPO / "data" / "digits")
     tuneflow.finetune("small_similar", str(REPO / "data" / "digits"), str(base / "runs" / "digits"),
-                      overrides={"input_size": 32, "weights": random_lite0_weights()}, verbose=0)
+                      overrides={"input_size": 32, "backbone": "efficientnet_lite0", "weights": random_lite0_weights()}, verbose=0)
     return base
 
 

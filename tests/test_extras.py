@@ -64,7 +64,7 @@ def test_feature_engine_openvino_without_openvino_is_one_line(tmp_path):
     from conftest import make_image_folder, random_lite0_weights
     data = make_image_folder(tmp_path / "d", per_class=4)
     argv = ["finetune", "small_similar", "--data", str(data), "--out", str(tmp_path / "r"),
-            "--set", "feature_engine=openvino", "--set", "input_size=32", "--set", f"weights={random_lite0_weights()}"]
+            "--set", "feature_engine=openvino", "--set", "input_size=32", "--set", f"weights={random_lite0_weights()}", "--set", "backbone=efficientnet_lite0"]
     r = _run(f"import tuneflow.cli as c; sys.exit(c.main({argv!r}))", {"openvino"})
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]

@@ -218,12 +218,14 @@ def test_resolve_auto_lr_replaces_only_auto_lr_keys(folder, tmp_path):
     assert resolve_auto_lr("small_similar", folder, fixed) == fixed  # nothing to resolve: unchanged
     out = resolve_auto_lr("small_similar", folder, ["head.lr=auto"] + fixed, out=tmp_path)
     assert (tmp_path / "lr_find_head.png").exists()
-    assert out[1:] == fixed and out[0].startswith("head.lr=")
+    # small_similar's backbone=auto is probed once, and the choice travels with the overrides
+    assert out[1:-1] == fixed and out[0].startswith("head.lr=") and out[-1].startswith("backbone=efficientnet_lite")
     lr = float(out[0].split("=", 1)[1])
     assert 1e-7 <= lr <= 10
     as_dict = resolve_auto_lr("small_similar", folder, {"head__lr": "auto", **dict(p.split("=") for p in fixed)},
                               out=tmp_path)
     assert as_dict["head__lr"] == pytest.approx(lr)  # deterministic: same data, seed and range
+    assert as_dict["backbone"] == out[-1].split("=", 1)[1]
     from tuneflow.training.inputs import resolve_recipe
     assert resolve_recipe("small_similar", out).stages[0].lr == pytest.approx(lr)
 
@@ -261,7 +263,7 @@ def test_auto_lr_keeps_the_recipes_lr_when_the_curve_is_inconclusive(folder, tmp
     flat = {"lrs": lrs, "losses": rising, "smoothed": list(smooth(lrs, rising)), "ema": rising,
             "stopped": "end of range"}
     monkeypatch.setattr(mod, "range_test", lambda *a, **k: flat)
-    fixed = ["input_size=32", "precision=float32", "head_solver=sgd"]
+    fixed = ["input_size=32", "precision=float32", "head_solver=sgd", "backbone=efficientnet_lite0"]
     with caplog.at_level(logging.WARNING, logger="tuneflow"):
         out = resolve_auto_lr("small_similar", folder, fixed + ["head.lr=auto"], out=tmp_path)
     assert out == fixed + ["head.lr=0.001"]  # small_similar's own head lr

@@ -41,7 +41,7 @@ def test_suggest_keeps_the_recipes_own_backbone_unless_another_probes_clearly_be
     must swap it for one clearly better, the cheapest such."""
     from tuneflow import suggest as sg
     assert registry.get("large_similar").backbone == "efficientnet_lite1"
-    assert registry.get("small_similar").backbone == "efficientnet_lite0"
+    assert registry.get("small_similar").backbone == "auto"  # it would probe its candidates itself
 
     def choice(acc, chosen, images=1000):
         names = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
@@ -51,7 +51,9 @@ def test_suggest_keeps_the_recipes_own_backbone_unless_another_probes_clearly_be
     b, why = sg.prefer_recipe_backbone(choice((0.990, 0.992, 0.993), "efficientnet_lite0"), "large_similar")
     assert b == "efficientnet_lite1" and "keeps it" in why and "0.992" in why  # own within the margin
     b, why = sg.prefer_recipe_backbone(choice((0.990, 0.992, 0.993), "efficientnet_lite0"), "small_similar")
-    assert b == "efficientnet_lite0" and why == ""  # own is the choice already
+    assert b == "efficientnet_lite0" and why == ""  # an auto recipe takes the probe's choice
+    b, why = sg.prefer_recipe_backbone(choice((0.990, 0.992, 0.999), "efficientnet_lite2"), "small_similar")
+    assert b == "efficientnet_lite2" and why == ""
     # The cheapest within the margin of the best (Lite0) is only 0.001 above own: not a reason to
     # leave it; Lite2, 0.0055 above own, is, and it replaces it.
     b, why = sg.prefer_recipe_backbone(choice((0.9945, 0.9935, 0.999), "efficientnet_lite0"), "large_similar")

@@ -30,6 +30,11 @@ def _parser():
                    help="with --resume: accept a recipe, overrides or data that differ from the run's")
     f.add_argument("--no-export", action="store_true",
                    help="measure on training's own path, write no model/ (what search trials do)")
+    f.add_argument("--budget", metavar="TIME",
+                   help="wall-time budget for the whole run: 90s, 10m, 2h; the run plans to it and stops "
+                        "complete (exported, evaluated) within it")
+    f.add_argument("--quality", choices=("fast", "balanced", "best"),
+                   help="fast: no backbone probe, native input size; balanced: the recipe; best: a longer probe")
     pr = sub.add_parser("predict", help="classify images with a trained run")
     pr.add_argument("run", help="a run folder (or its model/ folder)")
     pr.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
@@ -288,5 +293,6 @@ def _run(args) -> int:
         return predict_command(args)
     from .fit.finetune import finetune  # lazy, as every command's modules (see _run)
     finetune(args.recipe, args.data, args.out, overwrite=args.overwrite, resume=args.resume,
-             force=args.force, overrides=args.overrides, export=not args.no_export)
+             force=args.force, overrides=args.overrides, export=not args.no_export,
+             budget=args.budget, quality=args.quality)
     return 0

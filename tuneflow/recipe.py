@@ -80,6 +80,7 @@ RANGES = {
     "weight_decay": Bounds(0, 1),
     "patience": Bounds(0, 100000),
     "tensorboard_histograms": Bounds(1, 100000, zero="off"),
+    "backbone_probe_seconds": Bounds(0, 86400, lo_open=True),
 }
 
 
@@ -120,6 +121,13 @@ class Recipe:
     name: str
     description: str = ""
     backbone: str = "efficientnet_lite0"  # Lite0: ImageNet weights offline, ~10x cheaper than ResNet50 on CPU
+    # backbone="auto": the run probes these (cheapest first) on its own training images and trains
+    # the cheapest whose cross-validated linear probe is within a tie margin of the best
+    # (tuneflow.training.backbone_probe); --set backbone=NAME pins one.
+    backbone_candidates: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+    # The probe's time bound: it looks at a class-stratified sample of the training images that
+    # grows while this many seconds last (all of them when they fit; at least MIN_PER_CLASS a class).
+    backbone_probe_seconds: float = 20.0
     weights: str | None = "imagenet"  # imagenet | None (from scratch) | path
     input_size: int = 0  # pixels; 0 = the backbone's default (224)
     resize: str = "crop"  # crop (shorter side to input_size, centre square) | squash (stretch)
@@ -189,7 +197,14 @@ class Recipe:
                 raise RecipeError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, options))}.")
 
         _check_types(self)
-        choose("backbone", self.backbone, sorted(BACKBONES))
+        choose("backbone", self.backbone, sorted(BACKBONES) + ["auto"])
+        if not self.backbone_candidates:
+            raise RecipeError("backbone_candidates is empty; name the backbones backbone=auto compares, "
+                              "cheapest first (e.g. efficientnet_lite0,efficientnet_lite1).")
+        for c in self.backbone_candidates:
+            choose("backbone_candidates", c, sorted(BACKBONES))
+        if len(set(self.backbone_candidates)) != len(self.backbone_candidates):
+            raise RecipeError(f"backbone_candidates={','.join(self.backbone_candidates)} names a backbone twice.")
         choose("augment", self.augment, list(PRESETS))
         choose("augment_backend", self.augment_backend, BACKENDS)
         choose("sampling", self.sampling, SAMPLINGS)
@@ -208,9 +223,12 @@ class Recipe:
             if f.name in RANGES:
                 _number(f.name, getattr(self, f.name))
         _check_c_range(self.head_c_range)
-        spec = get_spec(self.backbone)
+        if self.backbone == "auto":  # every candidate must run it; it is validated again once chosen
+            for c in self.backbone_candidates:
+                self.override(backbone=c)
+        spec = get_spec(self.size_backbone)
         if self.input_size and self.input_size < spec.min_size:
-            raise RecipeError(f"input_size={self.input_size} is too small for {self.backbone}; use 0 "
+            raise RecipeError(f"input_size={self.input_size} is too small for {spec.name}; use 0 "
                               f"(default, {spec.default_size}) or >= {spec.min_size}.")
         _check_weights(self.weights)
         if not self.stages:
@@ -237,6 +255,17 @@ class Recipe:
         if notes:
             return replace(self, stages=tuple(stages), adapted=self.adapted + tuple(notes))
         return self
+
+    @property
+    def size_backbone(self) -> str:
+        """The backbone whose default size ``input_size=0`` means: the recipe's, or under
+        ``backbone=auto`` its first (cheapest) candidate (every candidate is probed at one size)."""
+        return self.backbone_candidates[0] if self.backbone == "auto" else self.backbone
+
+    @property
+    def pixels(self) -> int:
+        """The input size the run trains and the data load at (the one place ``0`` is resolved)."""
+        return get_spec(self.size_backbone).input_size(self.input_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

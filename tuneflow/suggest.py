@@ -24,6 +24,8 @@ from .data import load_data
 from .features import infer
 from .features.cache import weights_digest
 from .features.extractor import FeatureExtractor
+from .training.backbone_probe import MARGIN as BACKBONE_MARGIN
+from .training.backbone_probe import cheapest_of_best
 from .training.probe import fit_probe
 
 LARGE_PER_CLASS = 300  # images per class; below this, fine-tuning deep blocks overfits
@@ -32,7 +34,6 @@ SAMPLE_PER_CLASS = 60  # images per class the probe looks at (keeps suggest to s
 
 
 CANDIDATES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")  # cheapest first
-BACKBONE_MARGIN = 0.005  # a costlier backbone must beat a cheaper one by half a point
 BUDGET_SECONDS = 180.0  # the backbone comparison stops trying costlier candidates after this
 
 
@@ -56,8 +57,7 @@ def choose_backbone(x, y, candidates=CANDIDATES, budget_seconds: float = BUDGET_
         secs = time.time() - t0
         probes[name] = {"accuracy": float(acc), "seconds": round(secs, 2),
                         "images_per_second": round(len(x) / max(secs, 1e-9), 1)}
-    best = max(p["accuracy"] for p in probes.values())
-    chosen = next(n for n in probes if probes[n]["accuracy"] >= best - BACKBONE_MARGIN)
+    chosen = cheapest_of_best(probes, BACKBONE_MARGIN)
     tried = ", ".join(f"{n} {p['accuracy']:.3f} in {p['seconds']:.1f} s" for n, p in probes.items())
     skipped = [n for n in candidates if n not in probes]
     return {"backbone": chosen, "probes": probes, "images": int(len(x)),
@@ -80,6 +80,8 @@ def prefer_recipe_backbone(choice: dict, recipe: str) -> tuple[str, str]:
     recipe's own."""
     own = registry.get(recipe).backbone
     probes = choice["probes"]
+    if own == "auto":  # the recipe would probe its candidates itself: this probe already did
+        return choice["backbone"], ""
     if own == choice["backbone"]:
         return own, ""
     if own not in probes:

@@ -55,7 +55,7 @@ def test_make_finetune_trains_on_a_folder_whose_name_has_spaces(tmp_path):
     bindir = Path(sys.executable).parent
     r = subprocess.run(["make", "-s", "-C", str(REPO), "finetune", f"BIN={bindir}", f"STAMP={stamp}",
                         f"DATA={data}", f"OUT={out}",
-                        f"ARGS=--set weights={random_lite0_weights()} --set input_size=32 --set head.epochs=1 "
+                        f"ARGS=--set weights={random_lite0_weights()} --set backbone=efficientnet_lite0 --set input_size=32 --set head.epochs=1 "
                         "--set feature_engine=tensorflow"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

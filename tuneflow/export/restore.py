@@ -47,7 +47,7 @@ def plan_of_run(run_dir: Path) -> tuple[Plan, str | None]:
     classes = [labels[str(i)] for i in range(len(labels))]
     info = _read_json(run_dir / names.RUN, f"no {names.RUN}")
     spec = get_spec(recipe.backbone)
-    plan = Plan(recipe=recipe, spec=spec, size=spec.input_size(recipe.input_size),
+    plan = Plan(recipe=recipe, spec=spec, size=recipe.pixels,
                 strategy=tf.distribute.get_strategy(), precision="float32", classes=classes,
                 class_weights=None, norm=choose_norm(recipe.norm, recipe.batch_size), freeze_bn=False)
     return plan, info.get("tap")

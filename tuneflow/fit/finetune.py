@@ -13,12 +13,14 @@ import keras
 from ..data import DataBundle
 from ..errors import RecipeError, RunError
 from ..export.predictor import load
-from ..runs import names, report as rep
+from ..runs import names
+from ..runs import report as rep
 from ..runs.folder import RunDir
 from ..runs.html import write_html
 from ..suggest import apply_suggestion, probe_choices, suggest
+from ..training.budget import Deadline, parse_budget, quality_overrides
 from ..training.distribute import worker_role
-from ..training.inputs import prepare
+from ..training.inputs import prepare, resolve_recipe
 from ..training.isolation import preserved_global_state
 from ..training.lr_range import is_auto_lr, resolve_auto_lr
 from .kfold import cross_validate
@@ -58,7 +60,7 @@ class Result:
 
 
 def finetune(recipe, data, out=None, *, overwrite: bool = False, resume: bool = False, force: bool = False,
-             overrides=(), verbose: int = 1, export: bool = True) -> Result:
+             overrides=(), verbose: int = 1, export: bool = True, budget=None, quality: str | None = None) -> Result:
     """Train, evaluate, checkpoint, export and report a recipe on ``data``.
 
     Args:
@@ -71,17 +73,23 @@ def finetune(recipe, data, out=None, *, overwrite: bool = False, resume: bool = 
       resume: continue the run in ``out``; ``force`` accepts a changed recipe or data.
       export: False measures the model on training's own path and writes no ``model/`` (what
         ``tuneflow search`` trials use; ``tuneflow finetune --no-export``).
+      budget: the whole run's wall time, ``"90s"``, ``"10m"``, ``"2h"`` or seconds
+        (:mod:`tuneflow.training.budget`): planned to, refused when it cannot fit, stopped complete.
+      quality: ``"fast"``, ``"balanced"`` (the recipe) or ``"best"``: a preset of overrides that
+        ``overrides`` can still change.
 
     >>> from tuneflow.recipes import small_similar                      # doctest: +SKIP
     >>> result = finetune(small_similar, "data/digits", overrides={"head__epochs": 5})  # doctest: +SKIP
     >>> result.report["val_accuracy"], result.predict(["some.png"])      # doctest: +SKIP
     """
     with preserved_global_state():
-        return _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, export)
+        return _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, export, budget, quality)
 
 
-def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, export=True) -> Result:
+def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, export=True, budget=None,
+              quality=None) -> Result:
     t_start = time.time()
+    deadline = Deadline(parse_budget(budget), start=t_start) if budget is not None else None
     suggestion = None
     if isinstance(recipe, str) and recipe == "auto":
         if isinstance(data, (DataBundle, tuple, list, dict)):
@@ -91,12 +99,19 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, e
         log.info("auto: %s -> %s", suggestion["reason"], suggestion["recipe"])
         log.info("auto: %s", suggestion["backbone_reason"])
         recipe, overrides = apply_suggestion(suggestion, overrides)
+    if quality is not None:  # the preset first: the user's own overrides win
+        preset = quality_overrides(resolve_recipe(recipe, ()), quality)
+        overrides = ({**preset, **overrides} if isinstance(overrides, dict)
+                     else [f"{k}={v}" for k, v in preset.items()] + list(overrides))
     lr_plots = None
     if _has_auto_lr(overrides):  # `--set head.lr=auto`: an LR range test per such stage first
         lr_plots = Path(tempfile.mkdtemp(prefix="tuneflow-lr-find-"))
         overrides = resolve_auto_lr(recipe, data, overrides, out=lr_plots)
-    # Data first: a bad folder is reported before any run folder exists.
-    recipe, bundle, plan = prepare(recipe, data, overrides)
+    # Data first: a bad folder is reported before any run folder exists. A resumed run of a
+    # backbone=auto recipe trains the backbone it chose when it started.
+    stored = (RunDir.stored_recipe(out) or {}).get("backbone") if resume and out is not None else None
+    recipe, bundle, plan = prepare(recipe, data, overrides, stored_backbone=stored, verbose=verbose,
+                                   deadline=deadline)
     chief, task = worker_role(plan.strategy)
     shared_dir = None
     if not chief:  # another worker: same computation, its writes go to a scratch folder
@@ -127,6 +142,12 @@ def _finetune(recipe, data, out, overwrite, resume, force, overrides, verbose, e
                                                read_dir=shared_dir if resume else None, export=export)
         if suggestion:
             report["suggest"] = suggestion
+        if plan.backbone_choice:
+            report["backbone_choice"] = plan.backbone_choice
+        if deadline is not None:
+            report["budget"] = {**deadline.report(), "quality": quality or "balanced"}
+        elif quality is not None:
+            report["quality"] = quality
         report["wall_seconds"] = round(time.time() - t_start, 2)
         run.write_json(names.REPORT, report)
         run.write_text(names.REPORT_MD, rep.markdown(report))

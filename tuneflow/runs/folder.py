@@ -462,6 +462,17 @@ class RunDir:
     def read_json(self, name: str) -> dict:
         return read_json(self.path / name)
 
+    @staticmethod
+    def stored_recipe(out) -> dict | None:
+        """The recipe a run folder records (recipe.json), or None when ``out`` holds none (a new
+        folder) or a damaged one (resuming then says what is wrong)."""
+        p = Path(out) / names.RECIPE
+        try:
+            got = json.loads(p.read_text())
+        except (OSError, ValueError):
+            return None
+        return got if isinstance(got, dict) else None
+
     def run_info(self) -> dict:
         """run.json as it stands ({} when absent or damaged: status() rebuilds it)."""
         try:

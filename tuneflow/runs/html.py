@@ -157,6 +157,14 @@ def _run_sections(folder: Path, report: dict, level: int = 2) -> str:
                    f"the best validated ones, from stage '{escape(str(mf['stage']))}' "
                    + ("(its end)" if mf["epoch"] == "end" else f"(epoch {mf['epoch']})") if mf else "the last epoch's")
                + f"; precision {escape(str(report.get('precision')))}, strategy {escape(str(report.get('strategy')))}.</p>")
+    choice = report.get("backbone_choice") or {}
+    if choice:
+        out.append(f'<p class="sub">Backbone chosen (backbone=auto): {escape(str(choice.get("reason", "")))}.</p>')
+        if choice.get("probes"):
+            out.append(_table(["candidate", "cross-validated accuracy (train)", "seconds", "images/s"],
+                              [[escape(n) + (" (kept)" if n == choice.get("backbone") else ""), _fmt(p["accuracy"]),
+                                _fmt(p["seconds"], 1), _fmt(p["images_per_second"], 1)]
+                               for n, p in choice["probes"].items()]))
     return "\n".join(out)
 
 

@@ -371,6 +371,14 @@ def markdown(report: dict) -> str:
         for t, s in report["taps"].items():
             s = s if isinstance(s, dict) else {"inner": float("nan"), "val": s}
             lines.append(f"| {t}{' (kept)' if t == report.get('tap') else ''} | {s['inner']:.4f} | {s['val']:.4f} |")
+    choice = report.get("backbone_choice") or {}
+    if choice:
+        lines += ["", "## Backbone (backbone=auto)", "", str(choice.get("reason", "")) + "."]
+        if choice.get("probes"):
+            lines += ["", "| candidate | cross-validated accuracy (train) | seconds | images/s |",
+                      "| --- | --- | --- | --- |"]
+            lines += [f"| {n}{' (kept)' if n == choice.get('backbone') else ''} | {p['accuracy']:.4f} | "
+                      f"{p['seconds']:.1f} | {p['images_per_second']:.1f} |" for n, p in choice["probes"].items()]
     if report.get("skipped_files"):
         lines += ["", f"## Skipped files ({len(report['skipped_files'])})", ""]
         lines += [f"- {s}" for s in report["skipped_files"]]

@@ -49,6 +49,23 @@ def cache_extractor(recipe, feat_model) -> FeatureExtractor:
                             precision="float32" if recipe.feature_precision == "float32" else None)
 
 
+def _key_base(plan: Plan, bundle: DataBundle, extractor: FeatureExtractor, tap) -> dict:
+    pooled = len(extractor.model.output.shape) == 2
+    return dict(backbone=plan.spec.name, tap=tap, pooled=pooled, data=bundle.fingerprint())
+
+
+def train_key(plan: Plan, bundle: DataBundle, extractor: FeatureExtractor, tap) -> str:
+    """The cache key of a stage's training features (what :func:`cached_features` reads)."""
+    r = plan.recipe
+    return extractor.key(**_key_base(plan, bundle, extractor, tap), split="train", views=r.cache_views,
+                         augment=f"{r.augment}/{r.augment_backend}/seed{r.seed}" if r.cache_views > 1 else "")
+
+
+def val_key(plan: Plan, bundle: DataBundle, extractor: FeatureExtractor, tap) -> str:
+    """The cache key of a stage's validation features."""
+    return extractor.key(**_key_base(plan, bundle, extractor, tap), split="val", views=1)
+
+
 def cached_features(plan: Plan, bundle: DataBundle, extractor: FeatureExtractor, tap):
     """Train (views, N, ...) and val (N, ...) features from the cache, computed once if missing.
 
@@ -59,10 +76,7 @@ def cached_features(plan: Plan, bundle: DataBundle, extractor: FeatureExtractor,
     aug = make_augmenter(r.augment, r.augment_backend, plan.size, r.seed) if r.cache_views > 1 else None
     pooled = len(extractor.model.output.shape) == 2
     dtype = np.float32 if pooled else np.float16  # maps are big: half precision; vectors: exact
-    base = dict(backbone=plan.spec.name, tap=tap, pooled=pooled, data=bundle.fingerprint())
-    tr_key = extractor.key(**base, split="train", views=r.cache_views,
-                           augment=f"{r.augment}/{r.augment_backend}/seed{r.seed}" if r.cache_views > 1 else "")
-    va_key = extractor.key(**base, split="val", views=1)
+    tr_key, va_key = train_key(plan, bundle, extractor, tap), val_key(plan, bundle, extractor, tap)
     fshape = tuple(int(d) for d in extractor.model.output.shape[1:])
     n_tr, n_va = len(bundle.train), len(bundle.val)
     t0 = time.time()

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import tuneflow.recipes as registry
-
 import keras
 import tensorflow as tf
 
-from ..backbones import get_spec
+import tuneflow.recipes as registry
+
 from ..data import DataBundle, check_bundle, load_arrays, load_data, subsample
 from ..data.labels import normalize_array_data
 from ..errors import RecipeError
 from ..recipe import Recipe
+from .backbone_probe import resolve_backbone
 from .distribute import choose_precision, make_strategy
 from .plan import Plan
 
@@ -59,14 +59,30 @@ def resolve_data(data, recipe: Recipe, size: int) -> DataBundle:
     return load_data(data, size, recipe.val_fraction, recipe.fraction, recipe.classes, recipe.seed, recipe.resize)
 
 
-def prepare(recipe, data, overrides=(), *, one_device: bool = False) -> tuple[Recipe, DataBundle, Plan]:
+def prepare(recipe, data, overrides=(), *, one_device: bool = False, stored_backbone: str | None = None,
+            verbose: int = 1, deadline=None) -> tuple[Recipe, DataBundle, Plan]:
     """(recipe, bundle, plan): the recipe resolved, its strategy made (``one_device``: the default
-    strategy, as an LR range test or the doctor use), the dtype policy set to its precision, and the
-    data loaded at its input size. The strategy comes first: a multi-worker one must be made before
-    anything touches the TensorFlow runtime."""
+    strategy, as an LR range test or the doctor use), the dtype policy set to its precision, the
+    data loaded at its input size, and ``backbone=auto`` resolved by the backbone probe
+    (``stored_backbone``: the one an interrupted run chose; ``plan.backbone_choice`` says what the
+    probe found). ``deadline``: a :class:`~tuneflow.training.budget.Deadline`: the probe gets its
+    share, and a plan that cannot fit is refused here, before any run folder exists. The strategy
+    comes first: a multi-worker one must be made before anything touches the TensorFlow runtime."""
     recipe = resolve_recipe(recipe, overrides)
     strategy = tf.distribute.get_strategy() if one_device else make_strategy(recipe.strategy)
     precision = choose_precision(recipe.precision)
     keras.mixed_precision.set_global_policy(precision)
-    bundle = resolve_data(data, recipe, get_spec(recipe.backbone).input_size(recipe.input_size))
-    return recipe, bundle, Plan.make(recipe, bundle, strategy, precision)
+    bundle = resolve_data(data, recipe, recipe.pixels)
+    if deadline is not None and recipe.backbone == "auto" and not stored_backbone:
+        recipe = recipe.override(backbone_probe_seconds=deadline.probe_seconds(recipe.backbone_probe_seconds))
+    recipe, choice = resolve_backbone(recipe, bundle, strategy, precision, stored=stored_backbone, verbose=verbose)
+    plan = Plan.make(recipe, bundle, strategy, precision)
+    plan.backbone_choice = choice
+    if deadline is not None:
+        deadline.parts["data_and_backbone"] = deadline.spent()
+        probes = (choice or {}).get("probes") or {}
+        rate = probes[recipe.backbone]["images_per_second"] if recipe.backbone in probes else None
+        reused = int(choice.get("images", 0)) if probes else 0
+        deadline.plan = deadline.check_feasible(len(bundle.train) - reused + len(bundle.val), rate, len(bundle.val))
+        plan.deadline = deadline
+    return recipe, bundle, plan

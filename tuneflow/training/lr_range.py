@@ -374,7 +374,7 @@ def _lr_find(recipe, data, stage, overrides, out, start_lr, end_lr, steps, rule,
                f"{recipe.name}, {what} ({len(curve['lrs'])} steps; {curve['stopped']})")
     log.info("LR range test: %s; suggested lr %.3g (%s), steepest %.3g, minimum/10 %.3g -> %s",
              curve["stopped"], found["suggested_lr"], rule, found["steep"], found["min"], png)
-    return {**found, "stage": st.name, "tap": asm.tap, "stopped": curve["stopped"], "lrs": curve["lrs"],
+    return {**found, "stage": st.name, "tap": asm.tap, "backbone": recipe.backbone, "stopped": curve["stopped"], "lrs": curve["lrs"],
             "losses": curve["losses"], "smoothed": curve["smoothed"], "ema": curve["ema"], "plot": str(png),
             "note": ("the stage's linear head is fitted by L-BFGS (head_solver=auto/lbfgs), which uses no lr; "
                      "the suggestion applies with --set head_solver=sgd")
@@ -429,6 +429,9 @@ def resolve_auto_lr(recipe, data, overrides=(), out=None):
         stage = head.split(".", 1)[1] if head.startswith("stages.") else head
         name = base.stages[_stage_index(base, stage)].name
         found = lr_find(base, data, stage=stage, out=out, plot_name=f"lr_find_{name}.png")
+        if base.backbone == "auto":  # probed once, for this and every later stage and the run itself
+            base = base.override(backbone=found["backbone"])
+            items.append(("backbone", found["backbone"]))
         if found.get("inconclusive"):  # no LR can be read from the curve: keep the recipe's own
             lr = float(base.stages[_stage_index(base, stage)].lr)
             log.warning("%s=auto -> %g, the recipe's own value: the LR range test was inconclusive (%s)",

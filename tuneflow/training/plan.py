@@ -23,11 +23,13 @@ class Plan:
     class_weights: np.ndarray | None
     norm: str  # normalisation in new layers
     freeze_bn: bool  # backbone BN in inference mode while its blocks train
+    backbone_choice: dict | None = None  # what the probe found when the recipe said backbone=auto
+    deadline: object = None  # a tuneflow.training.budget.Deadline when the run has a time budget
 
     @classmethod
     def make(cls, recipe: Recipe, bundle: DataBundle, strategy, precision: str) -> "Plan":
         spec = get_spec(recipe.backbone)
-        return cls(recipe=recipe, spec=spec, size=spec.input_size(recipe.input_size), strategy=strategy,
+        return cls(recipe=recipe, spec=spec, size=recipe.pixels, strategy=strategy,
                    precision=precision, classes=list(bundle.classes),
                    class_weights=class_weights(bundle.train.y, len(bundle.classes), recipe.class_weight),
                    norm=choose_norm(recipe.norm, recipe.batch_size),

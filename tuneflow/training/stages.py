@@ -23,6 +23,7 @@ from ..runs import report as rep
 from ..runs.checkpoints import Checkpoints
 from ..runs.folder import RunDir
 from .assemble import Assembly
+from .budget import DeadlineStop
 from .cached import (cache_extractor, cache_trainer, cached_dataset, cached_features, lbfgs_fits, pooled_features,
                      uses_cache, uses_lbfgs)
 from .distribute import multiworker_reduce_fixed, patch_symbolic_build, worker_shard
@@ -279,6 +280,13 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
         if si < start_stage:
             out.stages.append(stage_info(stage, train, "restored", use_cache))
             continue
+        if plan.deadline is not None and si > 0 and not plan.deadline.stage_can_start():
+            plan.deadline.notes.append(f"stage {stage.name!r} and any after it skipped: {plan.deadline.left():.0f} s "
+                                       f"of the budget left, {plan.deadline.reserve:.0f} s kept for the export")
+            log.warning("budget: %s", plan.deadline.notes[-1])
+            out.stages.append({**stage_info(stage, train, 0, use_cache), "skipped": "budget"})
+            break
+        t_stage = time.time()
         with strategy.scope():
             apply_freeze(asm.backbone, plan.spec, train, freeze_bn=plan.freeze_bn)
         if use_cache:
@@ -336,6 +344,8 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
             ckpts.save(si + 1, 0, validate(), rows=run.metrics_history())
             out.stages.append({**stage_info(stage, train, 1, use_cache), "optimizer": "lbfgs",
                                "lr": 0.0, "schedule": "converged"})
+            if plan.deadline is not None:
+                plan.deadline.parts[f"stage {stage.name}"] = time.time() - t_stage
             continue
         lr = plan.stage_lr(stage)
         with strategy.scope():
@@ -360,6 +370,8 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
         hook = EpochHook(run, ckpts, si, every_epoch=not use_cache, validate=validate,
                          patience=stage.patience, state=state)
         callbacks = [hook, keras.callbacks.TerminateOnNaN()]
+        if plan.deadline is not None:
+            callbacks.append(DeadlineStop(plan.deadline, stage.name))
         if stage.schedule == "plateau":
             callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.1,
                                                                patience=max(1, stage.patience // 2 or 2)))
@@ -399,6 +411,8 @@ def run_stages(plan: Plan, bundle: DataBundle, run: RunDir, asm: Assembly, ckpts
             info["prefix_cache"] = {"boundary": split.boundary, "shape": list(split.shape),
                                     "views": int(acts.shape[0])}
         out.stages.append(info)
+        if plan.deadline is not None:
+            plan.deadline.parts[f"stage {stage.name}"] = time.time() - t_stage
 
     ckpts.restore_best()  # the best validated weights across all stages, never a worse one
     out.model_from = model_from(ckpts.restored, r.stages)

@@ -57,10 +57,10 @@ def default_space(recipe: Recipe, preset: str = "default", fixed=()) -> dict:
     trained = [s for s in recipe.stages if s not in solved]
     space: dict = {}
     if solved and preset == "default":
-        spec = get_spec(recipe.backbone)
+        spec = get_spec(recipe.size_backbone)
         if recipe.weights == "imagenet":  # a weights file or run folder fits one backbone only
             space["backbone"] = {"choices": [recipe.backbone] + [n for n in OFFLINE_BACKBONES if n != recipe.backbone]}
-        size = spec.input_size(recipe.input_size)
+        size = recipe.pixels
         sizes = {recipe.input_size, size - 32, size + 32} | ({spec.default_size} if recipe.input_size else set())
         space["input_size"] = {"choices": sorted(v for v in sizes if v == 0 or (RANGES["input_size"].holds(v)
                                                                                   and v >= spec.min_size))}
@@ -124,7 +124,7 @@ def _depths(recipe: Recipe, stage) -> list[str]:
         return []
     if fs.kind != "top" or fs.n < 1:
         return []
-    blocks = len(get_spec(recipe.backbone).block_names)
+    blocks = len(get_spec(recipe.size_backbone).block_names)
     return [f"top:{n}" for n in sorted({max(1, fs.n // 2), fs.n, min(blocks, 2 * fs.n)})]
 
 
