@@ -16,6 +16,13 @@ in the same process after the run (its time is not in the run's). Rows: ants_bee
 (small_similar), brain_mri_yn (small_different), cats_dogs (large_similar), large_different
 (cats_dogs' 3,000 images as one folder, tuneflow's own split). JSON in
 benchmarks/results/goals.json (rows merged by name and precision).
+
+``--folds K ROW [ROW ...] [--precision float32]``: each row's recipe over K stratified folds of all
+its images (train and val of the set pooled; fold k is the validation set, the rest training,
+seed 0): per fold the run's val accuracy beside scikit-learn's logistic regression on the same
+features, then mean and spread. One fresh process per fold, converted weights and engines kept
+across a row's folds (features are computed anew: each fold is new data). Rows as for --goals,
+plus ``digits`` (data/digits) and ``digits_lite0``. JSON in benchmarks/results/folds_ROW.json.
 """
 import json
 import os
@@ -88,6 +95,10 @@ GOALS = {  # name: (data, recipe, goal accuracy, goal seconds[, overrides])
     # the same command with the backbone the default used before backbone=auto, in the same run
     "ants_bees_lite0": ("ants_bees", "small_similar", None, None, {"backbone": "efficientnet_lite0"}),
     "ants_bees_fast": ("ants_bees", "small_similar", None, None, {}, "fast"),  # --quality fast
+    "digits": ("@digits", "small_similar", None, None),  # the project's own data/digits
+    "digits_lite0": ("@digits", "small_similar", None, None, {"backbone": "efficientnet_lite0"}),
+    "brain_mri_yn_similar": ("brain_mri_yn", "small_similar", None, None),
+    "brain_mri_yn_similar_lite0": ("brain_mri_yn", "small_similar", None, None, {"backbone": "efficientnet_lite0"}),
     "brain_mri_yn": ("brain_mri_yn", "small_different", 0.80, None),
     "cats_dogs": ("cats_dogs", "large_similar", 0.995, 300),
     "large_different": ("cats_dogs:merged", "large_different", None, 1200),
@@ -97,7 +108,7 @@ GOALS = {  # name: (data, recipe, goal accuracy, goal seconds[, overrides])
 def _goal_data(spec: str, tmp: Path) -> Path:
     """A dataset folder; ``NAME:merged``: its train and val class folders as one (symlinks in tmp)."""
     name, _, how = spec.partition(":")
-    src = SHARED / name
+    src = HERE.parent / "data" / name[1:] if name.startswith("@") else SHARED / name
     if how != "merged":
         return src
     root = tmp / f"{name}_merged"
@@ -191,7 +202,81 @@ def goals_main(args):
               f"{r['sklearn_logreg_val_accuracy']:.4f} |")
 
 
+def _images_by_class(root: Path) -> dict:
+    """class -> sorted image files, over a folder's train/val/test splits or its class folders."""
+    splits = [root / s for s in ("train", "val", "test") if (root / s).is_dir()] or [root]
+    out: dict = {}
+    for split in splits:
+        for cls in sorted(p for p in split.iterdir() if p.is_dir()):
+            out.setdefault(cls.name, []).extend(sorted(f for f in cls.iterdir() if f.is_file()))
+    return out
+
+
+def folds_main(args):
+    import shutil
+    import subprocess
+    import statistics
+
+    from sklearn.model_selection import StratifiedKFold
+    k = int(args[0])
+    precision = args[args.index("--precision") + 1] if "--precision" in args else "float32"
+    names = [a for a in args[1:] if a in GOALS]
+    src_home = Path(os.environ.get("TUNEFLOW_HOME") or Path("~/.keras/tuneflow").expanduser())
+    for name in names:
+        spec = GOALS[name][0]
+        base = HERE.parent / "data" / spec[1:] if spec.startswith("@") else SHARED / spec
+        if not base.exists():
+            print(f"skip {name}: {base} not found")
+            continue
+        files = _images_by_class(base)
+        paths = [f for c in sorted(files) for f in files[c]]
+        labels = [c for c in sorted(files) for _ in files[c]]
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            home = tmp / "home"
+            home.mkdir()
+            if (src_home / "weights").exists():
+                os.symlink(src_home / "weights", home / "weights")
+            splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=0)
+            for fold, (tr, va) in enumerate(splitter.split(paths, labels)):
+                data = tmp / f"fold{fold}"
+                for split, idx in (("train", tr), ("val", va)):
+                    for i in idx:
+                        d = data / split / labels[i]
+                        d.mkdir(parents=True, exist_ok=True)
+                        os.symlink(paths[i].resolve(), d / f"{i:05d}_{paths[i].name}")
+                env = dict(os.environ, TUNEFLOW_HOME=str(home), TF_CPP_MIN_LOG_LEVEL="3")
+                cmd = [sys.executable, __file__, "--goal-row", name, str(data), str(tmp / "run"), precision]
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if done.returncode:
+                    sys.exit(f"{name} fold {fold} failed:\n{done.stderr[-3000:]}")
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                shutil.rmtree(tmp / "run", ignore_errors=True)
+                shutil.rmtree(data, ignore_errors=True)
+                rows.append({"fold": fold, "val_accuracy": row["val_accuracy"], "num_val": len(va),
+                             "sklearn_logreg_val_accuracy": row["sklearn_logreg_val_accuracy"],
+                             "wall_seconds": row["wall_seconds"], "backbone": row["backbone"],
+                             "majority_rate": row["majority_rate"]})
+                print(json.dumps(rows[-1]), flush=True)
+        accs = [r["val_accuracy"] for r in rows]
+        sks = [r["sklearn_logreg_val_accuracy"] for r in rows]
+        summary = {"row": name, "recipe": GOALS[name][1], "overrides": (GOALS[name][4:5] or [{}])[0],
+                   "folds": k, "precision": precision, "mean_val_accuracy": statistics.mean(accs),
+                   "stdev_val_accuracy": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                   "min_val_accuracy": min(accs), "sklearn_mean_val_accuracy": statistics.mean(sks),
+                   "mean_wall_seconds": statistics.mean(r["wall_seconds"] for r in rows),
+                   "backbones": [r["backbone"] for r in rows], "rows": rows,
+                   "command": f"benchmarks/bench_recipes.py --folds {k} {name} --precision {precision}"}
+        (HERE / "results" / f"folds_{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"{name}: {k}-fold mean {summary['mean_val_accuracy']:.4f} +- {summary['stdev_val_accuracy']:.4f} "
+              f"(min {summary['min_val_accuracy']:.4f}); sklearn LR {summary['sklearn_mean_val_accuracy']:.4f}; "
+              f"{summary['mean_wall_seconds']:.1f} s a fold; backbones {summary['backbones']}", flush=True)
+
+
 def main():
+    if "--folds" in sys.argv:
+        return folds_main(sys.argv[sys.argv.index("--folds") + 1:])
     if "--goal-row" in sys.argv:
         i = sys.argv.index("--goal-row")
         name, data, out, precision = sys.argv[i + 1:i + 5]

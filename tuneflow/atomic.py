@@ -7,15 +7,19 @@ import shutil
 from pathlib import Path
 
 
-def write_file(path: str | Path, data: bytes | str, durable: bool = False) -> Path:
+def write_file(path: str | Path, data: bytes | str, durable: bool = False, *, tmp: str | Path | None = None,
+               before_rename=None) -> Path:
     """Write ``data`` to ``path`` all or nothing: into a temporary file of this writer's own (its
     pid and a random tag: several processes writing one name never rename each other's file),
     then renamed over ``path``. ``durable``: fsync the file and its folder too. On any failure the
-    temporary file is removed and the error raised; ``path`` is the old file or absent."""
+    temporary file is removed and the error raised; ``path`` is the old file or absent.
+    ``tmp``: the temporary file's name (a sibling of ``path``; it must not exist), for writers whose
+    folder recognises its own leftovers by name; ``before_rename``: called between the write and
+    the rename (a fault-injection point)."""
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
+    tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
         with os.fdopen(fd, "wb") as f:
@@ -23,6 +27,8 @@ def write_file(path: str | Path, data: bytes | str, durable: bool = False) -> Pa
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..atomic import write_file
 from ..errors import RunError
 from . import names
 from .names import METRICS
@@ -116,31 +117,16 @@ def tmp_name(path: Path) -> Path:
 
 
 def atomic_write(path, data: bytes | str, fault_point: str | None = None, label=None) -> Path:
-    """Write ``data`` to ``path`` all or nothing: temporary name, fsync, rename, fsync the folder.
-    A failure raises :class:`RunError` naming ``path`` (or ``label``, the file the user asked for)
-    and removes the temporary file."""
+    """Write ``data`` to ``path`` all or nothing (:func:`tuneflow.atomic.write_file`, durable: fsync
+    of the file and its folder), under a temporary name the run folder recognises as its own. A
+    failure raises :class:`RunError` naming ``path`` (or ``label``, the file the user asked for);
+    the temporary file is removed."""
     path = Path(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    tmp = tmp_name(path)
     try:
-        # os.open with 0o666: the umask applies, as for any file the user creates (mkstemp gives 0o600)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if fault_point:
-            fault(fault_point)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        return write_file(path, data, durable=True, tmp=tmp_name(path),
+                          before_rename=(lambda: fault(fault_point)) if fault_point else None)
     except OSError as exc:
-        _unlink_quietly(tmp)
         raise disk_error(label or path, exc) from None
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    return path
 
 
 def _unlink_quietly(path) -> None:

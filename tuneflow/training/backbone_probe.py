@@ -155,7 +155,7 @@ def _probe(recipe, bundle, strategy, precision, cands, fixed, verbose):
     chosen = cheapest_of_best(results, margin)
     best = max(r["accuracy"] for r in results.values())
     winner = next(r for r in runners if r["name"] == chosen)
-    if winner["reusable"] and winner["recipe"].feature_cache:
+    if winner["reusable"] and winner["recipe"].feature_cache and not recipe.folds:  # k-fold: other bundles
         _seed_cache(winner, bundle, rows, np.concatenate(winner["feats"]))
     tried = ", ".join(f"{n} {r['accuracy']:.3f} ({r['seconds']:.1f} s)" for n, r in results.items())
     sample = (f"all {done} training images" if done == len(bundle.train)
