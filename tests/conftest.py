@@ -120,7 +120,7 @@ def serving_run(tmp_path_factory):
             import tuneflow
             folder = make_image_folder(base / "images", classes=("a", "b", "c"), per_class=30, size=48)
             tuneflow.finetune("small_similar", str(folder), str(base / "run"),
-                              overrides={"input_size": 64, "head.epochs": 2}, verbose=0, overwrite=True)
+                              overrides={"input_size": 64, "backbone": "efficientnet_lite0", "head.epochs": 2}, verbose=0, overwrite=True)
     return base / "run", base / "images"
 
 

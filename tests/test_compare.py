@@ -12,7 +12,7 @@ from tuneflow.workbench.compare import compare
 
 # The head trained over epochs (curves to compare), not by L-BFGS; no artifact (compare reads the
 # report and metrics.csv).
-FAST = {"input_size": 32, "precision": "float32", "head__epochs": 3, "head_solver": "sgd"}
+FAST = {"input_size": 32, "backbone": "efficientnet_lite0", "precision": "float32", "head__epochs": 3, "head_solver": "sgd"}
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from tuneflow.errors import RunError
 from tuneflow.runs.pictures import top_losses, top_losses_grid
 from tuneflow.workbench.doctor import doctor, label_suspects
 
-FAST = {"input_size": 32, "precision": "float32"}
+FAST = {"input_size": 32, "backbone": "efficientnet_lite0", "precision": "float32"}
 
 
 def _status(result):

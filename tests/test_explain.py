@@ -46,7 +46,7 @@ def quadrant_run(tmp_path_factory):
         for i in range(24):
             Image.fromarray(pasted(c, i % 4, rng)).save(base / "images" / name / f"{i}.png")
     tuneflow.finetune("small_similar", str(base / "images"), str(base / "run"),
-                      overrides={"input_size": SIZE, "head.epochs": 3}, verbose=0, overwrite=True)
+                      overrides={"input_size": SIZE, "backbone": "efficientnet_lite0", "head.epochs": 3}, verbose=0, overwrite=True)
     return base / "run"
 
 

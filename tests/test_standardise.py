@@ -97,7 +97,7 @@ def test_finetune_with_an_sgd_head_exports_the_model_it_measured(tmp_path):
     training's own path measured on the cached features."""
     import tuneflow
     data = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=12)
-    over = {"input_size": 32, "precision": "float32", "head_solver": "sgd", "head__epochs": 6,
+    over = {"input_size": 32, "backbone": "efficientnet_lite0", "precision": "float32", "head_solver": "sgd", "head__epochs": 6,
             "head__patience": 0, "head__lr": 0.01, "l2": 1e-3}
     res = tuneflow.finetune("small_similar", data, tmp_path / "run", overrides=over, verbose=0)
     clf = _layer(res.model, "head_classifier")
@@ -131,7 +131,7 @@ def test_early_stopping_restores_the_best_epoch_before_the_fold(tmp_path):
     files = sorted(data.rglob("*.png"))  # a quarter of the labels wrong: no epoch is perfect
     for i, f in enumerate(files[::4]):
         shutil.move(str(f), str(data / "abc"[(i + 1) % 3] / f"moved_{f.name}"))
-    over = {"input_size": 32, "precision": "float32", "head_solver": "sgd", "head__epochs": 40,
+    over = {"input_size": 32, "backbone": "efficientnet_lite0", "precision": "float32", "head_solver": "sgd", "head__epochs": 40,
             "head__patience": 3, "head__lr": 0.3, "dropout": 0.5}
     res = tuneflow.finetune("small_similar", data, tmp_path / "run", overrides=over, verbose=0)
     rows = [r for r in csv.DictReader(open(res.run_dir / "metrics.csv")) if r["stage"] == "0"]
