@@ -164,9 +164,29 @@ def goal_row(name: str, data: Path, out: Path, precision: str) -> dict:
             "vmhwm_mb": round(Peak.now()["VmHWM"] / 1024, 1), "cpus": os.cpu_count()}
 
 
-def goals_main(args):
+def _cold_home(tmp: Path, src_home: Path) -> Path:
+    """A TUNEFLOW_HOME under ``tmp`` with the converted weights of ``src_home`` and nothing else."""
+    home = tmp / "home"
+    home.mkdir()
+    if (src_home / "weights").exists():
+        os.symlink(src_home / "weights", home / "weights")
+    return home
+
+
+def _row_in_fresh_process(name: str, data: Path, out: Path, precision: str, home: Path, what: str) -> dict:
+    """:func:`goal_row` in a process of its own (its run folder removed after); exits on failure."""
     import shutil
     import subprocess
+    env = dict(os.environ, TUNEFLOW_HOME=str(home), TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, __file__, "--goal-row", name, str(data), str(out), precision]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        sys.exit(f"{what} failed:\n{done.stderr[-3000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def goals_main(args):
     precision = args[args.index("--precision") + 1] if "--precision" in args else "float32"
     names = [a for a in args if a in GOALS] or list(GOALS)
     out_path = HERE / "results" / "goals.json"
@@ -178,18 +198,8 @@ def goals_main(args):
             continue
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            home = tmp / "home"  # cold: no features, no image store; converted weights reused
-            home.mkdir()
-            if (src_home / "weights").exists():
-                os.symlink(src_home / "weights", home / "weights")
-            data = _goal_data(GOALS[name][0], tmp)
-            env = dict(os.environ, TUNEFLOW_HOME=str(home), TF_CPP_MIN_LOG_LEVEL="3")
-            cmd = [sys.executable, __file__, "--goal-row", name, str(data), str(tmp / "run"), precision]
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if done.returncode:
-                sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            shutil.rmtree(tmp / "run", ignore_errors=True)
+            home = _cold_home(tmp, src_home)  # no features, no image store; converted weights reused
+            row = _row_in_fresh_process(name, _goal_data(GOALS[name][0], tmp), tmp / "run", precision, home, name)
         row["command"] = f"benchmarks/bench_recipes.py --goals {name} --precision {precision}"
         rows = [r for r in rows if (r["row"], r["precision"]) != (name, precision)] + [row]
         out_path.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
@@ -214,7 +224,6 @@ def _images_by_class(root: Path) -> dict:
 
 def folds_main(args):
     import shutil
-    import subprocess
     import statistics
 
     from sklearn.model_selection import StratifiedKFold
@@ -234,10 +243,7 @@ def folds_main(args):
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            home = tmp / "home"
-            home.mkdir()
-            if (src_home / "weights").exists():
-                os.symlink(src_home / "weights", home / "weights")
+            home = _cold_home(tmp, src_home)
             splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=0)
             for fold, (tr, va) in enumerate(splitter.split(paths, labels)):
                 data = tmp / f"fold{fold}"
@@ -246,13 +252,7 @@ def folds_main(args):
                         d = data / split / labels[i]
                         d.mkdir(parents=True, exist_ok=True)
                         os.symlink(paths[i].resolve(), d / f"{i:05d}_{paths[i].name}")
-                env = dict(os.environ, TUNEFLOW_HOME=str(home), TF_CPP_MIN_LOG_LEVEL="3")
-                cmd = [sys.executable, __file__, "--goal-row", name, str(data), str(tmp / "run"), precision]
-                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if done.returncode:
-                    sys.exit(f"{name} fold {fold} failed:\n{done.stderr[-3000:]}")
-                row = json.loads(done.stdout.strip().splitlines()[-1])
-                shutil.rmtree(tmp / "run", ignore_errors=True)
+                row = _row_in_fresh_process(name, data, tmp / "run", precision, home, f"{name} fold {fold}")
                 shutil.rmtree(data, ignore_errors=True)
                 rows.append({"fold": fold, "val_accuracy": row["val_accuracy"], "num_val": len(va),
                              "sklearn_logreg_val_accuracy": row["sklearn_logreg_val_accuracy"],
