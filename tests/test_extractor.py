@@ -172,6 +172,7 @@ def test_feature_pass_over_a_10x_larger_store_keeps_peak_rss_flat(tmp_path, engi
     assert grown["in_ram"] > 4000 * 2048 * 4 / 1024 * 0.9, grown  # the probe sees features held in RAM
 
 
+@pytest.mark.slow
 def test_a_recipe_runs_from_the_store_and_a_memory_mapped_cache(tmp_path, on_disk, caplog):
     """small_similar with everything on disk: images in the store, features written as they are
     computed and read back mapped, and the linear head (too big for L-BFGS under this limit)

@@ -213,6 +213,7 @@ def test_unfrozen_stage_trains_images_and_says_what_it_did(folder, tmp_path):
         lr_find("large_similar", folder, stage=5, overrides=FAST, out=tmp_path)
 
 
+@pytest.mark.slow
 def test_resolve_auto_lr_replaces_only_auto_lr_keys(folder, tmp_path):
     fixed = ["input_size=32", "precision=float32", "head_solver=sgd"]
     assert resolve_auto_lr("small_similar", folder, fixed) == fixed  # nothing to resolve: unchanged

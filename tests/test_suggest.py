@@ -1,10 +1,12 @@
 """tuneflow.suggest: the recipe from the data's size and similarity, the backbone from cheap probes."""
 import numpy as np
+import pytest
 
 import tuneflow.recipes as registry
 from conftest import make_image_folder
 
 
+@pytest.mark.slow
 def test_suggest_reads_size_and_similarity(tmp_path, monkeypatch):
     from tuneflow import suggest as sg
     small = make_image_folder(tmp_path / "s", per_class=10, size=48)
