@@ -81,8 +81,8 @@ def prepare(recipe, data, overrides=(), *, one_device: bool = False, stored_back
     if deadline is not None:
         deadline.parts["data_and_backbone"] = deadline.spent()
         probes = (choice or {}).get("probes") or {}
-        rate = probes[recipe.backbone]["images_per_second"] if recipe.backbone in probes else None
-        reused = int(choice.get("images", 0)) if probes else 0
+        rate = choice.get("winner_images_per_second") if probes else None
+        reused = (len(bundle.train) if choice.get("train_cached") else int(choice.get("images", 0))) if probes else 0
         deadline.plan = deadline.check_feasible(len(bundle.train) - reused + len(bundle.val), rate, len(bundle.val))
         plan.deadline = deadline
     return recipe, bundle, plan
